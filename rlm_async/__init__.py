@@ -1,0 +1,51 @@
+"""rlm_async: Recursive Language Models with awaitable sub-calls over one bounded, tree-wide scheduler."""
+
+from ._agent import AgentResult
+from ._budget import Limits, Price, Usage, UsageTotals
+from ._clients import ChatClient, ChatRequest, ChatResponse, FakeClient, Message, OpenAIClient
+from ._engine import RLM, RLMResult, RunStats
+from ._errors import (
+    BudgetExceeded,
+    ConfigError,
+    LLMCallError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderResponseError,
+    ProviderStatusError,
+    ProviderTimeoutError,
+    RLMError,
+)
+from ._repl import SubcallFailure
+from ._retry import RetryPolicy, parse_retry_after
+from ._scheduler import RateLimit, SchedulerStats
+
+__all__ = [
+    "RLM",
+    "AgentResult",
+    "BudgetExceeded",
+    "ChatClient",
+    "ChatRequest",
+    "ChatResponse",
+    "ConfigError",
+    "FakeClient",
+    "LLMCallError",
+    "Limits",
+    "Message",
+    "OpenAIClient",
+    "Price",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderResponseError",
+    "ProviderStatusError",
+    "ProviderTimeoutError",
+    "RLMError",
+    "RLMResult",
+    "RateLimit",
+    "RetryPolicy",
+    "RunStats",
+    "SchedulerStats",
+    "SubcallFailure",
+    "Usage",
+    "UsageTotals",
+    "parse_retry_after",
+]

@@ -1,0 +1,280 @@
+"""The agent loop: messages -> model -> ```repl cells -> REPL -> output -> ... -> answer.
+
+An :class:`Agent` is also the :class:`~rlm_async._repl.Host` of its own REPL: ``llm_batch`` and
+``rlm_batch`` from model code land here, on the engine's loop, and fan out through the run's one scheduler.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import _prompts
+from ._clients import ChatRequest, Message
+from ._errors import BudgetExceeded, ConfigError, LLMCallError
+from ._repl import Outcome, ThreadRepl
+from ._trace import bound
+
+if TYPE_CHECKING:
+    from ._engine import Run
+
+__all__ = ["Agent", "AgentResult", "parse_code_blocks", "parse_text_final"]
+
+_CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
+_ANY_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
+_TEXT_FINAL_VAR = re.compile(r"^\s*FINAL_VAR\(\s*['\"]?([A-Za-z_]\w*)['\"]?\s*\)", re.MULTILINE)
+_TEXT_FINAL = re.compile(r"^\s*FINAL\((.*)\)\s*$", re.MULTILINE | re.DOTALL)
+
+
+def parse_code_blocks(text: str) -> list[str]:
+    """The code of every ```repl (or ```python / ```py) block in ``text``, in order.
+
+    A block cut off at the end of the text (by a stop sequence or ``max_tokens``) is included as it stands.
+    """
+    return [m.group(1) for m in _CODE_BLOCK.finditer(text) if m.group(1).strip()]
+
+
+def parse_text_final(text: str) -> tuple[str, str] | None:
+    """``("var", name)`` for ``FINAL_VAR(name)`` or ``("text", answer)`` for ``FINAL(answer)`` written outside
+    code blocks (the official RLM's text form), else None."""
+    prose = _ANY_BLOCK.sub("", text)
+    if m := _TEXT_FINAL_VAR.search(prose):
+        return "var", m.group(1)
+    if m := _TEXT_FINAL.search(prose):
+        return "text", m.group(1).strip()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentResult:
+    """How one agent ended.
+
+    Attributes:
+        answer: the answer, or the partial draft (``answer["content"]``) when it stopped early.
+        stop_reason: ``"answer"`` (the model set ready / FINAL), ``"max_iterations"`` (the last call gave the
+            answer), ``"budget:<Limits field>"``, ``"timeout"`` or ``"error"``.
+        iterations: model turns taken.
+        error: what went wrong when stop_reason is a budget stop or an error, else None.
+    """
+
+    answer: str
+    stop_reason: str
+    iterations: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the agent produced an answer (not a partial one)."""
+        return self.stop_reason in ("answer", "max_iterations")
+
+
+class Agent:
+    """One RLM agent at one depth of a run.
+
+    Args:
+        run: the run it belongs to (scheduler, ledger, tracer, limits, models).
+        depth: 0 for the root.
+        agent_id: dotted path from the root, e.g. ``"0.2.1"``.
+    """
+
+    def __init__(self, run: Run, depth: int, agent_id: str) -> None:
+        self._run = run
+        self.depth = depth
+        self.agent_id = agent_id
+        self._children = itertools.count(1)
+        self._repl: ThreadRepl | None = None
+
+    @property
+    def draft(self) -> str:
+        """``answer["content"]`` as it stands now (the partial answer after a stop)."""
+        return self._repl.answer()[0] if self._repl is not None else ""
+
+    async def run(self, query: str, context: Any) -> AgentResult:
+        """Run the loop to an answer or a stop. Never raises for model, provider or budget trouble: those end
+        in ``stop_reason``; cancellation propagates."""
+        run = self._run
+        with bound(agent_id=self.agent_id, depth=self.depth):
+            run.agent_started(self.depth)
+            run.tracer.emit("agent_start", query=query[:500])
+            repl = ThreadRepl(
+                context=context,
+                host=self,
+                max_output_chars=run.limits.max_output_chars,
+                cell_timeout_s=run.cell_timeout_s,
+                name=self.agent_id,
+            )
+            self._repl = repl
+            try:
+                async with repl:
+                    result = await self._loop(repl, query, context)
+            except Exception as exc:  # an engine bug must not take the whole tree down; it is recorded
+                result = AgentResult(self.draft, "error", 0, "".join(traceback.format_exception(exc)))
+            if result.stop_reason.startswith("budget:"):
+                run.tracer.emit("budget_stop", reason=result.stop_reason, error=result.error)
+            run.tracer.emit(
+                "agent_end", stop_reason=result.stop_reason, iterations=result.iterations, answer=result.answer[:500]
+            )
+            return result
+
+    async def _loop(self, repl: ThreadRepl, query: str, context: Any) -> AgentResult:
+        run, limits = self._run, self._run.limits
+        messages: list[Message] = [
+            {
+                "role": "system",
+                "content": run.system_prompt
+                or _prompts.system_prompt(
+                    depth=self.depth,
+                    max_depth=limits.max_depth,
+                    max_fanout=limits.max_fanout,
+                    max_output_chars=limits.max_output_chars,
+                    kind=_prompts.describe_kind(context),
+                ),
+            },
+            {"role": "user", "content": _prompts.first_user_message(query, context)},
+        ]
+        for iteration in range(1, limits.max_iterations + 1):
+            run.tracer.emit("turn", iteration=iteration)
+            try:
+                text = await self._turn(messages, stop=_prompts.STOP_SEQUENCES)
+            except (BudgetExceeded, LLMCallError, ConfigError) as exc:
+                return self._stopped(exc, iteration - 1)
+            messages.append({"role": "assistant", "content": text})
+            blocks = parse_code_blocks(text)
+            if not blocks:
+                final = parse_text_final(text)
+                if final is not None:
+                    kind, value = final
+                    answer = (repl.final_var(value) or "") if kind == "var" else value
+                    return AgentResult(answer, "answer", iteration)
+                messages.append({"role": "user", "content": _prompts.NO_CODE_MESSAGE})
+                continue
+            outputs = []
+            for index, code in enumerate(blocks, 1):
+                run.tracer.emit("code", iteration=iteration, block=index, code=code)
+                cell = await repl.run_cell(code)
+                rendered = cell.render()
+                run.tracer.emit("output", iteration=iteration, block=index, output=rendered, error=cell.error)
+                outputs.append(rendered)
+                content, ready = repl.answer()
+                if ready:
+                    return AgentResult(content, "answer", iteration)
+            messages.append({"role": "user", "content": _prompts.format_outputs(outputs)})
+        messages.append({"role": "user", "content": _prompts.final_answer_prompt(self.draft)})
+        try:
+            text = await self._turn(messages, stop=())
+        except (BudgetExceeded, LLMCallError, ConfigError) as exc:
+            return self._stopped(exc, limits.max_iterations)
+        return AgentResult(text.strip(), "max_iterations", limits.max_iterations + 1)
+
+    async def _turn(self, messages: list[Message], *, stop: tuple[str, ...]) -> str:
+        request = ChatRequest(self._run.model_for(self.depth), tuple(messages), stop=stop)
+        response = await self._run.scheduler.call(request, depth=self.depth, agent_id=self.agent_id)
+        return response.text
+
+    def _stopped(self, exc: Exception, iterations: int) -> AgentResult:
+        reason = f"budget:{exc.limit}" if isinstance(exc, BudgetExceeded) else "error"
+        return AgentResult(self.draft, reason, iterations, str(exc))
+
+    # -- Host: what this agent's REPL may ask of the engine --------------------------------------------
+    async def llm_batch(self, prompts: list[str], model: str | None, max_tokens: int | None) -> list[Outcome]:
+        """Plain sub-model calls at depth + 1, concurrently; outcomes in prompt order.
+
+        Raises:
+            BudgetExceeded: at once for ``max_fanout`` or ``max_calls`` (nothing started); after the batch
+                when a token or USD cap refused some items (``results`` holds every outcome).
+        """
+        ledger = self._run.ledger
+        ledger.check_fanout(len(prompts))
+        ledger.reserve_calls(len(prompts))
+        depth = self.depth + 1
+        model = model or self._run.model_for(depth)
+        results: list[Outcome] = [{} for _ in prompts]
+        refused: list[BudgetExceeded] = []
+
+        async def one(index: int, prompt: str) -> None:
+            request = ChatRequest(model, ({"role": "user", "content": prompt},), max_tokens=max_tokens)
+            try:
+                response = await self._run.scheduler.call(request, depth=depth, agent_id=self.agent_id, reserved=True)
+            except BudgetExceeded as exc:
+                refused.append(exc)
+                results[index] = _failure("budget_exceeded", str(exc))
+            except LLMCallError as exc:
+                results[index] = _failure(exc.kind, str(exc))
+            except ConfigError as exc:
+                results[index] = _failure("config", str(exc))
+            else:
+                results[index] = {"ok": True, "text": response.text}
+
+        async with anyio.create_task_group() as tg:
+            for index, prompt in enumerate(prompts):
+                tg.start_soon(one, index, prompt)
+        if refused:
+            first = refused[0]
+            raise BudgetExceeded(
+                first.limit,
+                first.cap,
+                first.used,
+                detail=f"{len(refused)} of {len(prompts)} prompts refused; the others' results are in .results",
+                results=results,
+            )
+        return results
+
+    async def rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Outcome]:
+        """One child agent per (query, context) at depth + 1, concurrently; outcomes in order.
+
+        At ``max_depth`` each child falls back to one plain LLM call with the query and the context in its
+        prompt (recorded as an ``agent_fallback`` event).
+
+        Raises:
+            BudgetExceeded: at once for ``max_fanout`` or ``max_agents`` (nothing started).
+        """
+        run = self._run
+        run.ledger.check_fanout(len(queries))
+        depth = self.depth + 1
+        if depth >= run.limits.max_depth:
+            run.fallbacks += len(queries)
+            run.tracer.emit("agent_fallback", count=len(queries), reason="max_depth", child_depth=depth)
+            prompts = [_fallback_prompt(q, c) for q, c in zip(queries, contexts, strict=True)]
+            return await self.llm_batch(prompts, None, None)
+        run.ledger.reserve_agents(len(queries))
+        results: list[Outcome] = [{} for _ in queries]
+
+        async def child(index: int, query: str, context: Any) -> None:
+            agent = Agent(run, depth, f"{self.agent_id}.{next(self._children)}")
+            outcome = await agent.run(query, context)
+            if outcome.ok:
+                results[index] = {"ok": True, "text": outcome.answer}
+            else:
+                results[index] = _failure(outcome.stop_reason, outcome.error or "", outcome.answer)
+
+        async with anyio.create_task_group() as tg:
+            for index, (query, context) in enumerate(zip(queries, contexts, strict=True)):
+                tg.start_soon(child, index, query, context)
+        return results
+
+    def budget(self) -> dict[str, Any]:
+        """What is left: calls, agents, tokens, USD, seconds (None: no cap), and the depth picture."""
+        run = self._run
+        left: dict[str, Any] = dict(run.ledger.remaining())
+        left["seconds"] = run.seconds_left()
+        left["depth"] = self.depth
+        left["max_depth"] = run.limits.max_depth
+        left["can_spawn_agents"] = self.depth + 1 < run.limits.max_depth
+        left["max_fanout"] = run.limits.max_fanout
+        return left
+
+
+def _failure(kind: str, message: str, partial: str = "") -> Outcome:
+    outcome: Outcome = {"ok": False, "kind": kind, "message": message}
+    if partial:
+        outcome["partial"] = partial
+    return outcome
+
+
+def _fallback_prompt(query: str, context: Any) -> str:
+    return f"{query}\n\nInput:\n{context if isinstance(context, str) else repr(context)}"

@@ -1,0 +1,275 @@
+"""Budgets: the :class:`Limits` value object, prices, usage totals and the run's ledger.
+
+Admission rules (checked by the ledger, on the event loop, so no locks are needed):
+
+- calls, agents, depth and fan-out are *reserved before work starts* and can never be exceeded: a batch of
+  N prompts reserves N calls at once or is refused whole, before any task exists;
+- input tokens, output tokens and USD are known only after a response, so they are *checked before each
+  call is sent*: once spent, no further call starts. Overshoot is bounded by what was in flight;
+- the wall clock (``timeout_s``) is enforced by a cancel scope around the whole run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ._errors import BudgetExceeded, ConfigError
+
+__all__ = ["Limits", "Price", "Usage", "UsageTotals"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps for one run (one ``RLM.completion``), shared by every agent at every depth. None means no cap.
+
+    Attributes:
+        max_concurrency: HTTP attempts in flight at once across the whole call tree. A slot covers one
+            attempt only: never held while an agent awaits children or a retry backs off. Default 64.
+        max_depth: agents exist at depths ``0 .. max_depth - 1`` (the root is depth 0); ``rlm_agent`` from
+            an agent at depth ``max_depth - 1`` falls back to a plain LLM call at depth ``max_depth``. The
+            same meaning as the official ``rlms`` package's ``max_depth``. Default 3.
+        max_calls: model calls in the run: root turns, sub-calls and child agents' turns. A retry is not a
+            new call. Reserved before work starts. Default 1000.
+        max_input_tokens: prompt tokens summed over every billed attempt. Checked before each call.
+        max_output_tokens: completion tokens summed over every billed attempt. Checked before each call.
+        max_cost_usd: USD summed over every billed attempt (provider-reported ``usage.cost`` when present,
+            else the price table passed to ``RLM(prices=...)``). Checked before each call.
+        max_agents: agents in the run, the root included. Reserved before a child starts. Default 100.
+        max_fanout: the largest single ``llm_batch`` / ``rlm_batch``. A larger batch is refused at once.
+            Default 1000.
+        max_iterations: turns of one agent's loop; at the cap one last call asks for the answer. Default 20
+            (the official ``rlms`` default is 30; the paper's runs finish in far fewer turns).
+        timeout_s: wall-clock seconds for the whole run; at the deadline the run stops with its partial
+            answer and ``stop_reason == "timeout"``.
+        max_output_chars: characters of one cell's printed output shown to the model; the rest is cut with
+            a note. Default 20,000 (about 5,000 tokens at 4 characters per token).
+
+    Raises:
+        ConfigError: when a field is negative, zero where that makes no sense, or of the wrong type.
+    """
+
+    max_concurrency: int = 64
+    max_depth: int = 3
+    max_calls: int | None = 1000
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_agents: int | None = 100
+    max_fanout: int | None = 1000
+    max_iterations: int = 20
+    timeout_s: float | None = None
+    max_output_chars: int = 20_000
+
+    def __post_init__(self) -> None:
+        positive = ("max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_agents", "max_fanout")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if f.name in ("max_concurrency", "max_depth", "max_iterations", "max_output_chars"):
+                    raise ConfigError(f"Limits.{f.name} cannot be None")
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"Limits.{f.name} must be a number, got {value!r}")
+            if value < 0 or (f.name in positive and value < 1) or (f.name == "timeout_s" and value <= 0):
+                raise ConfigError(f"Limits.{f.name} out of range: {value!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """The caps as a plain dict (field name -> value), for traces and the system prompt."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's price in USD per million tokens (the unit providers publish)."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for one response with the given token counts."""
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Usage summed over billed responses.
+
+    Attributes:
+        calls: billed responses (a discarded retry that the provider billed counts too).
+        prompt_tokens: prompt (input) tokens, as the provider reported them.
+        completion_tokens: completion (output) tokens, as the provider reported them.
+        cost_usd: USD, provider-reported or from the price table; 0.0 when neither is known.
+    """
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        """prompt_tokens + completion_tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(
+            self.calls + other.calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cost_usd + other.cost_usd,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tree-wide usage of one run, with breakdowns. Every billed attempt is in every view exactly once.
+
+    Attributes:
+        total: the whole tree.
+        by_depth: depth -> totals (root turns are depth 0; sub-calls of an agent at depth d are at d + 1).
+        by_agent: agent id -> totals of the calls that agent made (its own turns and its sub-calls).
+        by_model: model name -> totals.
+    """
+
+    total: UsageTotals = field(default_factory=UsageTotals)
+    by_depth: Mapping[int, UsageTotals] = field(default_factory=dict)
+    by_agent: Mapping[str, UsageTotals] = field(default_factory=dict)
+    by_model: Mapping[str, UsageTotals] = field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        """Billed responses in the whole tree."""
+        return self.total.calls
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens in the whole tree."""
+        return self.total.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        """Completion tokens in the whole tree."""
+        return self.total.completion_tokens
+
+    @property
+    def cost_usd(self) -> float:
+        """USD in the whole tree."""
+        return self.total.cost_usd
+
+
+class Ledger:
+    """The run's budget ledger: reserve, settle, refund. Used only from the event loop thread."""
+
+    def __init__(self, limits: Limits, prices: Mapping[str, Price] | None = None) -> None:
+        self.limits = limits
+        self.prices = dict(prices or {})
+        self.calls_reserved = 0
+        self.agents = 0
+        self._totals: dict[tuple[int, str, str], UsageTotals] = defaultdict(UsageTotals)
+        self.total = UsageTotals()
+
+    # -- reserved counts: never exceeded -------------------------------------------------------------
+    def reserve_calls(self, n: int) -> None:
+        """Reserve ``n`` calls or none. Raises BudgetExceeded("max_calls") when fewer than n remain."""
+        cap = self.limits.max_calls
+        if cap is not None and self.calls_reserved + n > cap:
+            raise BudgetExceeded(
+                "max_calls", cap, self.calls_reserved + n, detail=f"{cap - self.calls_reserved} calls left"
+            )
+        self.calls_reserved += n
+
+    def refund_calls(self, n: int) -> None:
+        """Give back ``n`` reserved calls that were never sent."""
+        self.calls_reserved -= n
+
+    def check_fanout(self, n: int) -> None:
+        """Raises BudgetExceeded("max_fanout") when one batch of ``n`` items is larger than the cap."""
+        cap = self.limits.max_fanout
+        if cap is not None and n > cap:
+            raise BudgetExceeded("max_fanout", cap, n, detail="split the work into smaller batches")
+
+    def reserve_agents(self, n: int) -> None:
+        """Reserve ``n`` agents or none. Raises BudgetExceeded("max_agents")."""
+        cap = self.limits.max_agents
+        if cap is not None and self.agents + n > cap:
+            raise BudgetExceeded("max_agents", cap, self.agents + n, detail=f"{cap - self.agents} agents left")
+        self.agents += n
+
+    # -- measured amounts: checked before each call ----------------------------------------------------
+    def check_spend(self) -> None:
+        """Raises BudgetExceeded when input tokens, output tokens or USD are already spent."""
+        lim, tot = self.limits, self.total
+        for name, cap, used in (
+            ("max_input_tokens", lim.max_input_tokens, tot.prompt_tokens),
+            ("max_output_tokens", lim.max_output_tokens, tot.completion_tokens),
+            ("max_cost_usd", lim.max_cost_usd, tot.cost_usd),
+        ):
+            if cap is not None and used >= cap:
+                raise BudgetExceeded(name, cap, used)
+
+    def check_priced(self, model: str) -> None:
+        """With a USD cap, a model must have a price (or the cap could not be kept). Raises ConfigError."""
+        if self.limits.max_cost_usd is not None and model not in self.prices:
+            raise ConfigError(
+                f"max_cost_usd is set but model {model!r} has no price: pass RLM(prices={{{model!r}: Price(...)}})"
+            )
+
+    def settle(
+        self,
+        *,
+        depth: int,
+        agent_id: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float | None,
+    ) -> UsageTotals:
+        """Record one billed response; returns its totals (cost from the provider, else the price table)."""
+        if cost_usd is None:
+            price = self.prices.get(model)
+            cost_usd = price.cost_usd(prompt_tokens, completion_tokens) if price else 0.0
+        one = UsageTotals(1, prompt_tokens, completion_tokens, cost_usd)
+        key = (depth, agent_id, model)
+        self._totals[key] = self._totals[key] + one
+        self.total = self.total + one
+        return one
+
+    def usage(self) -> Usage:
+        """A frozen snapshot of tree-wide usage with per-depth, per-agent and per-model breakdowns."""
+        by_depth: dict[int, UsageTotals] = defaultdict(UsageTotals)
+        by_agent: dict[str, UsageTotals] = defaultdict(UsageTotals)
+        by_model: dict[str, UsageTotals] = defaultdict(UsageTotals)
+        for (depth, agent_id, model), t in self._totals.items():
+            by_depth[depth] += t
+            by_agent[agent_id] += t
+            by_model[model] += t
+        return Usage(self.total, dict(sorted(by_depth.items())), dict(by_agent), dict(by_model))
+
+    def remaining(self) -> dict[str, float | None]:
+        """What is left of each cap (None: no cap). Units: counts, tokens, USD."""
+        lim, tot = self.limits, self.total
+
+        def left(cap: float | None, used: float) -> float | None:
+            return None if cap is None else max(cap - used, 0)
+
+        return {
+            "calls": left(lim.max_calls, self.calls_reserved),
+            "agents": left(lim.max_agents, self.agents),
+            "input_tokens": left(lim.max_input_tokens, tot.prompt_tokens),
+            "output_tokens": left(lim.max_output_tokens, tot.completion_tokens),
+            "cost_usd": left(lim.max_cost_usd, tot.cost_usd),
+        }
+
+
+def estimate_tokens(chars: int) -> int:
+    """A token estimate for ``chars`` characters of text, used before a response exists: ceil(chars / 4).
+
+    Source: OpenAI's rule of thumb that one token is about 4 characters of English text ("What are tokens and
+    how to count them?", OpenAI Help Center). The ledger never uses it for accounting: usage comes from the
+    provider.
+    """
+    return math.ceil(chars / 4)

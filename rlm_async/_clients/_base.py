@@ -1,0 +1,72 @@
+"""The client protocol: one OpenAI-compatible chat completion per call, no retries, no HTTP in sight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict
+
+__all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message"]
+
+
+class Message(TypedDict):
+    """One chat message, as OpenAI's ``/v1/chat/completions`` takes it."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat completion request.
+
+    Attributes:
+        model: the model name sent to the provider.
+        messages: the conversation, oldest first.
+        max_tokens: cap on completion tokens, or None for the provider's default.
+        stop: up to 4 stop sequences (OpenAI's limit), or empty.
+        temperature: sampling temperature, or None for the provider's default.
+    """
+
+    model: str
+    messages: tuple[Message, ...]
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    temperature: float | None = None
+
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of message content (for the token estimate used by TPM limits)."""
+        return sum(len(m["content"]) for m in self.messages)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResponse:
+    """One completed chat response.
+
+    Attributes:
+        text: the first choice's message content.
+        prompt_tokens: ``usage.prompt_tokens`` as the provider reported it.
+        completion_tokens: ``usage.completion_tokens`` as the provider reported it.
+        cost_usd: ``usage.cost`` when the provider reports one (OpenRouter does), else None.
+        finish_reason: ``"stop"``, ``"length"``, ... or None.
+    """
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    finish_reason: str | None = None
+
+
+class ChatClient(Protocol):
+    """What the scheduler needs from a client: one attempt per ``chat`` call, errors as ``ProviderError``.
+
+    ``chat`` must not retry (the scheduler is the one retry layer) and must raise
+    ``ProviderStatusError`` / ``ProviderConnectionError`` / ``ProviderTimeoutError`` /
+    ``ProviderResponseError`` for failures; cancellation must propagate untouched and close the attempt's
+    connection.
+    """
+
+    async def chat(self, request: ChatRequest) -> ChatResponse: ...
+
+    async def aclose(self) -> None: ...

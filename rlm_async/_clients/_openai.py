@@ -1,0 +1,93 @@
+"""The production client: openai-python's ``AsyncOpenAI`` on its aiohttp transport, SDK retries off."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+
+from .._errors import (
+    ProviderConnectionError,
+    ProviderResponseError,
+    ProviderStatusError,
+    ProviderTimeoutError,
+)
+from ._base import ChatRequest, ChatResponse
+
+__all__ = ["OpenAIClient"]
+
+
+class OpenAIClient:
+    """A :class:`ChatClient` for any OpenAI-compatible ``/v1/chat/completions`` endpoint.
+
+    Built on ``openai.AsyncOpenAI`` with ``http_client=openai.DefaultAioHttpClient()`` (aiohttp) and
+    ``max_retries=0``: the scheduler is the one retry layer. The SDK's own timeout is set a little above the
+    scheduler's per-attempt timeout, which is the one that fires.
+
+    Args:
+        base_url: e.g. ``"http://127.0.0.1:8000/v1"``; None reads ``OPENAI_BASE_URL`` (the SDK's default).
+        api_key: None reads ``OPENAI_API_KEY``; local servers accept any non-empty key.
+        timeout_s: the SDK's timeout in seconds.
+
+    Raises (from ``chat``): ``ProviderStatusError`` (non-2xx, with headers), ``ProviderTimeoutError``,
+    ``ProviderConnectionError``, ``ProviderResponseError`` (malformed body, no choices, no content).
+    """
+
+    def __init__(self, *, base_url: str | None, api_key: str | None, timeout_s: float = 610.0) -> None:
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
+        )
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        kwargs: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+        if request.max_tokens is not None:
+            kwargs["max_tokens"] = request.max_tokens
+        if request.stop:
+            kwargs["stop"] = list(request.stop)
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        try:
+            completion = await self._client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            raise ProviderStatusError(
+                f"HTTP {exc.status_code}: {exc.message}",
+                status=exc.status_code,
+                headers=dict(exc.response.headers),
+            ) from exc
+        except openai.APITimeoutError as exc:
+            raise ProviderTimeoutError(f"timed out: {exc}") from exc
+        except openai.APIConnectionError as exc:
+            raise ProviderConnectionError(f"connection failed: {exc}") from exc
+        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
+            raise ProviderResponseError(f"malformed response: {exc}") from exc
+        return _to_response(completion)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _to_response(completion: Any) -> ChatResponse:
+    choices = getattr(completion, "choices", None)
+    if not choices:
+        raise ProviderResponseError("response has no choices")
+    choice = choices[0]
+    content = getattr(getattr(choice, "message", None), "content", None)
+    if content is None:
+        raise ProviderResponseError(f"response has no message content (finish_reason={choice.finish_reason!r})")
+    usage = getattr(completion, "usage", None)
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    extra = getattr(usage, "model_extra", None) or {}
+    cost = extra.get("cost")
+    return ChatResponse(
+        text=content,
+        prompt_tokens=prompt,
+        completion_tokens=completion_tokens,
+        cost_usd=float(cost) if isinstance(cost, int | float) else None,
+        finish_reason=choice.finish_reason,
+    )

@@ -1,0 +1,323 @@
+"""The public entry point :class:`RLM`, and :class:`Run`, the state of one completion."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from ._agent import Agent
+from ._budget import Ledger, Limits, Price, Usage
+from ._clients import ChatClient, OpenAIClient
+from ._errors import ConfigError
+from ._retry import RetryPolicy
+from ._scheduler import RateLimit, Scheduler
+from ._trace import Event, Tracer, bound
+
+__all__ = ["RLM", "RLMResult", "Run", "RunStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """What one run did, beyond usage.
+
+    Attributes:
+        wall_s: wall-clock seconds from start to end (the makespan).
+        calls: model calls admitted (root turns, sub-calls, children's turns); a retry is not a call.
+        attempts: HTTP attempts started.
+        retries: attempts beyond each call's first.
+        failed_calls: calls that ended in a typed failure.
+        peak_in_flight: the most attempts in flight at once (never above ``max_concurrency``).
+        agents: agents started, the root included.
+        max_depth_reached: the deepest agent's depth (0: only the root ran).
+        fallbacks: ``rlm_agent`` calls made at ``max_depth`` that ran as plain LLM calls instead.
+        queued_s: seconds, summed over calls, waiting for a slot (rate-limit waits included).
+        running_s: seconds, summed over attempts, holding a slot.
+        stop_reason: the root's: ``"answer"``, ``"max_iterations"``, ``"budget:<Limits field>"``,
+            ``"timeout"`` or ``"error"``.
+    """
+
+    wall_s: float
+    calls: int
+    attempts: int
+    retries: int
+    failed_calls: int
+    peak_in_flight: int
+    agents: int
+    max_depth_reached: int
+    fallbacks: int
+    queued_s: float
+    running_s: float
+    stop_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RLMResult:
+    """The outcome of ``RLM.completion``.
+
+    Attributes:
+        answer: the root's answer; after a stop, its partial draft (``answer["content"]``).
+        stop_reason: as in :class:`RunStats`.
+        usage: tree-wide usage with per-depth, per-agent and per-model breakdowns.
+        stats: counters and timings.
+        error: why the run stopped early (budget, timeout, provider error), else None.
+        run_id: the id bound to every event of the run.
+    """
+
+    answer: str
+    stop_reason: str
+    usage: Usage
+    stats: RunStats
+    error: str | None
+    run_id: str
+
+    @property
+    def ok(self) -> bool:
+        """True when the root produced an answer rather than stopping early."""
+        return self.stop_reason in ("answer", "max_iterations")
+
+
+class Run:
+    """The state of one completion: one scheduler, one ledger, one tracer, shared by every agent."""
+
+    def __init__(
+        self,
+        rlm: RLM,
+        client: ChatClient,
+        tracer: Tracer,
+        run_id: str,
+    ) -> None:
+        self.limits = rlm.limits
+        self.system_prompt = rlm.system_prompt
+        self.cell_timeout_s = rlm.cell_timeout_s
+        self.tracer = tracer
+        self.run_id = run_id
+        self.ledger = Ledger(rlm.limits, rlm.prices)
+        self.scheduler = Scheduler(
+            client,
+            self.ledger,
+            tracer,
+            max_concurrency=rlm.limits.max_concurrency,
+            retry=rlm.retry,
+            rate_limits=rlm.rate_limits,
+        )
+        self._model_for = rlm.model_for
+        self.started = anyio.current_time()
+        self.deadline = None if rlm.limits.timeout_s is None else self.started + rlm.limits.timeout_s
+        self.agents_started = 0
+        self.max_depth_reached = 0
+        self.fallbacks = 0
+
+    def model_for(self, depth: int) -> str:
+        """The model for calls at ``depth``."""
+        return self._model_for(depth)
+
+    def agent_started(self, depth: int) -> None:
+        """Count an agent (its reservation was taken by whoever spawned it)."""
+        self.agents_started += 1
+        self.max_depth_reached = max(self.max_depth_reached, depth)
+
+    def seconds_left(self) -> float | None:
+        """Seconds to the run's deadline, or None without ``timeout_s``."""
+        return None if self.deadline is None else max(self.deadline - anyio.current_time(), 0.0)
+
+    def stats(self, stop_reason: str) -> RunStats:
+        """A snapshot of the run's counters."""
+        s = self.scheduler.stats()
+        return RunStats(
+            wall_s=anyio.current_time() - self.started,
+            calls=s.calls,
+            attempts=s.attempts,
+            retries=s.retries,
+            failed_calls=s.failed_calls,
+            peak_in_flight=s.peak_in_flight,
+            agents=self.agents_started,
+            max_depth_reached=self.max_depth_reached,
+            fallbacks=self.fallbacks,
+            queued_s=s.queued_s,
+            running_s=s.running_s,
+            stop_reason=stop_reason,
+        )
+
+
+class RLM:
+    """A Recursive Language Model engine: async, one bounded scheduler per run shared by the whole call tree.
+
+    Args:
+        model: the root model (depth 0).
+        sub_model: the model for every depth >= 1 (sub-calls and child agents); default ``model``.
+        depth_models: one model per depth, index = depth; depths past the end use the last entry. Overrides
+            ``model`` and ``sub_model``.
+        base_url: an OpenAI-compatible endpoint, e.g. ``"http://127.0.0.1:8000/v1"``; default
+            ``OPENAI_BASE_URL``.
+        api_key: default ``OPENAI_API_KEY``; with a base_url and no key, ``"EMPTY"`` (vLLM's convention for
+            servers that check none).
+        limits: budgets and the concurrency cap (:class:`Limits`).
+        retry: the retry policy (:class:`RetryPolicy`, openai-python's by default).
+        rate_limits: model name -> :class:`RateLimit` (RPM / TPM).
+        prices: model name -> :class:`Price` (USD per million tokens), for ``usage.cost_usd`` and
+            ``Limits.max_cost_usd`` when the provider does not report ``usage.cost``.
+        client: a :class:`ChatClient` to use instead of the OpenAI SDK client (tests, custom transports);
+            the caller keeps ownership and closes it.
+        trace_path: append every event of every run as JSON lines to this file.
+        logger: a structlog logger for events (default: the stdlib logger ``"rlm_async"`` at DEBUG).
+        on_event: a callable given every event dict (progress bars, metrics).
+        system_prompt: replace the built-in system prompt.
+        cell_timeout_s: seconds one REPL cell may run before it is interrupted and reported; None: no limit.
+
+    Raises:
+        ConfigError: no endpoint configured, or a bad argument.
+
+    Use ``async with RLM(...) as rlm: await rlm.completion(...)``; ``completion_sync`` is a blocking
+    convenience for scripts.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        sub_model: str | None = None,
+        depth_models: Sequence[str] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+        prices: Mapping[str, Price] | None = None,
+        client: ChatClient | None = None,
+        trace_path: str | Path | None = None,
+        logger: Any = None,
+        on_event: Callable[[Event], None] | None = None,
+        system_prompt: str | None = None,
+        cell_timeout_s: float | None = None,
+    ) -> None:
+        if not model or not isinstance(model, str):
+            raise ConfigError("model must be a non-empty str")
+        if depth_models is not None and (not depth_models or not all(isinstance(m, str) for m in depth_models)):
+            raise ConfigError("depth_models must be a non-empty sequence of model names")
+        self.model = model
+        self.sub_model = sub_model or model
+        self.depth_models = tuple(depth_models) if depth_models else None
+        self.limits = limits or Limits()
+        self.retry = retry or RetryPolicy()
+        self.rate_limits = dict(rate_limits or {})
+        self.prices = dict(prices or {})
+        self.trace_path = trace_path
+        self.logger = logger
+        self.on_event = on_event
+        self.system_prompt = system_prompt
+        self.cell_timeout_s = cell_timeout_s
+        if self.limits.max_cost_usd is not None:
+            unpriced = sorted({self.model_for(d) for d in range(self.limits.max_depth + 1)} - set(self.prices))
+            if unpriced:
+                raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
+        self._client = client
+        self._owns_client = client is None
+        self._base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        if client is None and not self._base_url and not self._api_key:
+            raise ConfigError("no endpoint configured: pass base_url/api_key or set OPENAI_BASE_URL / OPENAI_API_KEY")
+
+    def model_for(self, depth: int) -> str:
+        """The model for calls at ``depth`` (root turns are depth 0)."""
+        if self.depth_models:
+            return self.depth_models[min(depth, len(self.depth_models) - 1)]
+        return self.model if depth == 0 else self.sub_model
+
+    async def __aenter__(self) -> RLM:
+        self._ensure_client()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client this RLM created (not one passed in). Idempotent."""
+        if self._owns_client and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def _ensure_client(self) -> ChatClient:
+        if self._client is None:
+            self._client = OpenAIClient(
+                base_url=self._base_url,
+                api_key=self._api_key or "EMPTY",
+                timeout_s=self.retry.attempt_timeout_s + 10,
+            )
+        return self._client
+
+    async def completion(self, query: str, context: Any = None) -> RLMResult:
+        """Answer ``query`` about ``context`` with a root agent whose REPL holds ``context``.
+
+        Args:
+            query: the question (str).
+            context: the input: a str, a list of str, a dict, or any object model code can work with. The
+                root model never receives it as tokens, only its metadata.
+
+        Returns:
+            An :class:`RLMResult`. Budget stops, the run timeout and provider failures end the run with the
+            partial answer and a ``stop_reason``; they are not raised.
+
+        Raises:
+            ConfigError: ``query`` is not a str.
+            asyncio.CancelledError: when the caller cancels; every descendant task, connection and REPL
+                thread is cancelled first.
+        """
+        if not isinstance(query, str):
+            raise ConfigError(f"query must be a str, got {type(query).__name__}")
+        client = self._ensure_client()
+        run_id = uuid.uuid4().hex[:12]
+        tracer = Tracer(
+            trace_path=self.trace_path, logger=self.logger, listeners=[self.on_event] if self.on_event else ()
+        )
+        try:
+            with bound(run_id=run_id):
+                run = Run(self, client, tracer, run_id)
+                tracer.emit("run_start", model=self.model, sub_model=self.sub_model, limits=self.limits.describe())
+                run.ledger.reserve_agents(1)
+                root = Agent(run, 0, "0")
+                with anyio.move_on_after(self.limits.timeout_s) as scope:
+                    outcome = await root.run(query, context)
+                if scope.cancelled_caught:
+                    answer, stop_reason = root.draft, "timeout"
+                    error: str | None = f"the run passed timeout_s={self.limits.timeout_s:g} s"
+                else:
+                    answer, stop_reason, error = outcome.answer, outcome.stop_reason, outcome.error
+                stats = run.stats(stop_reason)
+                usage = run.ledger.usage()
+                tracer.emit(
+                    "run_end",
+                    stop_reason=stop_reason,
+                    wall_s=stats.wall_s,
+                    calls=usage.calls,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cost_usd=usage.cost_usd,
+                )
+                return RLMResult(answer, stop_reason, usage, stats, error, run_id)
+        finally:
+            tracer.close()
+
+    def completion_sync(self, query: str, context: Any = None) -> RLMResult:
+        """Blocking ``completion`` for scripts: runs its own event loop (so not from inside one).
+
+        Raises:
+            RuntimeError: when called from a running event loop (use ``await completion`` there).
+        """
+
+        async def once() -> RLMResult:
+            try:
+                return await self.completion(query, context)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(once())

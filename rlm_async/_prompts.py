@@ -1,0 +1,163 @@
+"""Prompt text: the system prompt that teaches the REPL, the first user turn, and the turn formats.
+
+Written for rlm_async (the async functions, the answer dict, typed failures, the budget); the RLM idea and
+the ``context`` / ``FINAL`` conventions follow Zhang, Kraska and Khattab, "Recursive Language Models"
+(arXiv 2512.24601). The worked example is there because small models write usable ```repl code only when
+they have seen one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["STOP_SEQUENCES", "context_metadata", "final_answer_prompt", "first_user_message", "system_prompt"]
+
+#: Cut a model that starts to invent its own REPL output (our outputs begin with "REPL output").
+STOP_SEQUENCES = ("REPL output", "```output")
+
+_SYSTEM = """\
+You are a Recursive Language Model (RLM). You answer a query about an input that is too long to read at once.
+The input is NOT in this conversation: it lives in a persistent Python REPL as the variable `context`.
+You explore it by writing Python code, and you delegate pieces of it to sub-models.
+
+Write code in fenced blocks that start with ```repl and end with ```. Each block runs in the REPL, in order;
+what it prints comes back to you as the next message, starting with "REPL output". Variables persist between
+turns. Never write the REPL output yourself: stop after your code block and wait for it.
+
+In the REPL:
+- `context`: the input ({context_kind}). Look at it with code: len(context), context[:2000], re.findall, ...
+- `await llm_batch(prompts)`: send a list of prompt strings to a sub-model, all at once, concurrently;
+  returns a list in the same order. This is the fast way to process many chunks: prefer ONE llm_batch over
+  many llm_query calls. A sub-model sees only its prompt, so put the chunk text inside the prompt.
+- `await llm_query(prompt)`: one prompt, one answer.
+- `await rlm_agent(query, context)`: a child RLM with its own REPL holding `context`; use it for a sub-task
+  that itself needs exploring. `await rlm_batch(queries, contexts)` runs several children concurrently.{depth_note}
+- A sub-call that fails returns a `SubcallFailure` instead of a str: it is falsy, `is_failure(x)` is True,
+  and `x.kind` / `x.message` say why. Check before you use results:
+      results = await llm_batch(prompts)
+      bad = [i for i, r in enumerate(results) if is_failure(r)]
+- `budget()`: what is left of your budget (calls, tokens, USD, seconds, depth). Batches larger than
+  {max_fanout} items are refused. When a budget runs out, the call raises `BudgetExceeded`; catch it, keep
+  what you have, and finish.
+- The plain forms work too: `llm_query(p)`, `llm_query_batched(ps)`, `rlm_query(p)`, `rlm_query_batched(ps)`
+  without await, e.g. inside a plain `def`. In async code (any block that uses `await`), always `await` them.
+- `answer`: a dict {{"content": "", "ready": False}}. Draft your answer in answer["content"] and revise it as
+  you learn more. When you are sure, set answer["ready"] = True: that ends the run and answer["content"] is
+  returned. `FINAL(text)` or `FINAL_VAR("variable_name")` do the same in one call.
+- print() output longer than {max_output_chars} characters is cut: keep big results in variables and print
+  summaries.
+
+Example:
+```repl
+print(type(context), len(context))
+print(context[:500])
+```
+(after seeing the output)
+```repl
+chunks = [context[i:i + 20000] for i in range(0, len(context), 20000)]
+prompts = [f"List every sentence that mentions a shepherd in this text:\\n{{c}}" for c in chunks]
+found = await llm_batch(prompts)
+ok = [f for f in found if not is_failure(f)]
+answer["content"] = "\\n".join(ok)
+print(len(chunks), "chunks,", len(ok), "answered")
+```
+(after checking the output)
+```repl
+answer["ready"] = True
+```
+
+Work in small steps, look at the data before you trust an idea, and verify your answer with code."""
+
+
+def system_prompt(*, depth: int, max_depth: int, max_fanout: int | None, max_output_chars: int, kind: str) -> str:
+    """The system prompt for an agent at ``depth`` (children are told when they cannot recurse further)."""
+    can_recurse = depth + 1 < max_depth
+    depth_note = (
+        ""
+        if can_recurse
+        else "\n  (At your depth, rlm_agent / rlm_batch run plain sub-model calls: there is no deeper REPL.)"
+    )
+    return _SYSTEM.format(
+        context_kind=kind,
+        depth_note=depth_note,
+        max_fanout="unlimited" if max_fanout is None else f"{max_fanout:,}",
+        max_output_chars=f"{max_output_chars:,}",
+    )
+
+
+def context_metadata(context: Any, prefix_chars: int = 300) -> dict[str, Any]:
+    """What the model is told about ``context``: type, length in characters, item count, a short prefix.
+
+    Lengths: a str's ``len``; a list's total characters of ``str()`` of its items; a dict's characters of
+    its JSON (``default=str``). The prefix is the first ``prefix_chars`` characters of the same text.
+    """
+    if isinstance(context, str):
+        text, items = context, None
+    elif isinstance(context, list | tuple):
+        items = len(context)
+        text = "\n".join(str(x) for x in context[:50])
+        total = sum(len(str(x)) for x in context)
+        lengths = [len(str(x)) for x in context]
+        return {
+            "type": type(context).__name__,
+            "items": items,
+            "length_chars": total,
+            "item_chars_min_max": [min(lengths), max(lengths)] if lengths else [0, 0],
+            "prefix": text[:prefix_chars],
+        }
+    elif isinstance(context, dict):
+        items = len(context)
+        text = json.dumps(context, default=str)
+    elif context is None:
+        text, items = "", None
+    else:
+        text, items = str(context), None
+    meta: dict[str, Any] = {"type": type(context).__name__, "length_chars": len(text), "prefix": text[:prefix_chars]}
+    if items is not None:
+        meta["items"] = items
+        meta["keys"] = [str(k) for k in list(context)[:20]] if isinstance(context, dict) else None
+    return meta
+
+
+def describe_kind(context: Any) -> str:
+    """A few words on the context's type for the system prompt."""
+    if isinstance(context, str):
+        return f"a str of {len(context):,} characters"
+    if isinstance(context, list | tuple):
+        return f"a list of {len(context):,} items"
+    if isinstance(context, dict):
+        return f"a dict with {len(context):,} keys"
+    return f"a {type(context).__name__}"
+
+
+def first_user_message(query: str, context: Any) -> str:
+    """The first user turn: the query and the context's metadata, never the context itself."""
+    meta = json.dumps(context_metadata(context), ensure_ascii=False, indent=1)
+    return (
+        f"Query: {query}\n\n"
+        f"The variable `context` in your REPL holds the input. Metadata (the input itself is not shown):\n{meta}\n\n"
+        "Start by looking at `context` with code in a ```repl block."
+    )
+
+
+def format_outputs(outputs: list[str]) -> str:
+    """The user turn after a model turn: each cell's output, labelled."""
+    if len(outputs) == 1:
+        return f"REPL output:\n{outputs[0]}"
+    return "\n\n".join(f"REPL output (block {i}):\n{out}" for i, out in enumerate(outputs, 1))
+
+
+NO_CODE_MESSAGE = (
+    "No ```repl block found. Write Python in a ```repl block to explore `context`, or set "
+    'answer["content"] and answer["ready"] = True in a ```repl block to finish.'
+)
+
+
+def final_answer_prompt(draft: str) -> str:
+    """The last call at max_iterations: asks for the answer as plain text."""
+    note = f'Your current draft (answer["content"]):\n{draft}\n\n' if draft else ""
+    return (
+        f"You have no turns left. {note}Reply now with your final answer to the query as plain text only: "
+        "no code, no explanation."
+    )

@@ -1,0 +1,296 @@
+"""The functions model code sees in its REPL, and how one name serves both ``await f(x)`` and ``f(x)``.
+
+**One name, two forms.** Each sub-call function looks at the frame that called it (skipping comprehension
+frames, which Python 3.11 gives their own code object):
+
+- called from a coroutine (an ``async def``, or a cell with a top-level ``await``), it returns an awaitable
+  :class:`Pending`, so ``await llm_query(p)`` and ``asyncio.gather(*(llm_query(p) for p in ps))`` work;
+  nothing is sent until it is awaited;
+- called from plain code (a cell without ``await``, or a plain ``def`` the model wrote), it blocks *its own
+  cell's thread* until the result is in and returns it, as the official ``rlms`` REPL does. The engine's
+  event loop never blocks: the work runs there, the cell thread only waits.
+
+A Pending that is never awaited is reported to the model at the end of the cell, so the one confusing case
+(``x = llm_query(p)`` without ``await`` inside async code) is explained instead of silently yielding an
+object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from types import FrameType
+from typing import Any, Generic, TypeVar
+
+from .._errors import BudgetExceeded
+from ._protocol import Outcome
+
+__all__ = ["RESERVED_NAMES", "Pending", "ReplFunctions", "SubcallFailure"]
+
+T = TypeVar("T")
+
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
+
+
+class SubcallFailure:
+    """A failed sub-call, standing in its answer's place. Never a str, always falsy.
+
+    Attributes:
+        kind: why, in one word: ``"rate_limited"``, ``"timeout"``, ``"status"``, ``"connection"``,
+            ``"bad_response"``, ``"retry_after_too_long"``, ``"budget_exceeded"``, a child agent's stop
+            reason (``"max_iterations"``, ``"budget:max_calls"``, ...) or ``"error"``.
+        message: the details.
+        partial: a child agent's partial answer when it stopped early with one, else "".
+    """
+
+    __slots__ = ("kind", "message", "partial")
+
+    def __init__(self, kind: str, message: str, partial: str = "") -> None:
+        self.kind = kind
+        self.message = message
+        self.partial = partial
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        extra = f", partial={self.partial[:80]!r}" if self.partial else ""
+        return f"SubcallFailure(kind={self.kind!r}, message={self.message!r}{extra})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SubcallFailure) and (self.kind, self.message, self.partial) == (
+            other.kind,
+            other.message,
+            other.partial,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.message, self.partial))
+
+
+def to_model_value(outcome: Outcome) -> str | SubcallFailure:
+    """An outcome dict as model code sees it: the answer str, or a SubcallFailure."""
+    if outcome.get("ok"):
+        return outcome.get("text", "")
+    return SubcallFailure(outcome.get("kind", "error"), outcome.get("message", ""), outcome.get("partial", ""))
+
+
+class Pending(Generic[T]):
+    """An awaitable sub-call. Starts its work when first awaited; awaiting it twice is an error."""
+
+    __slots__ = ("__weakref__", "_convert", "_label", "_start", "_unawaited")
+
+    def __init__(
+        self, label: str, start: Callable[[], Future[Any]], convert: Callable[[Any], T], unawaited: set[Pending[Any]]
+    ) -> None:
+        self._label = label
+        self._start = start
+        self._convert = convert
+        self._unawaited = unawaited
+        unawaited.add(self)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        if self not in self._unawaited:
+            raise RuntimeError(f"{self._label}(...) was already awaited; call it again for a new result")
+        self._unawaited.discard(self)
+        future = asyncio.wrap_future(self._start())
+        try:
+            value = yield from future.__await__()
+        except BudgetExceeded as exc:
+            exc.results = [to_model_value(o) for o in exc.results]
+            raise
+        return self._convert(value)
+
+    def __repr__(self) -> str:
+        return f"<pending {self._label}(...): not awaited yet; write `await {self._label}(...)`>"
+
+
+def _caller_is_async(frame: FrameType | None) -> bool:
+    while frame is not None and frame.f_code.co_name in _COMPREHENSIONS:
+        frame = frame.f_back
+    return frame is not None and bool(frame.f_code.co_flags & _ASYNC_FLAGS)
+
+
+Submit = Callable[..., Future[Any]]
+
+#: Names the engine owns in every REPL; model code that rebinds one gets it back after the cell.
+RESERVED_NAMES = (
+    "context",
+    "answer",
+    "llm_query",
+    "llm_batch",
+    "llm_query_batched",
+    "rlm_agent",
+    "rlm_batch",
+    "rlm_query",
+    "rlm_query_batched",
+    "budget",
+    "FINAL",
+    "FINAL_VAR",
+    "SubcallFailure",
+    "BudgetExceeded",
+    "is_failure",
+)
+
+
+class ReplFunctions:
+    """Builds the reserved names of one REPL namespace.
+
+    Args:
+        submit: ``submit(method, *args)`` starts ``Host.<method>(*args)`` on the engine's loop and returns a
+            concurrent Future of its result (a list of outcome dicts).
+        call: ``call(method)`` runs the synchronous ``Host.<method>()`` on the engine's loop, blocking.
+        namespace: the REPL globals, for ``FINAL_VAR``.
+    """
+
+    def __init__(self, submit: Submit, call: Callable[[str], Any], namespace: dict[str, Any]) -> None:
+        self._submit = submit
+        self._call = call
+        self._ns = namespace
+        self.unawaited: set[Pending[Any]] = set()
+        self.answer: dict[str, Any] = {"content": "", "ready": False}
+
+    def build(self, context: Any) -> dict[str, Any]:
+        """The reserved names, bound to this session."""
+        return {
+            "context": context,
+            "answer": self.answer,
+            "llm_query": self.llm_query,
+            "llm_batch": self.llm_batch,
+            "llm_query_batched": self.llm_batch,
+            "rlm_agent": self.rlm_agent,
+            "rlm_batch": self.rlm_batch,
+            "rlm_query": self.rlm_query,
+            "rlm_query_batched": self.rlm_query_batched,
+            "budget": self.budget,
+            "FINAL": self.FINAL,
+            "FINAL_VAR": self.FINAL_VAR,
+            "SubcallFailure": SubcallFailure,
+            "BudgetExceeded": BudgetExceeded,
+            "is_failure": is_failure,
+        }
+
+    # -- the dual-form machinery ----------------------------------------------------------------------
+    def _dual(self, label: str, frame: FrameType | None, start: Callable[[], Future[Any]], convert: Any) -> Any:
+        if _caller_is_async(frame):
+            return Pending(label, start, convert, self.unawaited)
+        try:
+            value = start().result()
+        except BudgetExceeded as exc:
+            exc.results = [to_model_value(o) for o in exc.results]
+            raise
+        return convert(value)
+
+    # -- plain LLM calls ------------------------------------------------------------------------------
+    def llm_batch(self, prompts: Iterable[str], *, model: str | None = None, max_tokens: int | None = None) -> Any:
+        """``await llm_batch(prompts)`` -> list of str (or SubcallFailure) in prompt order, run concurrently."""
+        items = _str_list("llm_batch", "prompts", prompts)
+        _check_max_tokens(max_tokens)
+        return self._dual(
+            "llm_batch",
+            sys._getframe(1),
+            lambda: self._submit("llm_batch", items, model, max_tokens),
+            _to_model_list,
+        )
+
+    def llm_query(self, prompt: str, *, model: str | None = None, max_tokens: int | None = None) -> Any:
+        """``await llm_query(prompt)`` -> str (or SubcallFailure)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"llm_query takes one prompt str, got {type(prompt).__name__}")
+        _check_max_tokens(max_tokens)
+        return self._dual(
+            "llm_query",
+            sys._getframe(1),
+            lambda: self._submit("llm_batch", [prompt], model, max_tokens),
+            _first,
+        )
+
+    # -- child agents ---------------------------------------------------------------------------------
+    def rlm_batch(self, queries: Iterable[str], contexts: Sequence[Any]) -> Any:
+        """``await rlm_batch(queries, contexts)`` -> list of child answers (or SubcallFailure), in order."""
+        qs = _str_list("rlm_batch", "queries", queries)
+        if isinstance(contexts, str | bytes) or not isinstance(contexts, Sequence):
+            raise TypeError("rlm_batch takes a list of contexts, one per query")
+        if len(contexts) != len(qs):
+            raise ValueError(f"rlm_batch got {len(qs)} queries but {len(contexts)} contexts")
+        ctxs = list(contexts)
+        return self._dual("rlm_batch", sys._getframe(1), lambda: self._submit("rlm_batch", qs, ctxs), _to_model_list)
+
+    def rlm_agent(self, query: str, context: Any) -> Any:
+        """``await rlm_agent(query, context)`` -> the child agent's answer str (or SubcallFailure)."""
+        if not isinstance(query, str):
+            raise TypeError(f"rlm_agent takes a query str, got {type(query).__name__}")
+        return self._dual("rlm_agent", sys._getframe(1), lambda: self._submit("rlm_batch", [query], [context]), _first)
+
+    def rlm_query(self, prompt: str) -> Any:
+        """The official rlms name: a child agent whose query and context are both ``prompt``."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"rlm_query takes one prompt str, got {type(prompt).__name__}")
+        return self._dual("rlm_query", sys._getframe(1), lambda: self._submit("rlm_batch", [prompt], [prompt]), _first)
+
+    def rlm_query_batched(self, prompts: Iterable[str]) -> Any:
+        """The official rlms name: one child agent per prompt (query and context both the prompt)."""
+        items = _str_list("rlm_query_batched", "prompts", prompts)
+        return self._dual(
+            "rlm_query_batched",
+            sys._getframe(1),
+            lambda: self._submit("rlm_batch", items, list(items)),
+            _to_model_list,
+        )
+
+    # -- the rest ------------------------------------------------------------------------------------
+    def budget(self) -> dict[str, Any]:
+        """What is left of the run's caps: calls, agents, tokens, USD, seconds, depth (None: no cap)."""
+        result: dict[str, Any] = self._call("budget")
+        return result
+
+    def FINAL(self, value: Any) -> None:
+        """Set ``answer["content"] = str(value)`` and end the run."""
+        self.answer["content"] = str(value)
+        self.answer["ready"] = True
+
+    def FINAL_VAR(self, name: str) -> None:
+        """Set ``answer["content"]`` to ``str()`` of the REPL variable named ``name`` and end the run."""
+        if not isinstance(name, str):
+            raise TypeError("FINAL_VAR takes a variable *name* as a str, e.g. FINAL_VAR('result')")
+        if name not in self._ns:
+            raise NameError(f"FINAL_VAR: no variable named {name!r} in the REPL")
+        self.FINAL(self._ns[name])
+
+
+def is_failure(value: object) -> bool:
+    """True when ``value`` is a SubcallFailure (a failed sub-call), False for an answer."""
+    return isinstance(value, SubcallFailure)
+
+
+def _str_list(fn: str, what: str, items: Iterable[str]) -> list[str]:
+    hint = " (for one prompt use llm_query)" if fn == "llm_batch" else ""
+    if isinstance(items, str | bytes | Mapping):
+        raise TypeError(f"{fn} takes a list of str {what}, got {type(items).__name__}{hint}")
+    try:
+        out = list(items)
+    except TypeError:
+        raise TypeError(f"{fn} takes a list of str {what}, got {type(items).__name__}{hint}") from None
+    for i, item in enumerate(out):
+        if not isinstance(item, str):
+            raise TypeError(f"{fn}: {what}[{i}] is {type(item).__name__}, not str")
+    return out
+
+
+def _check_max_tokens(max_tokens: int | None) -> None:
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+
+
+def _to_model_list(outcomes: list[Outcome]) -> list[str | SubcallFailure]:
+    return [to_model_value(o) for o in outcomes]
+
+
+def _first(outcomes: list[Outcome]) -> str | SubcallFailure:
+    return to_model_value(outcomes[0])

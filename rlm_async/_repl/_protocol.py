@@ -1,0 +1,85 @@
+"""The seam between a REPL session and the engine: plain data both ways, no shared engine objects.
+
+A REPL session (in a thread today, in a sandboxed worker process next) reaches the engine only through a
+:class:`Host`. Everything crossing the seam is plain data: lists of str, JSON-like contexts, outcome dicts,
+and :class:`~rlm_async.BudgetExceeded` whose ``results`` are outcome dicts too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, TypedDict
+
+__all__ = ["CellResult", "Host", "Outcome", "ReplSession"]
+
+
+class Outcome(TypedDict, total=False):
+    """One sub-call's outcome. ``ok`` True: ``text`` is the answer. ``ok`` False: ``kind`` and ``message``
+    say why it failed, and ``partial`` holds a child agent's partial answer when it had one."""
+
+    ok: bool
+    text: str
+    kind: str
+    message: str
+    partial: str
+
+
+class Host(Protocol):
+    """What model code may ask of the engine. Runs on the engine's event loop."""
+
+    async def llm_batch(self, prompts: list[str], model: str | None, max_tokens: int | None) -> list[Outcome]:
+        """One plain LLM call per prompt, concurrently; outcomes in prompt order.
+
+        Raises BudgetExceeded (``max_fanout``, ``max_calls``: nothing started) or, after the batch, when a
+        token or USD cap cut it short (``results`` holds every outcome).
+        """
+        ...
+
+    async def rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Outcome]:
+        """One child agent per (query, context), concurrently; outcomes in order. Raises BudgetExceeded."""
+        ...
+
+    def budget(self) -> dict[str, Any]:
+        """What is left: calls, agents, input/output tokens, USD, seconds, depth (None: no cap)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CellResult:
+    """The result of running one code cell.
+
+    Attributes:
+        output: printed output, already cut to ``max_output_chars`` with a note when it was longer.
+        error: the formatted traceback when the cell raised (syntax errors included), else None.
+        notes: engine notes for the model (a reserved name restored, an un-awaited call, a timeout).
+        timed_out: the cell ran past the per-cell time limit and was interrupted.
+    """
+
+    output: str
+    error: str | None
+    notes: tuple[str, ...] = ()
+    timed_out: bool = False
+
+    def render(self) -> str:
+        """The text shown to the model for this cell."""
+        parts = [self.output.rstrip("\n")] if self.output.strip() else []
+        if self.error:
+            parts.append(self.error.rstrip("\n"))
+        parts.extend(f"[note] {n}" for n in self.notes)
+        return "\n".join(parts) if parts else "(no output)"
+
+
+class ReplSession(Protocol):
+    """A persistent REPL for one agent. Used as an async context manager around the agent's life."""
+
+    async def run_cell(self, code: str) -> CellResult:
+        """Run one cell to completion (or to its time limit). Model errors become ``CellResult.error``."""
+        ...
+
+    def answer(self) -> tuple[str, bool]:
+        """``(answer["content"], answer["ready"])`` as it stands, content coerced to str."""
+        ...
+
+    def final_var(self, name: str) -> str | None:
+        """``str()`` of the REPL variable ``name``, or None when it does not exist."""
+        ...

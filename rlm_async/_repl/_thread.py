@@ -1,0 +1,283 @@
+"""The in-thread REPL: each cell runs in its own worker thread, so blocking model code never stalls the engine.
+
+- Cells may use top-level ``await`` (compiled with ``PyCF_ALLOW_TOP_LEVEL_AWAIT``); such a cell runs on a
+  fresh asyncio loop inside its worker thread. Sub-calls cross to the engine's loop through an anyio
+  :class:`~anyio.from_thread.BlockingPortal` whose task group lives in the agent's task, so cancelling the
+  agent cancels every sub-call a cell started.
+- Output is captured per session by giving the namespace its own ``print`` (never by swapping the
+  process-wide ``sys.stdout``), and is kept within ``max_output_chars`` as it is written.
+- A bare expression on a cell's last line is shown, as in an interactive Python prompt.
+- On cancellation or a per-cell timeout the worker thread is interrupted (an asynchronous
+  :class:`CellInterrupted` raised in it) and awaited for a short grace period.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import builtins
+import contextlib
+import ctypes
+import inspect
+import itertools
+import linecache
+import threading
+import traceback
+from types import CodeType, TracebackType
+from typing import Any
+
+import anyio
+from anyio.from_thread import BlockingPortal
+
+from ._functions import ReplFunctions
+from ._protocol import CellResult, Host
+
+__all__ = ["CellInterrupted", "ThreadRepl"]
+
+_SHOW = "__rlm_show__"
+_cell_numbers = itertools.count(1)
+
+
+class CellInterrupted(BaseException):
+    """Raised asynchronously inside a cell's thread to stop it (cancellation or cell timeout).
+
+    A BaseException, like KeyboardInterrupt, so model code's ``except Exception`` does not swallow it.
+    """
+
+
+class _CappedText:
+    """Collects printed text, keeping the head and the tail within ``limit`` characters in all."""
+
+    def __init__(self, limit: int) -> None:
+        self._head_cap = limit * 2 // 3
+        self._tail_cap = limit - self._head_cap
+        self._head: list[str] = []
+        self._head_len = 0
+        self._tail = ""
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self.total += len(text)
+            room = self._head_cap - self._head_len
+            if room > 0:
+                self._head.append(text[:room])
+                self._head_len += min(room, len(text))
+                text = text[room:]
+            if text and self._tail_cap:
+                self._tail = (self._tail + text)[-self._tail_cap :]
+
+    def render(self) -> str:
+        head = "".join(self._head)
+        shown = len(head) + len(self._tail)
+        if self.total <= shown:
+            return head + self._tail
+        cut = self.total - shown
+        return (
+            f"{head}\n[... output cut: {cut:,} of {self.total:,} characters not shown; keep large results in "
+            f"variables and print slices or summaries ...]\n{self._tail}"
+        )
+
+
+class ThreadRepl:
+    """A persistent REPL for one agent, cells in worker threads. Use as ``async with ThreadRepl(...)``.
+
+    Args:
+        context: the agent's ``context`` variable, as given (str, list of str, dict, ...).
+        host: the engine side of the seam.
+        max_output_chars: characters of printed output shown per cell (``Limits.max_output_chars``).
+        cell_timeout_s: seconds one cell may run before it is interrupted, or None for no limit.
+        interrupt_grace_s: seconds to wait for an interrupted thread to finish before abandoning it.
+        name: a label for thread names and tracebacks (the agent id).
+    """
+
+    def __init__(
+        self,
+        *,
+        context: Any,
+        host: Host,
+        max_output_chars: int,
+        cell_timeout_s: float | None = None,
+        interrupt_grace_s: float = 2.0,
+        name: str = "repl",
+    ) -> None:
+        self._host = host
+        self._context = context
+        self._max_output_chars = max_output_chars
+        self._cell_timeout_s = cell_timeout_s
+        self._grace_s = interrupt_grace_s
+        self._name = name
+        self._portal: BlockingPortal | None = None
+        self._out = _CappedText(max_output_chars)
+        self._ns: dict[str, Any] = {}
+        self._fns = ReplFunctions(self._submit, self._call, self._ns)
+        self._reserved: dict[str, Any] = {}
+        self._filenames: list[str] = []
+        self.abandoned_threads = 0
+
+    async def __aenter__(self) -> ThreadRepl:
+        self._portal = BlockingPortal()
+        await self._portal.__aenter__()
+        own_builtins = dict(vars(builtins))
+        own_builtins["print"] = self._print
+        self._reserved = self._fns.build(self._context)
+        self._ns.update(self._reserved)
+        self._ns.update({"__name__": "__rlm_repl__", "__builtins__": own_builtins, _SHOW: self._show})
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        for filename in self._filenames:
+            linecache.cache.pop(filename, None)
+        portal, self._portal = self._portal, None
+        if portal is None:
+            return None
+        await portal.stop(cancel_remaining=True)
+        return await portal.__aexit__(et, ev, tb)
+
+    # -- the seam -------------------------------------------------------------------------------------
+    def _submit(self, method: str, *args: Any) -> Any:
+        portal = self._require_portal()
+        return portal.start_task_soon(getattr(self._host, method), *args, name=f"{self._name}:{method}")
+
+    def _call(self, method: str) -> Any:
+        return self._require_portal().call(getattr(self._host, method))
+
+    def _require_portal(self) -> BlockingPortal:
+        if self._portal is None:
+            raise RuntimeError("this REPL's agent has finished; the engine no longer takes its calls")
+        return self._portal
+
+    # -- state the agent reads ------------------------------------------------------------------------
+    def answer(self) -> tuple[str, bool]:
+        content = self._fns.answer.get("content", "")
+        return ("" if content is None else str(content)), bool(self._fns.answer.get("ready"))
+
+    def final_var(self, name: str) -> str | None:
+        return str(self._ns[name]) if name in self._ns else None
+
+    # -- running cells --------------------------------------------------------------------------------
+    async def run_cell(self, code: str) -> CellResult:
+        """Run one cell in a worker thread and wait for it without blocking the event loop.
+
+        Model errors (syntax errors included) are returned in ``CellResult.error``; cancellation of the
+        caller interrupts the cell's thread and propagates.
+        """
+        self._out = _CappedText(self._max_output_chars)
+        filename = f"<cell {self._name}#{next(_cell_numbers)}>"
+        self._filenames.append(filename)
+        try:
+            compiled = _compile(code, filename)
+        except SyntaxError as exc:
+            return CellResult(self._out.render(), "".join(traceback.format_exception_only(exc)))
+        error, timed_out = await self._run_in_thread(compiled, filename)
+        notes = [*self._restore_reserved(), *self._unawaited_note()]
+        if timed_out:
+            notes.append(f"the cell ran past its time limit of {self._cell_timeout_s:g} s and was interrupted")
+        return CellResult(self._out.render(), error, tuple(notes), timed_out)
+
+    async def _run_in_thread(self, compiled: CodeType, filename: str) -> tuple[str | None, bool]:
+        loop = asyncio.get_running_loop()
+        done = anyio.Event()
+        box: dict[str, BaseException] = {}
+
+        def target() -> None:
+            try:
+                if compiled.co_flags & inspect.CO_COROUTINE:
+                    asyncio.run(eval(compiled, self._ns))
+                else:
+                    exec(compiled, self._ns)
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                # RuntimeError: the engine's loop is closed, so nobody is waiting any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(done.set)
+
+        thread = threading.Thread(target=target, name=f"rlm-cell-{self._name}", daemon=True)
+        thread.start()
+        timed_out = False
+        try:
+            if self._cell_timeout_s is None:
+                await done.wait()
+            else:
+                with anyio.move_on_after(self._cell_timeout_s) as scope:
+                    await done.wait()
+                if scope.cancelled_caught:
+                    timed_out = True
+                    await self._interrupt(thread, done)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._interrupt(thread, done)
+            raise
+        exc = box.get("error")
+        if exc is None or (timed_out and isinstance(exc, CellInterrupted)):
+            return None, timed_out
+        return _format_traceback(exc, filename), timed_out
+
+    async def _interrupt(self, thread: threading.Thread, done: anyio.Event) -> None:
+        if thread.ident is not None and thread.is_alive():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(CellInterrupted))
+        with anyio.move_on_after(self._grace_s):
+            await done.wait()
+        if not done.is_set():
+            self.abandoned_threads += 1
+
+    def _restore_reserved(self) -> list[str]:
+        notes = []
+        for name, original in self._reserved.items():
+            if self._ns.get(name) is not original:
+                self._ns[name] = original
+                hint = ' (set answer["content"] and answer["ready"] instead)' if name == "answer" else ""
+                notes.append(f"`{name}` is reserved by the engine and was restored{hint}")
+        return notes
+
+    def _unawaited_note(self) -> list[str]:
+        if not self._fns.unawaited:
+            return []
+        labels = sorted({repr(p) for p in self._fns.unawaited})
+        self._fns.unawaited.clear()
+        return [
+            f"{len(labels)} kind(s) of sub-call were created inside async code but never awaited, so they did "
+            f"not run: {'; '.join(labels)}"
+        ]
+
+    # -- namespace helpers ---------------------------------------------------------------------------
+    def _print(
+        self, *args: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None, flush: bool = False
+    ) -> None:
+        if file is not None:
+            builtins.print(*args, sep=sep, end=end, file=file, flush=flush)
+            return
+        self._out.write((" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end))
+
+    def _show(self, value: Any) -> None:
+        if value is not None:
+            self._out.write(repr(value) + "\n")
+
+
+def _compile(code: str, filename: str) -> CodeType:
+    """Parse, show a trailing bare expression, and compile with top-level await allowed."""
+    tree = ast.parse(code, filename=filename, mode="exec")
+    if tree.body and isinstance(tree.body[-1], ast.Expr) and not _is_print_call(tree.body[-1].value):
+        last = tree.body[-1]
+        call = ast.Call(func=ast.Name(_SHOW, ast.Load()), args=[last.value], keywords=[])
+        tree.body[-1] = ast.Expr(ast.copy_location(call, last.value))
+        ast.fix_missing_locations(tree)
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    code_obj: CodeType = compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+    return code_obj
+
+
+def _is_print_call(node: ast.expr) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+
+
+def _format_traceback(exc: BaseException, filename: str) -> str:
+    """The traceback from the cell's own frames on: engine frames above the cell are dropped."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
