@@ -1,0 +1,77 @@
+"""Shared helpers: a scripted fake model that plays the root and answers sub-calls, and leak checks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import textwrap
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from rlm_async import ChatRequest, ChatResponse, FakeClient, Limits, RLM
+
+_QUERY = re.compile(r"^Query: (.*)$", re.MULTILINE)
+
+
+def repl(code: str) -> str:
+    """A model turn holding one ```repl block."""
+    return f"```repl\n{textwrap.dedent(code).strip()}\n```"
+
+
+def query_of(request: ChatRequest) -> str | None:
+    """The agent query of a root-loop request, or None for a plain sub-call."""
+    if request.messages[0]["role"] != "system":
+        return None
+    m = _QUERY.search(request.messages[1]["content"])
+    return m.group(1) if m else None
+
+
+def turn_of(request: ChatRequest) -> int:
+    """0 for an agent's first turn, 1 for its second, ..."""
+    return sum(1 for m in request.messages if m["role"] == "assistant")
+
+
+SubFn = Callable[[str], "str | ChatResponse | Awaitable[str | ChatResponse]"]
+
+
+class Script:
+    """A fake model: agents[query] is the list of replies an agent with that query gives, turn by turn (the
+    last repeats); sub(prompt) answers plain sub-calls (default: the prompt upper-cased)."""
+
+    def __init__(self, agents: dict[str, list[str]], sub: SubFn | None = None) -> None:
+        self.agents = agents
+        self.sub: SubFn = sub or (lambda p: p.upper())
+
+    async def __call__(self, request: ChatRequest) -> str | ChatResponse:
+        query = query_of(request)
+        if query is None:
+            result = self.sub(request.messages[0]["content"])
+            if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+                result = await result
+            return result
+        for key, replies in self.agents.items():
+            if query.startswith(key):
+                return replies[min(turn_of(request), len(replies) - 1)]
+        raise AssertionError(f"no script for agent query {query!r}")
+
+
+def make_rlm(script: Callable[[ChatRequest], Any], **kwargs: Any) -> tuple[RLM, FakeClient]:
+    client = FakeClient(script)
+    limits = kwargs.pop("limits", Limits())
+    return RLM("root-model", sub_model="sub-model", client=client, limits=limits, **kwargs), client
+
+
+def cell_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("rlm-cell-")]
+
+
+@pytest.fixture
+def no_leaks():
+    """After the test: no REPL thread alive and no task left on the loop but the test's own."""
+    yield
+    for t in cell_threads():
+        t.join(timeout=5)
+    assert cell_threads() == []
