@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import textwrap
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import looptime
 import pytest
 
 from rlm_async import ChatRequest, ChatResponse, FakeClient, Limits, RLM
@@ -56,6 +58,22 @@ class Script:
             if query.startswith(key):
                 return replies[min(turn_of(request), len(replies) - 1)]
         raise AssertionError(f"no script for agent query {query!r}")
+
+
+def on_fake_clock(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Run an async test on looptime's fast-forwarding event loop: ``asyncio.sleep(60)`` takes no real time,
+    and the loop clock reads as if it had. For timing assertions that cannot flake on a loaded machine."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        loop = looptime.new_event_loop(start=0.0)
+        try:
+            return loop.run_until_complete(fn(*args, **kwargs))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    return wrapper
 
 
 def make_rlm(script: Callable[[ChatRequest], Any], **kwargs: Any) -> tuple[RLM, FakeClient]:

@@ -24,6 +24,8 @@ from rlm_async._budget import Ledger
 from rlm_async._scheduler import Scheduler
 from rlm_async._trace import Tracer
 
+from .conftest import on_fake_clock
+
 
 def request(text: str = "hi", model: str = "m") -> ChatRequest:
     return ChatRequest(model, ({"role": "user", "content": text},))
@@ -64,7 +66,7 @@ class Concurrency:
         return "ok"
 
 
-@pytest.mark.looptime
+@on_fake_clock
 async def test_100_calls_at_concurrency_64_take_two_waves():
     server = Concurrency(0.2)
     sched, _, _ = scheduler(FakeClient(server), max_concurrency=64)
@@ -79,7 +81,7 @@ async def test_100_calls_at_concurrency_64_take_two_waves():
     assert server.peak == 64 and sched.stats().peak_in_flight == 64
 
 
-@pytest.mark.looptime
+@on_fake_clock
 async def test_concurrency_cap_holds_under_retries():
     """Every even prompt fails its first attempt with a 503; the cap holds through the retries."""
     server = Concurrency(1.0)
@@ -189,7 +191,7 @@ async def test_a_slot_is_not_held_during_backoff():
     assert results == {"A": "A", "B": "B"}
 
 
-@pytest.mark.looptime
+@on_fake_clock
 async def test_attempt_timeout_becomes_a_typed_timeout():
     async def hang(req: ChatRequest) -> str:
         await anyio.sleep_forever()
@@ -248,7 +250,7 @@ async def test_spent_budget_refuses_before_sending_and_refunds_the_call():
     assert len(client.requests) == 1 and ledger.calls_reserved == 1
 
 
-@pytest.mark.looptime
+@on_fake_clock
 async def test_rpm_limit_spaces_requests():
     """rpm=6: a bucket of 6 drains at one request per 10 s, so 12 requests need about 60 s."""
     sched, _, _ = scheduler(FakeClient(lambda r: "ok"), max_concurrency=64, rate_limits={"m": RateLimit(rpm=6)})
@@ -260,7 +262,7 @@ async def test_rpm_limit_spaces_requests():
     assert 59.0 <= loop.time() - start <= 61.0
 
 
-@pytest.mark.looptime
+@on_fake_clock
 async def test_tpm_limit_reserves_the_token_estimate():
     """tpm=1000, each request estimated at 250 + 250 tokens: a minute's bucket holds 2, then one per 30 s."""
     sched, _, _ = scheduler(
