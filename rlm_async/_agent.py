@@ -94,11 +94,15 @@ class Agent:
         """``answer["content"]`` as it stands now (the partial answer after a stop)."""
         return self._repl.answer()[0] if self._repl is not None else ""
 
+    def _bound(self) -> Any:
+        """Bind this agent's ids for events: host calls arrive from a REPL thread with no context of their own."""
+        return bound(run_id=self._run.run_id, agent_id=self.agent_id, depth=self.depth)
+
     async def run(self, query: str, context: Any) -> AgentResult:
         """Run the loop to an answer or a stop. Never raises for model, provider or budget trouble: those end
         in ``stop_reason``; cancellation propagates."""
         run = self._run
-        with bound(agent_id=self.agent_id, depth=self.depth):
+        with self._bound():
             run.agent_started(self.depth)
             run.tracer.emit("agent_start", query=query[:500])
             repl = ThreadRepl(
@@ -188,6 +192,10 @@ class Agent:
             BudgetExceeded: at once for ``max_fanout`` or ``max_calls`` (nothing started); after the batch
                 when a token or USD cap refused some items (``results`` holds every outcome).
         """
+        with self._bound():
+            return await self._llm_batch(prompts, model, max_tokens)
+
+    async def _llm_batch(self, prompts: list[str], model: str | None, max_tokens: int | None) -> list[Outcome]:
         ledger = self._run.ledger
         ledger.check_fanout(len(prompts))
         ledger.reserve_calls(len(prompts))
@@ -233,6 +241,10 @@ class Agent:
         Raises:
             BudgetExceeded: at once for ``max_fanout`` or ``max_agents`` (nothing started).
         """
+        with self._bound():
+            return await self._rlm_batch(queries, contexts)
+
+    async def _rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Outcome]:
         run = self._run
         run.ledger.check_fanout(len(queries))
         depth = self.depth + 1
@@ -240,7 +252,7 @@ class Agent:
             run.fallbacks += len(queries)
             run.tracer.emit("agent_fallback", count=len(queries), reason="max_depth", child_depth=depth)
             prompts = [_fallback_prompt(q, c) for q, c in zip(queries, contexts, strict=True)]
-            return await self.llm_batch(prompts, None, None)
+            return await self._llm_batch(prompts, None, None)
         run.ledger.reserve_agents(len(queries))
         results: list[Outcome] = [{} for _ in queries]
 

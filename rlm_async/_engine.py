@@ -277,7 +277,10 @@ class RLM:
         client = self._ensure_client()
         run_id = uuid.uuid4().hex[:12]
         tracer = Tracer(
-            trace_path=self.trace_path, logger=self.logger, listeners=[self.on_event] if self.on_event else ()
+            trace_path=self.trace_path,
+            logger=self.logger,
+            listeners=[self.on_event] if self.on_event else (),
+            clock=anyio.current_time,
         )
         try:
             with bound(run_id=run_id):

@@ -8,7 +8,8 @@ Event names: ``run_start``, ``run_end``, ``agent_start``, ``agent_end``, ``agent
 
 The structlog logger is, by default, a structlog wrapper around the stdlib logger ``"rlm_async"`` at DEBUG
 level, so a library user sees nothing unless they enable that logger; pass ``logger=structlog.get_logger()``
-to route events through your own structlog configuration. Nothing is configured at import time.
+to route events through your own structlog configuration. The bound context is passed to the logger with each
+event, so it arrives whether or not your processors merge contextvars. Nothing is configured at import time.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def _default_logger() -> Any:
         wrapper_class=structlog.stdlib.BoundLogger,
         processors=[
             structlog.stdlib.filter_by_level,
-            structlog.contextvars.merge_contextvars,
             structlog.stdlib.render_to_log_kwargs,
         ],
     )
@@ -72,7 +72,7 @@ class Tracer:
         record: Event = {"event": event, "t": round(self._clock() - self._t0, 6)}
         record.update(structlog.contextvars.get_contextvars())
         record.update(fields)
-        self._log.debug(event, t=record["t"], **fields)
+        self._log.debug(**record)
         if self._file is not None:
             self._file.write(json.dumps(record, default=repr) + "\n")
         for listener in self._listeners:

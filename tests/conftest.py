@@ -13,7 +13,7 @@ from typing import Any
 import looptime
 import pytest
 
-from rlm_async import ChatRequest, ChatResponse, FakeClient, Limits, RLM
+from rlm_async import RLM, ChatRequest, ChatResponse, FakeClient, Limits
 
 _QUERY = re.compile(r"^Query: (.*)$", re.MULTILINE)
 

@@ -6,6 +6,7 @@ import sys
 import threading
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from rlm_async import BudgetExceeded
@@ -118,7 +119,8 @@ async def test_await_form(no_leaks):
 async def test_plain_form_in_a_plain_cell(no_leaks):
     async with await session() as repl:
         result = await repl.run_cell(
-            "print(llm_query('a'), llm_batch(['b']), llm_query_batched(['c']), rlm_query('p'), rlm_query_batched(['r']))"
+            "print(llm_query('a'), llm_batch(['b']), llm_query_batched(['c']),"
+            " rlm_query('p'), rlm_query_batched(['r']))"
         )
     assert result.error is None, result.error
     assert result.output == "A ['B'] ['C'] p|p ['r|r']\n"
@@ -223,7 +225,7 @@ async def test_a_blocking_cell_does_not_block_the_event_loop(no_leaks):
         async def ticker() -> None:
             nonlocal ticks
             for _ in range(20):
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 ticks += 1
             gate.set()
 
@@ -244,11 +246,10 @@ async def test_cell_timeout_interrupts_a_cpu_loop_and_the_agent_goes_on(no_leaks
 
 async def test_cancelling_a_cell_stops_its_thread(no_leaks):
     started = threading.Event()
-    async with await session({"started": started}) as repl:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(repl.run_cell, "context['started'].set()\nwhile True:\n    pass")
-            await anyio.to_thread.run_sync(started.wait, 10)
-            tg.cancel_scope.cancel()
+    async with await session({"started": started}) as repl, anyio.create_task_group() as tg:
+        tg.start_soon(repl.run_cell, "context['started'].set()\nwhile True:\n    pass")
+        await anyio.to_thread.run_sync(started.wait, 10)
+        tg.cancel_scope.cancel()
     assert cell_threads() == []
 
 
@@ -264,11 +265,10 @@ async def test_cancelling_a_cell_cancels_the_sub_calls_it_awaits(no_leaks):
             finally:
                 cancelled.set()
 
-    async with await session(host=HangingHost()) as repl:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(repl.run_cell, "llm_query('never answered')")
-            await entered.wait()
-            tg.cancel_scope.cancel()
+    async with await session(host=HangingHost()) as repl, anyio.create_task_group() as tg:
+        tg.start_soon(repl.run_cell, "llm_query('never answered')")
+        await entered.wait()
+        tg.cancel_scope.cancel()
     assert cancelled.is_set()
 
 

@@ -265,9 +265,7 @@ async def test_rpm_limit_spaces_requests():
 @on_fake_clock
 async def test_tpm_limit_reserves_the_token_estimate():
     """tpm=1000, each request estimated at 250 + 250 tokens: a minute's bucket holds 2, then one per 30 s."""
-    sched, _, _ = scheduler(
-        FakeClient(lambda r: "ok"), max_concurrency=64, rate_limits={"m": RateLimit(tpm=1000)}
-    )
+    sched, _, _ = scheduler(FakeClient(lambda r: "ok"), max_concurrency=64, rate_limits={"m": RateLimit(tpm=1000)})
     loop = asyncio.get_running_loop()
     start = loop.time()
     async with anyio.create_task_group() as tg:

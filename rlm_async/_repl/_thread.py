@@ -23,18 +23,22 @@ import itertools
 import linecache
 import threading
 import traceback
+from concurrent.futures import Future
 from types import CodeType, TracebackType
 from typing import Any
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from .._errors import RLMError
 from ._functions import ReplFunctions
 from ._protocol import CellResult, Host
 
 __all__ = ["CellInterrupted", "ThreadRepl"]
 
 _SHOW = "__rlm_show__"
+#: Real seconds an interrupted cell gets to unwind by itself (its sub-calls cancelled) before it is forced.
+_SETTLE_S = 0.5
 _cell_numbers = itertools.count(1)
 
 
@@ -43,6 +47,10 @@ class CellInterrupted(BaseException):
 
     A BaseException, like KeyboardInterrupt, so model code's ``except Exception`` does not swallow it.
     """
+
+
+class SubcallCancelled(RLMError):
+    """A sub-call of a cell that is being stopped (timeout or cancellation) was cancelled."""
 
 
 class _CappedText:
@@ -114,6 +122,7 @@ class ThreadRepl:
         self._fns = ReplFunctions(self._submit, self._call, self._ns)
         self._reserved: dict[str, Any] = {}
         self._filenames: list[str] = []
+        self._cell_scopes: set[anyio.CancelScope] = set()
         self.abandoned_threads = 0
 
     async def __aenter__(self) -> ThreadRepl:
@@ -138,9 +147,19 @@ class ThreadRepl:
         return await portal.__aexit__(et, ev, tb)
 
     # -- the seam -------------------------------------------------------------------------------------
-    def _submit(self, method: str, *args: Any) -> Any:
-        portal = self._require_portal()
-        return portal.start_task_soon(getattr(self._host, method), *args, name=f"{self._name}:{method}")
+    def _submit(self, method: str, *args: Any) -> Future[Any]:
+        return self._require_portal().start_task_soon(self._host_call, method, args, name=f"{self._name}:{method}")
+
+    async def _host_call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """Runs on the engine loop. Its cancel scope is registered so that a cell stop can cancel it (a
+        concurrent Future of a started portal task cannot be cancelled from its side)."""
+        with anyio.CancelScope() as scope:
+            self._cell_scopes.add(scope)
+            try:
+                return await getattr(self._host, method)(*args)
+            finally:
+                self._cell_scopes.discard(scope)
+        raise SubcallCancelled(f"{method} was cancelled because the cell was stopped")
 
     def _call(self, method: str) -> Any:
         return self._require_portal().call(getattr(self._host, method))
@@ -186,7 +205,7 @@ class ThreadRepl:
         def target() -> None:
             try:
                 if compiled.co_flags & inspect.CO_COROUTINE:
-                    asyncio.run(eval(compiled, self._ns))
+                    _run_coroutine_cell(compiled, self._ns)
                 else:
                     exec(compiled, self._ns)
             except BaseException as exc:
@@ -218,11 +237,16 @@ class ThreadRepl:
         return _format_traceback(exc, filename), timed_out
 
     async def _interrupt(self, thread: threading.Thread, done: anyio.Event) -> None:
-        if thread.ident is not None and thread.is_alive():
+        """Stop a cell's thread: first cancel the sub-calls it waits on and let it unwind by itself; only a
+        thread still running after that (a CPU loop, a blocking call) gets an asynchronous CellInterrupted,
+        which is never safe inside library code and so is the last resort. Waits are real time."""
+        for scope in list(self._cell_scopes):
+            scope.cancel()
+        await anyio.to_thread.run_sync(thread.join, min(_SETTLE_S, self._grace_s))
+        if thread.is_alive() and thread.ident is not None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(CellInterrupted))
-        with anyio.move_on_after(self._grace_s):
-            await done.wait()
-        if not done.is_set():
+            await anyio.to_thread.run_sync(thread.join, self._grace_s)
+        if thread.is_alive():
             self.abandoned_threads += 1
 
     def _restore_reserved(self) -> list[str]:
@@ -256,6 +280,22 @@ class ThreadRepl:
     def _show(self, value: Any) -> None:
         if value is not None:
             self._out.write(repr(value) + "\n")
+
+
+def _run_coroutine_cell(compiled: CodeType, namespace: dict[str, Any]) -> None:
+    """Run a cell with top-level await on a fresh event loop in this thread, closing the coroutine and the
+    loop even when a :class:`CellInterrupted` lands between the steps (it is raised only once)."""
+    coro = eval(compiled, namespace)
+    runner = asyncio.Runner()
+    try:
+        runner.run(coro)
+    finally:
+        coro.close()
+        try:
+            runner.close()
+        except CellInterrupted:
+            runner.close()
+            raise
 
 
 def _compile(code: str, filename: str) -> CodeType:
