@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 import openai
 
 from .._errors import (
@@ -59,16 +60,43 @@ class OpenAIClient:
                 status=exc.status_code,
                 headers=dict(exc.response.headers),
             ) from exc
-        except openai.APITimeoutError as exc:
-            raise ProviderTimeoutError(f"timed out: {exc}") from exc
-        except openai.APIConnectionError as exc:
-            raise ProviderConnectionError(f"connection failed: {exc}") from exc
+        except openai.APIConnectionError as exc:  # APITimeoutError included
+            if _is_timeout(exc):
+                raise ProviderTimeoutError(f"timed out: {exc}") from exc
+            raise ProviderConnectionError(f"connection failed: {_root_cause(exc)!r}") from exc
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
             raise ProviderResponseError(f"malformed response: {exc}") from exc
         return _to_response(completion)
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    return _causes(exc)[-1]
+
+
+def _is_timeout(exc: openai.APIConnectionError) -> bool:
+    """Whether a connection-class SDK error was really a timeout.
+
+    The SDK's vendored aiohttp transport maps every ``aiohttp.ClientConnectionError`` (a reset, a server that
+    hung up) to ``httpx.ConnectTimeout``, so ``APITimeoutError`` alone cannot be trusted: the aiohttp cause
+    decides when there is one.
+    """
+    chain = _causes(exc)
+    aiohttp_errors = [e for e in chain if isinstance(e, aiohttp.ClientError)]
+    if aiohttp_errors:
+        return any(isinstance(e, TimeoutError) for e in aiohttp_errors)
+    return isinstance(exc, openai.APITimeoutError) or any(isinstance(e, TimeoutError) for e in chain)
 
 
 def _to_response(completion: Any) -> ChatResponse:
