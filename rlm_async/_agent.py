@@ -109,7 +109,7 @@ class Agent:
                 context=context,
                 host=self,
                 max_output_chars=run.limits.max_output_chars,
-                cell_timeout_s=run.cell_timeout_s,
+                cell_timeout_s=run.limits.cell_timeout_s,
                 name=self.agent_id,
             )
             self._repl = repl

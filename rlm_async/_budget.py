@@ -47,6 +47,9 @@ class Limits:
             answer and ``stop_reason == "timeout"``.
         max_output_chars: characters of one cell's printed output shown to the model; the rest is cut with
             a note. Default 20,000 (about 5,000 tokens at 4 characters per token).
+        cell_timeout_s: seconds one REPL cell may run; a slower cell is stopped (its sub-calls cancelled,
+            then its thread interrupted) and the model is told, and the agent goes on. Default None: a cell
+            may await a long batch, and ``timeout_s`` bounds the whole run.
 
     Raises:
         ConfigError: when a field is negative, zero where that makes no sense, or of the wrong type.
@@ -63,6 +66,7 @@ class Limits:
     max_iterations: int = 20
     timeout_s: float | None = None
     max_output_chars: int = 20_000
+    cell_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_agents", "max_fanout")
@@ -74,7 +78,7 @@ class Limits:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"Limits.{f.name} must be a number, got {value!r}")
-            if value < 0 or (f.name in positive and value < 1) or (f.name == "timeout_s" and value <= 0):
+            if value < 0 or (f.name in positive and value < 1) or (f.name.endswith("timeout_s") and value <= 0):
                 raise ConfigError(f"Limits.{f.name} out of range: {value!r}")
 
     def describe(self) -> dict[str, Any]:

@@ -96,7 +96,6 @@ class Run:
     ) -> None:
         self.limits = rlm.limits
         self.system_prompt = rlm.system_prompt
-        self.cell_timeout_s = rlm.cell_timeout_s
         self.tracer = tracer
         self.run_id = run_id
         self.ledger = Ledger(rlm.limits, rlm.prices)
@@ -170,7 +169,6 @@ class RLM:
         logger: a structlog logger for events (default: the stdlib logger ``"rlm_async"`` at DEBUG).
         on_event: a callable given every event dict (progress bars, metrics).
         system_prompt: replace the built-in system prompt.
-        cell_timeout_s: seconds one REPL cell may run before it is interrupted and reported; None: no limit.
 
     Raises:
         ConfigError: no endpoint configured, or a bad argument.
@@ -196,7 +194,6 @@ class RLM:
         logger: Any = None,
         on_event: Callable[[Event], None] | None = None,
         system_prompt: str | None = None,
-        cell_timeout_s: float | None = None,
     ) -> None:
         if not model or not isinstance(model, str):
             raise ConfigError("model must be a non-empty str")
@@ -213,7 +210,6 @@ class RLM:
         self.logger = logger
         self.on_event = on_event
         self.system_prompt = system_prompt
-        self.cell_timeout_s = cell_timeout_s
         if self.limits.max_cost_usd is not None:
             unpriced = sorted({self.model_for(d) for d in range(self.limits.max_depth + 1)} - set(self.prices))
             if unpriced:

@@ -11,7 +11,7 @@ import anyio
 import pytest
 import structlog
 
-from rlm_async import ChatRequest, ChatResponse, Limits, Price, ProviderStatusError, RetryPolicy
+from rlm_async import RLM, ChatRequest, ChatResponse, FakeClient, Limits, Price, ProviderStatusError, RetryPolicy
 
 from .conftest import Script, cell_threads, make_rlm, on_fake_clock, query_of, repl
 
@@ -424,3 +424,24 @@ async def test_events_go_to_structlog_and_jsonl_with_context(tmp_path):
 def test_completion_sync_for_scripts():
     rlm, _client = make_rlm(Script({"q": [finish("sync")]}))
     assert rlm.completion_sync("q", "ctx").answer == "sync"
+
+
+async def test_a_cell_past_its_time_limit_is_reported_and_the_agent_goes_on(no_leaks):
+    script = Script({"q": [repl("while True:\n    pass"), finish("recovered")]})
+    events: list[dict] = []
+    rlm, _ = make_rlm(script, limits=Limits(cell_timeout_s=0.2), on_event=events.append)
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "recovered"
+    assert "time limit of 0.2 s" in next(e["output"] for e in events if e["event"] == "output")
+
+
+async def test_models_per_depth():
+    script = Script({"q": [repl("r = await rlm_agent('kid', 'c')\nFINAL(r)")], "kid": [repl("FINAL(llm_query('x'))")]})
+    client = FakeClient(script)
+    rlm = RLM("root", depth_models=["d0", "d1", "d2"], client=client)
+    await rlm.completion("q", "ctx")
+    seen = [(query_of(r) or r.messages[0]["content"], r.model) for r in client.requests]
+    assert seen == [("q", "d0"), ("kid", "d1"), ("x", "d2")]
+    rlm = RLM("root", sub_model="small", client=FakeClient(script))
+    await rlm.completion("q", "ctx")
+    assert [r.model for r in rlm._client.requests] == ["root", "small", "small"]
