@@ -57,7 +57,8 @@ class AgentResult:
     Attributes:
         answer: the answer, or the partial draft (``answer["content"]``) when it stopped early.
         stop_reason: ``"answer"`` (the model set ready / FINAL), ``"max_iterations"`` (the last call gave the
-            answer), ``"budget:<Limits field>"``, ``"timeout"`` or ``"error"``.
+            answer), ``"budget:<Limits field>"``, ``"timeout"``, ``"llm_error"`` (one of its own turns failed
+            for good: endpoint down, retries spent) or ``"error"`` (anything else, with a traceback).
         iterations: model turns taken.
         error: what went wrong when stop_reason is a budget stop or an error, else None.
     """
@@ -181,7 +182,10 @@ class Agent:
         return response.text
 
     def _stopped(self, exc: Exception, iterations: int) -> AgentResult:
-        reason = f"budget:{exc.limit}" if isinstance(exc, BudgetExceeded) else "error"
+        if isinstance(exc, BudgetExceeded):
+            reason = f"budget:{exc.limit}"
+        else:
+            reason = "llm_error" if isinstance(exc, LLMCallError) else "error"
         return AgentResult(self.draft, reason, iterations, str(exc))
 
     # -- Host: what this agent's REPL may ask of the engine --------------------------------------------

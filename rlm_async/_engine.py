@@ -41,7 +41,7 @@ class RunStats:
         queued_s: seconds, summed over calls, waiting for a slot (rate-limit waits included).
         running_s: seconds, summed over attempts, holding a slot.
         stop_reason: the root's: ``"answer"``, ``"max_iterations"``, ``"budget:<Limits field>"``,
-            ``"timeout"`` or ``"error"``.
+            ``"timeout"``, ``"llm_error"`` or ``"error"`` (see :class:`AgentResult`).
     """
 
     wall_s: float

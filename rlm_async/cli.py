@@ -1,0 +1,307 @@
+"""The ``rlm-async`` command line: ``run`` a query, serve the ``sim``ulator, or run the main job (``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ._budget import Limits
+from ._engine import RLM, RLMResult
+from ._errors import ConfigError
+from ._trace import Event
+from .sim import FAULT_KINDS, PROFILES, FaultPlan, SimConfig, SimServer
+
+__all__ = ["main"]
+
+#: Exit codes a shell user can act on.
+EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_BUDGET, EXIT_ENDPOINT = 0, 1, 2, 3, 4
+
+_EPILOG = """\
+examples:
+  rlm-async demo                                   # the main job: the KJV, 100+ chunks, checked answer
+  rlm-async run "Which books mention a shepherd?" --context bible.txt
+  rlm-async run "Summarise" --context - --base-url http://127.0.0.1:8000/v1 < notes.txt
+  rlm-async sim --port 8000 --profile fast --faults "429=0.05,500=0.01"
+
+exit codes: 0 answer, 1 no answer (error), 2 bad arguments or input file, 3 budget or timeout stop
+(the partial answer is printed), 4 endpoint unreachable or failing.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlm-async",
+        description="Recursive Language Models with awaitable sub-calls over one bounded scheduler.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer a query about a context file", epilog=_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    run.add_argument("query")
+    run.add_argument("--context", required=True, help="a text file, or - for standard input")
+    run.add_argument("--model", default=None, help="root model (default: sim-root on the simulator)")
+    run.add_argument("--sub-model", default=None, help="model for sub-calls and child agents")
+    run.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
+    run.add_argument("--api-key", default=None, help="default: OPENAI_API_KEY")
+    run.add_argument("--max-concurrency", type=int, default=64)
+    run.add_argument("--max-depth", type=int, default=3)
+    run.add_argument("--max-calls", type=int, default=1000)
+    run.add_argument("--max-cost-usd", type=float, default=None)
+    run.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    run.add_argument("--trace", type=Path, default=None, help="write every event as JSON lines")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    sim = sub.add_parser("sim", help="serve the simulated OpenAI-compatible endpoint")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--profile", choices=sorted(PROFILES), default="fast")
+    sim.add_argument("--faults", default="", help=f"KIND=RATE,... with KIND in {', '.join(FAULT_KINDS)}")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--time-scale", type=float, default=1.0)
+    sim.add_argument("--capacity", type=int, default=256)
+    sim.add_argument("--rpm", type=float, default=None)
+    sim.add_argument("--tpm", type=float, default=None)
+    sim.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
+
+    demo = sub.add_parser("demo", help="the main job: word counts per book over the whole KJV, checked")
+    demo.add_argument("--word", default="shepherd")
+    demo.add_argument("--max-concurrency", type=int, default=64)
+    demo.add_argument("--time-scale", type=float, default=0.1, help="the simulator's time scale")
+    demo.add_argument("--no-sequential", action="store_true", help="skip the one-at-a-time run")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``rlm-async``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {"run": _run, "sim": _sim, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- run -------------------------------------------------------------------------------------------------
+def _read_context(spec: str) -> str:
+    if spec == "-":
+        return sys.stdin.read()
+    path = Path(spec)
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"cannot read context file {spec!r}: {exc.strerror or exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    context = _read_context(args.context)
+    limits = Limits(
+        max_concurrency=args.max_concurrency,
+        max_depth=args.max_depth,
+        max_calls=args.max_calls,
+        max_cost_usd=args.max_cost_usd,
+        timeout_s=args.timeout,
+    )
+    result = asyncio.run(_run_async(args, context, limits))
+    if args.json:
+        print(json.dumps(_result_json(result)))
+    else:
+        print(result.answer)
+        _summary(Console(stderr=True), result)
+    if result.ok:
+        return EXIT_OK
+    if result.stop_reason.startswith("budget:") or result.stop_reason == "timeout":
+        return EXIT_BUDGET
+    if result.stop_reason == "llm_error":
+        return EXIT_ENDPOINT
+    return EXIT_NO_ANSWER
+
+
+@contextlib.asynccontextmanager
+async def _endpoint(args: argparse.Namespace, err: Console) -> AsyncIterator[tuple[str, str | None]]:
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
+    if base_url or args.api_key or os.environ.get("OPENAI_API_KEY"):
+        yield base_url or "", args.api_key
+        return
+    async with SimServer(SimConfig(latency=PROFILES["fast"])) as sim:
+        err.print(f"[yellow]no endpoint configured: using the embedded simulator at {sim.base_url}[/yellow]")
+        yield sim.base_url, "sim"
+
+
+async def _run_async(args: argparse.Namespace, context: str, limits: Limits) -> RLMResult:
+    err = Console(stderr=True)
+    async with _endpoint(args, err) as (base_url, api_key):
+        simulated = api_key == "sim"
+        model = args.model or ("sim-root" if simulated else None)
+        if model is None:
+            raise ConfigError("--model is required with a real endpoint")
+        progress = _Progress(err) if err.is_terminal and not args.json else None
+        async with RLM(
+            model,
+            sub_model=args.sub_model or ("sim-sub" if simulated else None),
+            base_url=base_url or None,
+            api_key=api_key,
+            limits=limits,
+            trace_path=args.trace,
+            on_event=progress.on_event if progress else None,
+        ) as rlm:
+            if progress is None:
+                return await rlm.completion(args.query, context)
+            with progress:
+                return await rlm.completion(args.query, context)
+
+
+class _Progress:
+    """A one-line live status on a terminal: calls finished, in flight, agents, retries."""
+
+    def __init__(self, console: Console) -> None:
+        self._status = console.status("starting")
+        self._done = self._started = self._agents = self._retries = 0
+
+    def __enter__(self) -> _Progress:
+        self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._status.__exit__(None, None, None)
+
+    def on_event(self, event: Event) -> None:
+        name = event["event"]
+        self._done += name in ("call_finished", "call_failed")
+        self._started += name == "call_queued"
+        self._agents += name == "agent_start"
+        self._retries += name == "call_retried"
+        self._status.update(
+            f"calls {self._done}/{self._started}  agents {self._agents}  retries {self._retries}  t={event['t']:.1f}s"
+        )
+
+
+def _summary(console: Console, result: RLMResult) -> None:
+    u, s = result.usage, result.stats
+    table = Table(show_header=False, box=None)
+    for key, value in (
+        ("stop reason", result.stop_reason + (f" ({result.error.splitlines()[0]})" if result.error else "")),
+        ("calls", f"{u.calls} billed, {s.attempts} attempts, {s.retries} retries, {s.failed_calls} failed"),
+        ("tokens", f"{u.prompt_tokens:,} prompt + {u.completion_tokens:,} completion"),
+        ("cost", f"${u.cost_usd:.4f}"),
+        ("wall time", f"{s.wall_s:.2f} s"),
+        ("peak in flight", str(s.peak_in_flight)),
+        ("agents", f"{s.agents} (max depth {s.max_depth_reached})"),
+    ):
+        table.add_row(f"[bold]{key}[/bold]", value)
+    console.print(table)
+
+
+def _result_json(result: RLMResult) -> dict[str, Any]:
+    usage = result.usage
+    return {
+        "answer": result.answer,
+        "stop_reason": result.stop_reason,
+        "error": result.error,
+        "run_id": result.run_id,
+        "usage": {
+            "calls": usage.calls,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cost_usd": usage.cost_usd,
+            "by_depth": {d: dataclasses.asdict(t) for d, t in usage.by_depth.items()},
+        },
+        "stats": dataclasses.asdict(result.stats),
+    }
+
+
+# -- sim ------------------------------------------------------------------------------------------------
+def _sim(args: argparse.Namespace) -> int:
+    config = SimConfig(
+        latency=PROFILES[args.profile],
+        time_scale=args.time_scale,
+        capacity=args.capacity,
+        faults=FaultPlan.parse(args.faults),
+        rpm=args.rpm,
+        tpm=args.tpm,
+        seed=args.seed,
+    )
+    asyncio.run(_serve(config, args.host, args.port, args.duration))
+    return EXIT_OK
+
+
+async def _serve(config: SimConfig, host: str, port: int, duration: float | None) -> None:
+    server = SimServer(config)
+    try:
+        url = await server.start(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    console = Console(stderr=True)
+    console.print(f"simulator listening at [bold]{url}[/bold] (profile tokenizer: {server.tokenizer}); Ctrl-C stops it")
+    try:
+        if duration is None:
+            await asyncio.Event().wait()
+        else:
+            await asyncio.sleep(duration)
+    finally:
+        await server.stop()
+        console.print(f"served: {server.stats()}")
+
+
+# -- demo (the main job) -------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_main_job
+
+    console = Console()
+    with console.status("running the main job over the KJV on the embedded simulator"):
+        report = asyncio.run(
+            run_main_job(
+                args.word,
+                max_concurrency=args.max_concurrency,
+                time_scale=args.time_scale,
+                sequential=not args.no_sequential,
+                seed=args.seed,
+            )
+        )
+    runs = [r for r in (report.concurrent, report.sequential) if r is not None]
+    if args.json:
+        print(json.dumps({
+            "word": report.word, "matches": report.matches, "expected": report.expected, "answer": report.answer,
+            "characters": report.characters, "speedup": report.speedup,
+            "runs": [{"max_concurrency": r.max_concurrency, "wall_s": r.wall_s, "sub_calls": r.sub_calls,
+                      "peak_in_flight": r.peak_in_flight, "server_requests": r.server.requests} for r in runs],
+        }))  # fmt: skip
+        return EXIT_OK if report.matches else EXIT_NO_ANSWER
+    table = Table(title=f"verses containing '{report.word}', per book")
+    table.add_column("book")
+    table.add_column("engine", justify="right")
+    table.add_column("plain scan", justify="right")
+    for book in sorted(set(report.expected) | set(report.answer), key=lambda b: -report.expected.get(b, 0)):
+        table.add_row(book, str(report.answer.get(book, "-")), str(report.expected.get(book, "-")))
+    console.print(table)
+    verdict = "[green]MATCHES[/green]" if report.matches else "[red]DOES NOT MATCH[/red]"
+    console.print(f"answer {verdict} the independent count ({sum(report.expected.values())} verses)")
+    for r in runs:
+        console.print(
+            f"max_concurrency={r.max_concurrency:>3}: {r.sub_calls} chunks over {report.characters:,} characters, "
+            f"wall {r.wall_s:.2f} s, peak in flight {r.peak_in_flight}, server saw {r.server.requests} requests"
+        )
+    if report.speedup is not None:
+        console.print(f"speedup over the same sub-calls one at a time: [bold]{report.speedup:.1f}x[/bold]")
+    return EXIT_OK if report.matches else EXIT_NO_ANSWER
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,299 @@
+"""The simulated OpenAI-compatible server (aiohttp.web): latency, capacity, rate limits, faults, usage.
+
+It simulates latency, load and faults, not intelligence: content comes from a pluggable responder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from .._errors import ConfigError
+from ._faults import FaultPlan
+from ._latency import PROFILES, LatencyModel
+from ._responders import Responder, SimResponder
+from ._tokens import token_counter
+
+__all__ = ["SimConfig", "SimServer", "SimStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """How the simulated provider behaves.
+
+    Attributes:
+        latency: the latency model (see ``PROFILES``: ``fast``, ``reasoning``, ``instant``).
+        time_scale: every simulated duration (latency, Retry-After, rate-limit windows) is multiplied by this;
+            0.01 runs a 1 s request in 10 ms. Usage and fault decisions do not change with it.
+        capacity: requests served at once; more wait in a queue, as on vLLM with ``max_num_seqs``.
+        faults: fault rates.
+        rpm: requests per minute before a 429 (a sliding 60 s window, scaled), or None.
+        tpm: prompt + completion tokens per minute before a 429, or None.
+        seed: makes jitter, outliers and faults reproducible. Each request's draws depend on the seed, its
+            body and how many identical bodies came before it, not on arrival order.
+        models: model names served by ``/v1/models``; requests may name any model.
+    """
+
+    latency: LatencyModel = field(default_factory=lambda: PROFILES["fast"])
+    time_scale: float = 1.0
+    capacity: int = 256
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    rpm: float | None = None
+    tpm: float | None = None
+    seed: int = 0
+    models: Sequence[str] = ("sim-root", "sim-sub")
+
+    def __post_init__(self) -> None:
+        if not self.time_scale > 0 or self.capacity < 1:
+            raise ConfigError("SimConfig needs time_scale > 0 and capacity >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SimStats:
+    """What the server saw.
+
+    Attributes:
+        requests: chat requests received (every attempt of every call).
+        completed: 200 responses sent with a full body.
+        in_flight: requests being served now (past the capacity queue).
+        peak_in_flight: the most requests served at once.
+        peak_queued: the most requests waiting for capacity at once.
+        faults: fault kind -> count (rate-limit 429s from ``rpm`` / ``tpm`` count as ``rate_limit``).
+        prompt_tokens: prompt tokens of completed responses.
+        completion_tokens: completion tokens of completed responses.
+        open_connections: HTTP connections open now.
+        tokenizer: how tokens are counted.
+    """
+
+    requests: int
+    completed: int
+    in_flight: int
+    peak_in_flight: int
+    peak_queued: int
+    faults: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    open_connections: int
+    tokenizer: str
+
+
+class SimServer:
+    """An OpenAI-compatible chat server on 127.0.0.1: ``/v1/chat/completions``, ``/v1/models``, ``/stats``.
+
+    Use ``async with SimServer(config) as sim:`` and point a client at ``sim.base_url``.
+    """
+
+    def __init__(self, config: SimConfig | None = None, responder: Responder | None = None) -> None:
+        self.config = config or SimConfig()
+        self.responder = responder or SimResponder()
+        self.tokenizer, self._count = token_counter()
+        self._capacity = asyncio.Semaphore(self.config.capacity)
+        self._seen: Counter[str] = Counter()
+        self._window: deque[tuple[float, int]] = deque()  # (time, tokens) of recent requests
+        self._requests = self._completed = self._in_flight = self._peak = 0
+        self._queued = self._peak_queued = self._prompt_tokens = self._completion_tokens = 0
+        self._faults: Counter[str] = Counter()
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        """The aiohttp application (for embedding in another server)."""
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0: any free port); returns the base URL, e.g. ``http://127.0.0.1:8000/v1``."""
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = self._runner.addresses[0]
+        self.base_url = f"http://{bound[0]}:{bound[1]}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        """Close every connection and stop serving. Idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> SimServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def stats(self) -> SimStats:
+        """A snapshot of what the server saw."""
+        server = self._runner.server if self._runner is not None else None
+        return SimStats(
+            requests=self._requests,
+            completed=self._completed,
+            in_flight=self._in_flight,
+            peak_in_flight=self._peak,
+            peak_queued=self._peak_queued,
+            faults=dict(self._faults),
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            open_connections=len(server.connections) if server is not None else 0,
+            tokenizer=self.tokenizer,
+        )
+
+    # -- handlers -------------------------------------------------------------------------------------
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "rlm-async-sim"} for m in self.config.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        stats = self.stats()
+        return web.json_response({name: getattr(stats, name) for name in stats.__dataclass_fields__})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self._requests += 1
+        try:
+            body = json.loads(raw)
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in body["messages"]]
+            model = str(body["model"])
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "invalid_request_error", "expected JSON with model and messages")
+        rng = self._rng_for(raw)
+        cfg, scale = self.config, self.config.time_scale
+        fault = cfg.faults.draw(rng)
+        prompt_tokens = sum(self._count(m["content"]) for m in messages)
+        limited = self._rate_limited(prompt_tokens)
+        if limited is not None:
+            self._faults["rate_limit"] += 1
+            return _retry_after(limited * scale, "rate limit reached for requests")
+        if fault is not None:
+            self._faults[fault] += 1
+        if fault == "429":
+            return _retry_after(cfg.faults.retry_after_s * scale, "simulated rate limit")
+        if fault in ("500", "503"):
+            return _error(int(fault), "server_error", f"simulated {fault}")
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("simulated reset")
+        if fault == "hang":
+            await asyncio.Event().wait()  # until the client gives up and aiohttp cancels this handler
+
+        text, finish_reason = _apply_limits(self.responder.respond(messages), body, self._count)
+        completion_tokens = self._count(text)
+        seconds = cfg.latency.sample_s(prompt_tokens, completion_tokens, rng) * scale
+        if fault == "spike":
+            seconds *= cfg.faults.spike_factor
+        await self._serve(seconds)
+        self._record_tokens(prompt_tokens + completion_tokens)
+        payload = _completion(model, text, finish_reason, prompt_tokens, completion_tokens)
+        if fault == "truncated":
+            cut = json.dumps(payload).encode()
+            return web.Response(body=cut[: len(cut) // 2], content_type="application/json")
+        self._completed += 1
+        self._prompt_tokens += prompt_tokens
+        self._completion_tokens += completion_tokens
+        return web.json_response(payload)
+
+    async def _serve(self, seconds: float) -> None:
+        self._queued += 1
+        self._peak_queued = max(self._peak_queued, self._queued)
+        try:
+            await self._capacity.acquire()
+        finally:
+            self._queued -= 1
+        self._in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._in_flight -= 1
+            self._capacity.release()
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _rng_for(self, raw: bytes) -> random.Random:
+        digest = hashlib.sha256(raw).hexdigest()
+        self._seen[digest] += 1
+        return random.Random(f"{self.config.seed}:{digest}:{self._seen[digest]}")
+
+    def _rate_limited(self, prompt_tokens: int) -> float | None:
+        """Seconds (unscaled) until this request would fit the RPM / TPM window, or None when it fits now."""
+        cfg = self.config
+        if cfg.rpm is None and cfg.tpm is None:
+            return None
+        window = 60.0 * cfg.time_scale
+        now = time.monotonic()
+        while self._window and now - self._window[0][0] >= window:
+            self._window.popleft()
+        if cfg.rpm is not None and len(self._window) >= cfg.rpm:
+            return (self._window[0][0] + window - now) / cfg.time_scale
+        used = sum(tokens for _, tokens in self._window)
+        if cfg.tpm is not None and self._window and used + prompt_tokens > cfg.tpm:
+            return (self._window[0][0] + window - now) / cfg.time_scale
+        self._window.append((now, prompt_tokens))
+        return None
+
+    def _record_tokens(self, tokens: int) -> None:
+        if self._window:
+            when, counted = self._window[-1]
+            self._window[-1] = (when, max(counted, tokens))
+
+
+def _apply_limits(text: str, body: dict[str, Any], count: Any) -> tuple[str, str]:
+    stops = body.get("stop") or []
+    for stop in [stops] if isinstance(stops, str) else stops:
+        at = text.find(stop)
+        if at >= 0:
+            text = text[:at]
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    if isinstance(max_tokens, int) and max_tokens > 0:
+        tokens = count(text)
+        if tokens > max_tokens:
+            return text[: max(1, len(text) * max_tokens // tokens)], "length"
+    return text, "stop"
+
+
+def _completion(
+    model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-sim-{random.getrandbits(48):012x}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers
+    )
+
+
+def _retry_after(seconds: float, message: str) -> web.Response:
+    seconds = max(seconds, 0.001)
+    headers = {"retry-after-ms": str(round(seconds * 1000, 3)), "retry-after": str(math.ceil(seconds))}
+    return _error(429, "rate_limit_exceeded", message, headers)
