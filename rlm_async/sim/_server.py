@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -104,6 +104,8 @@ class SimServer:
         self._requests = self._completed = self._in_flight = self._peak = 0
         self._queued = self._peak_queued = self._prompt_tokens = self._completion_tokens = 0
         self._faults: Counter[str] = Counter()
+        self._active = 0
+        self._idle = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -166,7 +168,22 @@ class SimServer:
         stats = self.stats()
         return web.json_response({name: getattr(stats, name) for name in stats.__dataclass_fields__})
 
+    async def wait_idle(self) -> None:
+        """Return once no request is being handled (hung ones included: they end when their client leaves)."""
+        while self._active:
+            self._idle.clear()
+            await self._idle.wait()
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self._active += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         self._requests += 1
         try:
@@ -256,17 +273,20 @@ class SimServer:
             self._window[-1] = (when, max(counted, tokens))
 
 
-def _apply_limits(text: str, body: dict[str, Any], count: Any) -> tuple[str, str]:
+def _apply_limits(text: str, body: dict[str, Any], count: Callable[[str], int]) -> tuple[str, str]:
+    """Cut ``text`` at the first stop sequence, then to ``max_tokens`` tokens (finish_reason ``"length"``)."""
     stops = body.get("stop") or []
     for stop in [stops] if isinstance(stops, str) else stops:
         at = text.find(stop)
         if at >= 0:
             text = text[:at]
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-    if isinstance(max_tokens, int) and max_tokens > 0:
-        tokens = count(text)
-        if tokens > max_tokens:
-            return text[: max(1, len(text) * max_tokens // tokens)], "length"
+    if isinstance(max_tokens, int) and max_tokens > 0 and count(text) > max_tokens:
+        lo, hi = 0, len(text)  # the longest prefix within max_tokens, by bisection on its token count
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if count(text[:mid]) <= max_tokens else (lo, mid - 1)
+        return text[:lo], "length"
     return text, "stop"
 
 

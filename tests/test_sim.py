@@ -1,0 +1,231 @@
+"""The simulator over real HTTP on 127.0.0.1: latency with the time-scale knob, capacity, faults, rate limits,
+usage, determinism, endpoints, and the responders."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import aiohttp
+import anyio
+import pytest
+
+from rlm_async import (
+    RLM,
+    ChatRequest,
+    ConfigError,
+    Limits,
+    LLMCallError,
+    OpenAIClient,
+    ProviderConnectionError,
+    ProviderResponseError,
+    ProviderStatusError,
+    RetryPolicy,
+)
+from rlm_async.sim import (
+    PROFILES,
+    FaultPlan,
+    LatencyModel,
+    RuleBasedSubModel,
+    SimConfig,
+    SimServer,
+    verse_counts,
+)
+from rlm_async.sim._tokens import token_counter
+
+STEADY = LatencyModel(ttft_s=10.0, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
+
+
+def req(text: str = "hello there", **kwargs) -> ChatRequest:
+    return ChatRequest("sim-sub", ({"role": "user", "content": text},), **kwargs)
+
+
+async def one_call(sim: SimServer, request: ChatRequest | None = None):
+    client = OpenAIClient(base_url=sim.base_url, api_key="k")
+    try:
+        return await client.chat(request or req())
+    finally:
+        await client.aclose()
+
+
+def test_latency_model_is_ttft_plus_prefill_plus_decode():
+    model = LatencyModel(ttft_s=0.5, prefill_tok_per_s=1000, decode_tok_per_s=100, jitter_sigma=0, outlier_rate=0)
+    assert model.mean_s(2000, 50) == pytest.approx(0.5 + 2.0 + 0.5)
+    import random
+
+    assert model.sample_s(2000, 50, random.Random(1)) == pytest.approx(3.0)
+    jittery = LatencyModel(jitter_sigma=0.3, outlier_rate=0.0)
+    draws = sorted(jittery.sample_s(100, 10, random.Random(i)) for i in range(401))
+    assert draws[200] == pytest.approx(jittery.mean_s(100, 10), rel=0.05)  # median 1 jitter
+    assert draws[0] < jittery.mean_s(100, 10) < draws[-1]
+    outliers = LatencyModel(jitter_sigma=0, outlier_rate=1.0, outlier_factor=4.0)
+    assert outliers.sample_s(0, 0, random.Random(0)) == pytest.approx(4 * outliers.ttft_s)
+
+
+async def test_time_scale_shrinks_latency():
+    """10 s of modelled latency at time_scale 0.01 is 0.1 s: never less, and far below 10 s."""
+    async with SimServer(SimConfig(latency=STEADY, time_scale=0.01)) as sim:
+        start = time.monotonic()
+        await one_call(sim)
+        elapsed = time.monotonic() - start
+    assert 0.1 <= elapsed < 3.0
+
+
+async def test_capacity_queues_requests_beyond_it():
+    async with SimServer(SimConfig(latency=STEADY, time_scale=0.005, capacity=2)) as sim:
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one_call, sim, req(f"r{i}"))
+        stats = sim.stats()
+    assert stats.peak_in_flight == 2 and stats.peak_queued >= 1 and stats.completed == 6
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("429", ProviderStatusError),
+        ("500", ProviderStatusError),
+        ("503", ProviderStatusError),
+        ("reset", ProviderConnectionError),
+        ("truncated", ProviderResponseError),
+    ],
+)
+async def test_each_fault_kind(kind, error):
+    config = SimConfig(latency=PROFILES["instant"], faults=FaultPlan({kind: 1.0}, retry_after_s=2.0), time_scale=0.5)
+    async with SimServer(config) as sim:
+        with pytest.raises(error) as info:
+            await one_call(sim)
+        assert sim.stats().faults == {kind: 1}
+    if kind == "429":
+        assert info.value.headers["retry-after-ms"] == "1000.0" and info.value.headers["retry-after"] == "1"
+    if kind in ("500", "503"):
+        assert info.value.status == int(kind)
+
+
+async def test_hang_becomes_a_typed_timeout_and_the_connection_is_closed():
+    config = SimConfig(latency=PROFILES["instant"], faults=FaultPlan({"hang": 1.0}))
+    async with SimServer(config) as sim:
+        rlm_client = OpenAIClient(base_url=sim.base_url, api_key="k")
+        from rlm_async._budget import Ledger
+        from rlm_async._scheduler import Scheduler
+        from rlm_async._trace import Tracer
+
+        sched = Scheduler(
+            rlm_client, Ledger(Limits()), Tracer(), max_concurrency=2,
+            retry=RetryPolicy(max_retries=1, attempt_timeout_s=0.2, initial_backoff_s=0.01),
+        )  # fmt: skip
+        try:
+            with pytest.raises(LLMCallError) as info:
+                await sched.call(req(), depth=0, agent_id="0")
+        finally:
+            await rlm_client.aclose()
+        assert info.value.kind == "timeout" and info.value.attempts == 2
+        with anyio.fail_after(5):
+            await sim.wait_idle()  # aiohttp cancels a handler when its client drops the connection
+        assert sim.stats().faults == {"hang": 2}
+
+
+async def test_spike_is_slower():
+    plan = FaultPlan({"spike": 1.0}, spike_factor=10.0)
+    async with SimServer(SimConfig(latency=STEADY, time_scale=0.002, faults=plan)) as sim:
+        start = time.monotonic()
+        await one_call(sim)
+        assert time.monotonic() - start >= 0.2  # 10 s x 10 x 0.002
+
+
+async def test_rpm_limit_answers_429_like_a_provider():
+    async with SimServer(SimConfig(latency=PROFILES["instant"], rpm=2)) as sim:
+        await one_call(sim, req("a"))
+        await one_call(sim, req("b"))
+        with pytest.raises(ProviderStatusError) as info:
+            await one_call(sim, req("c"))
+        assert info.value.status == 429 and 0 < float(info.value.headers["retry-after"]) <= 60
+        assert sim.stats().faults == {"rate_limit": 1}
+
+
+async def test_usage_counts_tokens_and_stats_add_up():
+    name, count = token_counter()
+    async with SimServer(SimConfig(latency=PROFILES["instant"])) as sim:
+        responses = [await one_call(sim, req(f"prompt number {i} " * (i + 1))) for i in range(5)]
+        stats = sim.stats()
+    for i, r in enumerate(responses):
+        assert r.prompt_tokens == count(f"prompt number {i} " * (i + 1))
+        assert r.completion_tokens == count(r.text)
+    assert stats.prompt_tokens == sum(r.prompt_tokens for r in responses)
+    assert stats.completion_tokens == sum(r.completion_tokens for r in responses)
+    assert stats.tokenizer == name == "o200k_base"
+
+
+async def test_max_tokens_and_stop_sequences_are_applied():
+    async with SimServer(SimConfig(latency=PROFILES["instant"])) as sim:
+        long = await one_call(sim, req("word " * 200, max_tokens=3))
+        stopped = await one_call(sim, req("alpha beta gamma", stop=("beta",)))
+    assert long.finish_reason == "length" and long.completion_tokens <= 3
+    assert "beta" not in stopped.text and stopped.text.startswith("Noted 3 words")
+
+
+async def test_faults_are_deterministic_for_a_seed():
+    async def faults_seen(seed: int) -> dict[str, int]:
+        plan = FaultPlan({"500": 0.3, "503": 0.3})
+        async with SimServer(SimConfig(latency=PROFILES["instant"], faults=plan, seed=seed)) as sim:
+            async with anyio.create_task_group() as tg:
+                for i in range(40):
+                    tg.start_soon(_swallow, sim, req(f"p{i % 7}"))
+            return sim.stats().faults
+
+    first, again, other = await faults_seen(1), await faults_seen(1), await faults_seen(2)
+    assert first == again and first != other
+
+
+async def _swallow(sim: SimServer, request: ChatRequest) -> None:
+    with contextlib.suppress(ProviderStatusError):
+        await one_call(sim, request)
+
+
+async def test_models_and_stats_endpoints():
+    async with SimServer(SimConfig(latency=PROFILES["instant"])) as sim, aiohttp.ClientSession() as http:
+        await one_call(sim)
+        async with http.get(sim.base_url + "/models") as resp:
+            models = await resp.json()
+        async with http.get(sim.base_url.removesuffix("/v1") + "/stats") as resp:
+            stats = await resp.json()
+        async with http.post(sim.base_url + "/chat/completions", data=b"not json") as resp:
+            bad = resp.status
+    assert [m["id"] for m in models["data"]] == ["sim-root", "sim-sub"]
+    assert stats["requests"] == 1 and stats["completed"] == 1
+    assert bad == 400
+
+
+@pytest.mark.parametrize("spec", ["429", "429=x", "boom=0.1", "500=0.7,503=0.7", "429=-1"])
+def test_bad_fault_specs_are_config_errors(spec):
+    with pytest.raises(ConfigError):
+        FaultPlan.parse(spec)
+
+
+def test_fault_spec_parses():
+    assert dict(FaultPlan.parse("429=0.05, 500=0.01,reset=0.01").rates) == {"429": 0.05, "500": 0.01, "reset": 0.01}
+    assert FaultPlan.parse("").draw(__import__("random").Random(0)) is None
+
+
+def test_rule_based_sub_model_counts_verses():
+    lines = ["Genesis 1:1 The Shepherd came", "Genesis 1:2 shepherds are many", "John 10:11 the good shepherd."]
+    assert verse_counts(lines, "shepherd") == {"Genesis": 1, "John": 1}
+    prompt = 'Count the verses that contain the word "shepherd" (whole word).\nformat\n\n' + "\n".join(lines)
+    assert RuleBasedSubModel().respond([{"role": "user", "content": prompt}]) == '{"Genesis": 1, "John": 1}'
+    find = 'Find the line holding the key "K-7"\n\nalpha\nkey K-7 is here\nomega'
+    assert RuleBasedSubModel().respond([{"role": "user", "content": find}]) == "key K-7 is here"
+
+
+async def test_the_scripted_root_drives_the_engine_end_to_end():
+    text = "\n".join(f"Book{b} {c}:{v} {'a shepherd' if (b + c + v) % 5 == 0 else 'sheep'}" for b in range(3)
+                     for c in range(1, 20) for v in range(1, 30))  # fmt: skip
+    lines = text.splitlines()
+    query = "In how many verses of each book does the word 'shepherd' occur?"
+    async with SimServer(SimConfig(latency=PROFILES["instant"])) as sim:
+        rlm = RLM("sim-root", base_url=sim.base_url, api_key="k", limits=Limits(max_concurrency=8))
+        async with rlm:
+            result = await rlm.completion(query, text)
+    import json
+
+    assert json.loads(result.answer) == verse_counts(lines, "shepherd")
+    assert result.usage.by_depth[1].calls >= 2
