@@ -18,7 +18,7 @@ __all__ = ["token_counter"]
 def token_counter() -> tuple[str, Callable[[str], int]]:
     """``(name, count)``: the tokenizer in use and a function from text to its token count."""
     try:
-        import quicktok  # type: ignore[import-not-found, unused-ignore]
+        import quicktok
     except ImportError:
         return "estimate(chars/4)", lambda text: estimate_tokens(len(text))
     encoding = quicktok.get_encoding("o200k_base")
