@@ -85,7 +85,7 @@ class SchedulerStats:
         calls: calls admitted (each may take several attempts).
         attempts: HTTP attempts started.
         retries: attempts after a call's first.
-        failed_calls: calls that ended in ``LLMCallError``.
+        failed_calls: calls that ended in ``LLMCallError`` or were refused by a token or USD budget.
         in_flight: attempts holding a slot now.
         peak_in_flight: the most attempts that ever held slots at once.
         queued_s: seconds, summed over calls, from admission to the first attempt's slot (rate-limit waits

@@ -206,10 +206,10 @@ class SimServer:
             return _retry_after(cfg.faults.retry_after_s * scale, "simulated rate limit")
         if fault in ("500", "503"):
             return _error(int(fault), "server_error", f"simulated {fault}")
-        if fault == "reset":
+        if fault == "reset":  # drop the connection with no response; aiohttp cannot write to it after this
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("simulated reset")
+            return web.Response(status=500)
         if fault == "hang":
             await asyncio.Event().wait()  # until the client gives up and aiohttp cancels this handler
 
