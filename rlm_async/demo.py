@@ -5,7 +5,8 @@ from its data file, never committed here. The query asks in how many verses of e
 run goes through the engine over real HTTP to the embedded simulator: the scripted root splits the verses
 into 100+ chunks, fans them out in one ``await llm_batch``, and sums the sub-model's JSON counts in its REPL.
 The answer is checked against an independent count made straight from the verse records, and the same run
-is repeated with ``max_concurrency=1`` to measure the speedup over running the sub-calls one at a time.
+is repeated with ``max_concurrency=1`` to measure the speedup over running the sub-calls one at a time. The
+simulator runs in a child process, so it does not take the engine's CPU core.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from ._budget import Limits
 from ._engine import RLM, RLMResult
 from ._errors import ConfigError
-from .sim import PROFILES, SimConfig, SimServer, SimStats
+from .sim import PROFILES, SimConfig, SimStats, sim_process
 
 __all__ = ["MainJobReport", "RunSummary", "count_verses", "kjv_verses", "run_main_job"]
 
@@ -99,11 +100,11 @@ class MainJobReport:
 
 
 async def _one_run(text: str, query: str, sim_config: SimConfig, max_concurrency: int) -> RunSummary:
-    async with SimServer(sim_config) as sim:
+    async with sim_process(sim_config) as sim:
         limits = Limits(max_concurrency=max_concurrency, max_fanout=10_000, max_calls=10_000)
         async with RLM("sim-root", sub_model="sim-sub", base_url=sim.base_url, api_key="sim", limits=limits) as rlm:
             result = await rlm.completion(query, text)
-        server = sim.stats()
+        server = await sim.stats()
     sub = result.usage.by_depth.get(1)
     return RunSummary(
         max_concurrency, result.stats.wall_s, sub.calls if sub else 0, result.stats.peak_in_flight, server, result

@@ -7,6 +7,7 @@ rule-based sub-model that answer only the task families they recognise.
 
 from ._faults import FAULT_KINDS, FaultPlan
 from ._latency import PROFILES, LatencyModel
+from ._process import RemoteSim, sim_process
 from ._responders import VERSE_COUNT_PROMPT, Responder, RuleBasedSubModel, ScriptedRoot, SimResponder, verse_counts
 from ._server import SimConfig, SimServer, SimStats
 
@@ -16,6 +17,7 @@ __all__ = [
     "VERSE_COUNT_PROMPT",
     "FaultPlan",
     "LatencyModel",
+    "RemoteSim",
     "Responder",
     "RuleBasedSubModel",
     "ScriptedRoot",
@@ -23,5 +25,6 @@ __all__ = [
     "SimResponder",
     "SimServer",
     "SimStats",
+    "sim_process",
     "verse_counts",
 ]
