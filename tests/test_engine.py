@@ -11,7 +11,17 @@ import anyio
 import pytest
 import structlog
 
-from rlm_async import RLM, ChatRequest, ChatResponse, FakeClient, Limits, Price, ProviderStatusError, RetryPolicy
+from rlm_async import (
+    RLM,
+    ChatRequest,
+    ChatResponse,
+    ConfigError,
+    FakeClient,
+    Limits,
+    Price,
+    ProviderStatusError,
+    RetryPolicy,
+)
 
 from .conftest import Script, cell_threads, make_rlm, on_fake_clock, query_of, repl
 
@@ -445,3 +455,32 @@ async def test_models_per_depth():
     rlm = RLM("root", sub_model="small", client=FakeClient(script))
     await rlm.completion("q", "ctx")
     assert [r.model for r in rlm._client.requests] == ["root", "small", "small"]
+
+
+async def test_empty_batches_and_an_empty_context():
+    code = "a = await llm_batch([])\nb = await rlm_batch([], [])\nFINAL(f'{a}{b}{len(context)}')"
+    rlm, client = make_rlm(Script({"q": [repl(code)]}))
+    result = await rlm.completion("q", "")
+    assert result.answer == "[][]0" and len(client.requests) == 1
+
+
+async def test_a_failing_endpoint_ends_the_run_with_llm_error_and_the_draft():
+    def handler(request: ChatRequest) -> str:
+        if len(request.messages) > 2:
+            raise ProviderStatusError("down", status=503)
+        return repl("answer['content'] = 'draft'")
+
+    rlm, _ = make_rlm(handler, retry=RetryPolicy(max_retries=1, initial_backoff_s=0.001))
+    result = await rlm.completion("q", "ctx")
+    assert (result.stop_reason, result.answer) == ("llm_error", "draft")
+    assert result.error == "status: down (call 2, model root-model, depth 0, attempts 2)"
+    assert result.stats.failed_calls == 1 and result.stats.retries == 1
+
+
+async def test_no_endpoint_and_no_client_is_a_config_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="no endpoint"):
+        RLM("m")
+    with pytest.raises(ConfigError, match="price"):
+        RLM("m", client=FakeClient(lambda r: ""), limits=Limits(max_cost_usd=1.0))
