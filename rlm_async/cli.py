@@ -33,6 +33,7 @@ examples:
   rlm-async run "Which books mention a shepherd?" --context bible.txt
   rlm-async run "Summarise" --context - --base-url http://127.0.0.1:8000/v1 < notes.txt
   rlm-async sim --port 8000 --profile fast --faults "429=0.05,500=0.01"
+  rlm-async bench --quick --out bench-results      # speedups, ideal bounds, the official rlms side by side
 
 exit codes: 0 answer, 1 no answer (error), 2 bad arguments or input file, 3 budget or timeout stop
 (the partial answer is printed), 4 endpoint unreachable or failing.
@@ -76,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tpm", type=float, default=None)
     sim.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
 
+    bench = sub.add_parser("bench", help="the benchmark suite: speedups, ideal bounds, the official RLM")
+    bench.add_argument("--quick", action="store_true", help="small grids (under two minutes here)")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="results.json and PNG plots go here")
+    bench.add_argument("--no-official", action="store_true", help="skip the official rlms comparison")
+    bench.add_argument("--time-scale", type=float, default=0.1)
+    bench.add_argument("--seed", type=int, default=0)
+
     demo = sub.add_parser("demo", help="the main job: word counts per book over the whole KJV, checked")
     demo.add_argument("--word", default="shepherd")
     demo.add_argument("--max-concurrency", type=int, default=64)
@@ -89,7 +97,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rlm-async``; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {"run": _run, "sim": _sim, "demo": _demo}
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": _run,
+        "sim": _sim,
+        "demo": _demo,
+        "bench": _bench,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -301,6 +314,34 @@ def _demo(args: argparse.Namespace) -> int:
     if report.speedup is not None:
         console.print(f"speedup over the same sub-calls one at a time: [bold]{report.speedup:.1f}x[/bold]")
     return EXIT_OK if report.matches else EXIT_NO_ANSWER
+
+
+# -- bench -----------------------------------------------------------------------------------------------
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    cfg = bench.BenchConfig(
+        quick=args.quick, out_dir=args.out, official=not args.no_official, time_scale=args.time_scale, seed=args.seed
+    )
+    console = Console(width=max(Console().width, 150))
+    with console.status("benchmarking") as status:
+        rows = bench.run(cfg, progress=lambda step: status.update(f"benchmarking: {step}"))
+    table = Table(title=f"rlm-async bench ({'quick' if args.quick else 'full'}; results in {args.out})")
+    for col in ("scenario", "engine", "params", "wall s", "speedup", "/ideal", "CPU ms/call", "peak", "RSS MiB", "ok"):
+        table.add_column(col, justify="left" if col in ("scenario", "engine", "params") else "right")
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in rows:
+        params = " ".join(f"{k}={v}" for k, v in r.params.items())
+        table.add_row(
+            r.scenario, r.engine, params, fmt(r.wall_s, ".3f"), fmt(r.speedup, ".1f"), fmt(r.ideal_ratio, ".2f"),
+            fmt(r.cpu_ms_per_call, ".2f"), fmt(r.peak_in_flight, "d"), fmt(r.peak_rss_mb, ".0f"),
+            "yes" if r.ok else "[red]NO[/red]",
+        )  # fmt: skip
+    console.print(table)
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

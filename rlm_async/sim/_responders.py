@@ -48,12 +48,13 @@ class RuleBasedSubModel:
     """Answers the sub-tasks it recognises; anything else gets a short, deterministic generic reply.
 
     Recognised: the verse-count prompt (:data:`VERSE_COUNT_PROMPT`), ``Find the line holding the key "K"``,
-    ``Count the lines that mention "W"``.
+    ``Count the lines that mention "W"``, ``Reply with the word W``.
     """
 
     _VERSES = re.compile(r'Count the verses that contain the word "([^"]+)"')
     _KEY = re.compile(r'Find the line holding the key "([^"]+)"')
     _MENTIONS = re.compile(r'Count the lines that mention "([^"]+)"')
+    _REPLY = re.compile(r"^Reply with the word (\w+)")
 
     def respond(self, messages: Sequence[dict[str, str]]) -> str:
         prompt = messages[-1]["content"]
@@ -65,12 +66,24 @@ class RuleBasedSubModel:
         if m := self._MENTIONS.search(head):
             word = m.group(1).lower()
             return str(sum(word in line.lower() for line in body.splitlines()))
+        if m := self._REPLY.match(prompt):
+            return m.group(1)
         words = prompt.split()
         return f"Noted {len(words)} words, starting: {' '.join(words[:8])}"
 
 
-_QUERY = re.compile(r"^Query: (.*)$", re.MULTILINE)
+_QUERY = re.compile(r"^(?:Query|Answer the following): (.*)$", re.MULTILINE)
+_FANOUT = re.compile(r"Fan out (\d+) sub-calls")
+_RECURSIVE = re.compile(r"Recursive fan-out k=(\d+) depth=(\d+)")
 _WORD = re.compile(r"""the word ['"]?([A-Za-z]+)['"]?""")
+
+
+#: Model code that tells an answer from a failed sub-call in either dialect (rlm_async returns SubcallFailure
+#: objects; the official rlms returns error strings).
+_OK = """
+def _ok(r):
+    return isinstance(r, str) and not r.startswith("Error")
+"""
 
 
 def _block(*parts: str) -> str:
@@ -82,27 +95,49 @@ def _block(*parts: str) -> str:
 class ScriptedRoot:
     """Plays an RLM root (or child agent) turn by turn, with a fixed program per task family.
 
-    Families, recognised from the query:
+    It writes rlm_async's dialect (``await llm_batch``) when the system prompt teaches it, and the official
+    ``rlms`` dialect (plain ``llm_query_batched`` / ``rlm_query_batched``) otherwise, so one workload runs on
+    both engines. Families, recognised from the query (``Query: ...`` or the official ``Answer the
+    following: ...``):
 
     - verse counts ("In how many verses of each book does the word 'W' occur?"): peek; split the verse lines
-      into chunks of about ``chunk_chars`` characters; one ``llm_batch`` over all chunks with
+      into chunks of about ``chunk_chars`` characters; one batch over all chunks with
       :data:`VERSE_COUNT_PROMPT`; retry failed chunks once; sum the JSON counts; answer JSON.
-    - anything else: peek; chunk; one ``llm_batch`` asking for notes; answer with the number of notes.
+    - "Fan out N sub-calls": one batch of N key-lookup prompts; answer how many came back right.
+    - "Recursive fan-out k=K depth=D": K child agents at once, each the head of a chain of D agents (context
+      ``"Chain d"``) whose last agent makes one plain call; answer how many chains returned ``LEAF``.
+    - an agent with no query whose ``context`` reads ``"Chain d"`` (an official child) or a query
+      ``"Chain d"``: the chain step above.
+    - anything else: peek; chunk; one batch asking for notes; answer with the number of notes.
     """
 
     def __init__(self, chunk_chars: int = 30_000) -> None:
         self.chunk_chars = chunk_chars
 
     def respond(self, messages: Sequence[dict[str, str]]) -> str:
-        turn = sum(m["role"] == "assistant" for m in messages)
-        first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
-        q = _QUERY.search(first_user)
-        query = q.group(1) if q else ""
         if "no turns left" in messages[-1]["content"]:
             return "I ran out of turns before finishing."
-        word = _WORD.search(query)
-        program = self._verse_counts(word.group(1)) if word and "verses" in query else self._generic()
+        turn = sum(m["role"] == "assistant" for m in messages)
+        asynchronous = "await llm_batch" in (messages[0]["content"] if messages else "")
+        first = next(
+            (m["content"] for m in messages if "Query: " in m["content"] or "Answer the following" in m["content"]), ""
+        )
+        q = _QUERY.search(first)
+        query = q.group(1).strip() if q else ""
+        program = self._program(query, asynchronous)
         return program[min(turn, len(program) - 1)]
+
+    def _program(self, query: str, asynchronous: bool) -> list[str]:
+        word = _WORD.search(query)
+        if word and "verses" in query:
+            return self._verse_counts(word.group(1), asynchronous)
+        if m := _FANOUT.search(query):
+            return [self._fanout(int(m.group(1)), asynchronous)]
+        if m := _RECURSIVE.search(query):
+            return [self._recursive(int(m.group(1)), int(m.group(2)), asynchronous)]
+        if not query or query.startswith("Chain "):
+            return [self._chain_step(asynchronous)]
+        return self._generic(asynchronous)
 
     def _chunking(self) -> str:
         return f"""
@@ -117,7 +152,8 @@ class ScriptedRoot:
             chunks.append("\\n".join(current))
         """
 
-    def _verse_counts(self, word: str) -> list[str]:
+    def _verse_counts(self, word: str, asynchronous: bool) -> list[str]:
+        batch = "await llm_batch" if asynchronous else "llm_query_batched"
         peek = _block(
             """
             lines = context.splitlines() if isinstance(context, str) else list(context)
@@ -127,38 +163,78 @@ class ScriptedRoot:
         )
         work = _block(
             "import json",
+            _OK,
             self._chunking(),
             f"""
             template = {VERSE_COUNT_PROMPT.format(word=word)!r}
             prompts = [template + chunk for chunk in chunks]
-            results = await llm_batch(prompts)
-            failed = [i for i, r in enumerate(results) if is_failure(r)]
+            results = {batch}(prompts)
+            failed = [i for i, r in enumerate(results) if not _ok(r)]
             if failed:
-                again = await llm_batch([prompts[i] for i in failed])
+                again = {batch}([prompts[i] for i in failed])
                 for i, r in zip(failed, again):
                     results[i] = r
             counts = {{}}
             for r in results:
-                if not is_failure(r):
+                if _ok(r):
                     for book, n in json.loads(r).items():
                         counts[book] = counts.get(book, 0) + n
             answer["content"] = json.dumps(counts)
-            still_failed = sum(is_failure(r) for r in results)
+            still_failed = sum(not _ok(r) for r in results)
             print(len(chunks), "chunks;", still_failed, "failed;", sum(counts.values()), "verses")
             """,
         )
         finish = _block(
             """
-            if still_failed == 0:
-                answer["ready"] = True
-            else:
-                print("some chunks failed; keeping the draft")
-                answer["ready"] = True
+            if still_failed:
+                print(still_failed, "chunks failed twice; answering with the counts of the rest")
+            answer["ready"] = True
             """
         )
         return [peek, work, finish]
 
-    def _generic(self) -> list[str]:
+    def _fanout(self, n: int, asynchronous: bool) -> str:
+        batch = "await llm_batch" if asynchronous else "llm_query_batched"
+        return _block(
+            f"""
+            prompts = [f'Find the line holding the key "k{{i}}"\\n\\nfiller\\nkey k{{i}} found' for i in range({n})]
+            results = {batch}(prompts)
+            right = sum(1 for i, r in enumerate(results) if r == f"key k{{i}} found")
+            answer["content"] = f"{{right}} of {n} right"
+            answer["ready"] = True
+            """
+        )
+
+    def _recursive(self, k: int, depth: int, asynchronous: bool) -> str:
+        heads = f'[f"Chain {depth}"] * {k}'
+        call = f"await rlm_batch({heads}, {heads})" if asynchronous else f"rlm_query_batched({heads})"
+        return _block(
+            f"""
+            results = {call}
+            done = sum(1 for r in results if isinstance(r, str) and r.strip() == "LEAF")
+            answer["content"] = f"{{done}} of {k} chains answered"
+            answer["ready"] = True
+            """
+        )
+
+    def _chain_step(self, asynchronous: bool) -> str:
+        child = 'await rlm_agent(f"Chain {d}", f"Chain {d}")' if asynchronous else 'rlm_query(f"Chain {d}")'
+        leaf = (
+            'await llm_query("Reply with the word LEAF")' if asynchronous else 'llm_query("Reply with the word LEAF")'
+        )
+        return _block(
+            f"""
+            import re
+            m = re.match(r"Chain (\\d+)", str(context))
+            d = int(m.group(1)) - 1 if m else 0
+            r = {child} if d >= 1 else {leaf}
+            answer["content"] = str(r).strip()
+            answer["ready"] = True
+            """
+        )
+
+    def _generic(self, asynchronous: bool) -> list[str]:
+        batch = "await llm_batch" if asynchronous else "llm_query_batched"
         peek = _block(
             """
             text = context if isinstance(context, str) else "\\n".join(map(str, context))
@@ -168,12 +244,13 @@ class ScriptedRoot:
             """
         )
         work = _block(
+            _OK,
             self._chunking(),
             """
-            notes = await llm_batch(["Take notes on this text:\\n\\n" + c for c in chunks])
-            ok = [n for n in notes if not is_failure(n)]
+            notes = BATCH(["Take notes on this text:\\n\\n" + c for c in chunks])
+            ok = [n for n in notes if _ok(n)]
             FINAL(f"{len(ok)} of {len(chunks)} chunks noted")
-            """,
+            """.replace("BATCH", batch),
         )
         return [peek, work]
 

@@ -1,0 +1,398 @@
+"""The benchmark suite: latency speedups against sequential runs, the ideal bound, and the official RLM.
+
+Every scenario runs the full engine (root turn, REPL cell, scheduler, OpenAI SDK over HTTP) against the
+simulator in a child process, with a fixed latency model (every call takes ``call_s`` seconds, no jitter, no
+outliers) so that the ideal lower bound is exact:
+
+- fan-out: ``ceil(N / C)`` waves of ``call_s`` plus the root's one turn;
+- recursive fan-out (k chains of depth d, run at once): ``(d + 2) * call_s`` (root turn, d agent turns, the
+  leaf call), or the one-at-a-time sum when ``C = 1``;
+- a rate-limited provider: the larger of the wave bound and ``ceil((N + 1) / RPM) - 1`` windows of a minute
+  (a sliding window admits RPM requests at once, and the next RPM as the first ones leave it).
+
+Figures per run: makespan, speedup over the same workload at ``max_concurrency=1``, ratio to the ideal
+bound, CPU milliseconds of the engine process per call (SDK and HTTP included; the scheduler alone is
+measured separately with the in-process fake client), peak in-flight, and peak RSS of the engine process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .._budget import Ledger, Limits
+from .._clients import ChatRequest, FakeClient
+from .._engine import RLM, RLMResult
+from .._retry import RetryPolicy
+from .._scheduler import RateLimit, Scheduler
+from .._trace import Event, Tracer
+from ..sim import FaultPlan, LatencyModel, SimConfig, sim_process
+
+__all__ = ["BenchConfig", "Measurement", "run_benchmarks"]
+
+OFFICIAL_VERSION = "0.1.3"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """What to run. ``quick`` shrinks the grids so that the whole suite takes under two minutes here.
+
+    Attributes:
+        quick: the small grids.
+        out_dir: where results.json and the PNG plots go.
+        official: also run the official ``rlms`` package (installed into its own virtual environment).
+        official_venv: that environment's folder (kept between runs).
+        call_s: the simulated latency of every call before the time scale, seconds.
+        time_scale: the simulator's time scale.
+        seed: the simulator's seed.
+    """
+
+    quick: bool = False
+    out_dir: Path = Path("bench-results")
+    official: bool = True
+    official_venv: Path = Path.home() / ".cache" / "rlm-async" / f"official-rlms-{OFFICIAL_VERSION}"
+    call_s: float = 0.5
+    time_scale: float = 0.1
+    seed: int = 0
+
+    @property
+    def latency(self) -> LatencyModel:
+        """Every call takes exactly ``call_s`` (before the time scale)."""
+        return LatencyModel(self.call_s, 1e12, 1e12, jitter_sigma=0.0, outlier_rate=0.0)
+
+    @property
+    def scaled_call_s(self) -> float:
+        """Seconds one call really takes."""
+        return self.call_s * self.time_scale
+
+
+@dataclass(slots=True)
+class Measurement:
+    """One benchmark run.
+
+    Attributes:
+        scenario: ``fanout``, ``recursive``, ``main_job``, ``rate_limited``, ``faulty``, ``scheduler``,
+            or the official comparisons ``official_fanout`` / ``official_recursive`` / ``official_loop``.
+        engine: ``rlm_async`` or ``rlms-0.1.3``.
+        params: the scenario's parameters (N, C, k, depth, ...).
+        wall_s: makespan, seconds.
+        ideal_s: the ideal lower bound, seconds (None where none is defined).
+        calls: model calls made.
+        cpu_ms_per_call: CPU milliseconds of the engine process per call.
+        peak_in_flight: the engine's peak of attempts in flight.
+        peak_rss_mb: peak resident memory of the engine process during the run, MiB.
+        ok: the run's answer was right (all sub-calls answered, all chains returned).
+        answer: the run's answer.
+        speedup: filled in afterwards: the C=1 run's wall_s / this wall_s.
+        extra: anything else worth keeping (retries, 429s served, errors).
+    """
+
+    scenario: str
+    engine: str
+    params: dict[str, Any]
+    wall_s: float
+    ideal_s: float | None
+    calls: int
+    cpu_ms_per_call: float | None
+    peak_in_flight: int | None
+    peak_rss_mb: float | None
+    ok: bool
+    answer: str
+    speedup: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ideal_ratio(self) -> float | None:
+        """wall_s / ideal_s."""
+        return None if not self.ideal_s else self.wall_s / self.ideal_s
+
+
+# -- measuring --------------------------------------------------------------------------------------------
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark for this process (Linux: write 5 to clear_refs), where allowed."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def _engine_run(
+    base_url: str, query: str, context: Any, limits: Limits, **rlm_kwargs: Any
+) -> tuple[RLMResult, float, float, list[Event]]:
+    """One completion; returns the result, CPU seconds of this process, peak RSS (MiB) and the events."""
+    events: list[Event] = []
+    _reset_peak_rss()
+    cpu = time.process_time()
+    async with RLM(
+        "sim-root", sub_model="sim-sub", base_url=base_url, api_key="sim", limits=limits, on_event=events.append,
+        **rlm_kwargs,
+    ) as rlm:  # fmt: skip
+        result = await rlm.completion(query, context)
+    return result, time.process_time() - cpu, _peak_rss_mb(), events
+
+
+def _measure(
+    scenario: str, params: dict[str, Any], ideal: float | None, run: tuple[Any, ...], right: str
+) -> Measurement:
+    result, cpu_s, rss, _ = run
+    calls = result.stats.calls
+    return Measurement(
+        scenario=scenario,
+        engine="rlm_async",
+        params=params,
+        wall_s=result.stats.wall_s,
+        ideal_s=ideal,
+        calls=calls,
+        cpu_ms_per_call=cpu_s * 1000 / max(calls, 1),
+        peak_in_flight=result.stats.peak_in_flight,
+        peak_rss_mb=rss,
+        ok=result.answer.startswith(right),
+        answer=result.answer,
+        extra={"retries": result.stats.retries, "stop_reason": result.stop_reason},
+    )
+
+
+def _with_speedups(rows: list[Measurement], key: Callable[[Measurement], Any]) -> None:
+    """Fill ``speedup`` from the C=1 run with the same key."""
+    base = {key(r): r.wall_s for r in rows if r.params.get("C") == 1}
+    for r in rows:
+        if key(r) in base:
+            r.speedup = base[key(r)] / r.wall_s
+
+
+# -- scenarios --------------------------------------------------------------------------------------------
+async def fanout(cfg: BenchConfig, base_url: str) -> list[Measurement]:
+    """Scenario 1: one ``llm_batch`` of N calls at max_concurrency C."""
+    ns = (10, 100, 1000) if cfg.quick else (10, 100, 1000, 10_000)
+    cs = (1, 8, 64) if cfg.quick else (1, 8, 64, 256)
+    rows = []
+    for n in ns:
+        for c in cs:
+            if cfg.quick and n > 100 and c < 8:
+                continue  # quick: the 50 s one-at-a-time baseline for N=1000 is left to the full run
+            limits = Limits(max_concurrency=c, max_calls=n + 10, max_fanout=n)
+            run = await _engine_run(base_url, f"Fan out {n} sub-calls", "", limits)
+            ideal = (1 + math.ceil(n / c)) * cfg.scaled_call_s
+            rows.append(_measure("fanout", {"N": n, "C": c}, ideal, run, f"{n} of {n} right"))
+    _with_speedups(rows, lambda r: r.params["N"])
+    return rows
+
+
+async def recursive(cfg: BenchConfig, base_url: str, k: int = 10) -> tuple[list[Measurement], list[Event]]:
+    """Scenario 2: k child agents at once, each heading a chain of ``depth`` agents."""
+    depths = (1, 2) if cfg.quick else (1, 2, 3, 4)
+    rows, timeline = [], []
+    for depth in depths:
+        for c in (1, 64):
+            limits = Limits(max_concurrency=c, max_depth=depth + 1, max_agents=1 + k * depth)
+            run = await _engine_run(base_url, f"Recursive fan-out k={k} depth={depth}", "", limits)
+            calls = 1 + k * (depth + 1)
+            ideal = (calls if c == 1 else depth + 2) * cfg.scaled_call_s
+            rows.append(_measure("recursive", {"k": k, "depth": depth, "C": c}, ideal, run, f"{k} of {k} chains"))
+            if depth == 2 and c == 64:
+                timeline = run[3]
+    _with_speedups(rows, lambda r: r.params["depth"])
+    return rows, timeline
+
+
+async def rate_limited_and_faulty(cfg: BenchConfig) -> list[Measurement]:
+    """Scenario 4: a provider that enforces RPM (with and without the client's own limiter), and a faulty one."""
+    n, c, rpm = (200, 64, 100) if cfg.quick else (1000, 64, 300)
+    rows = []
+    window_s = 60.0 * cfg.time_scale
+    base = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, rpm=rpm)
+    for client_limiter in (True, False):
+        async with sim_process(base) as sim:
+            limits = Limits(max_concurrency=c, max_calls=n + 10, max_fanout=n)
+            kwargs: dict[str, Any] = {"retry": RetryPolicy(max_retries=50, max_retry_after_s=window_s + 1)}
+            if client_limiter:  # the same budget the server enforces, in the engine's units (per real minute)
+                kwargs["rate_limits"] = {"sim-sub": RateLimit(rpm=rpm / cfg.time_scale)}
+            run = await _engine_run(sim.base_url, f"Fan out {n} sub-calls", "", limits, **kwargs)
+            served = await sim.stats()
+        # A sliding window admits `rpm` requests at once, then the next `rpm` when the first leave it: the
+        # last of n + 1 requests starts after ceil((n + 1) / rpm) - 1 windows.
+        windows = math.ceil((n + 1) / rpm) - 1
+        ideal = max((1 + math.ceil(n / c)) * cfg.scaled_call_s, windows * window_s + cfg.scaled_call_s)
+        row = _measure("rate_limited", {"N": n, "C": c, "rpm": rpm, "client_limiter": client_limiter}, ideal, run,
+                       f"{n} of {n} right")  # fmt: skip
+        row.extra["429_served"] = served.faults.get("rate_limit", 0)
+        rows.append(row)
+    plan = FaultPlan.parse("429=0.05,500=0.03,503=0.02", retry_after_s=1.0)
+    faulty = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, faults=plan)
+    async with sim_process(faulty) as sim:
+        limits = Limits(max_concurrency=c, max_calls=n + 10, max_fanout=n)
+        run = await _engine_run(sim.base_url, f"Fan out {n} sub-calls", "", limits, retry=RetryPolicy(max_retries=6))
+        served = await sim.stats()
+    row = _measure("faulty", {"N": n, "C": c, "faults": "429=0.05,500=0.03,503=0.02"}, None, run, f"{n} of {n} right")
+    row.extra.update(faults_served=served.faults, attempts_per_call=run[0].stats.attempts / max(run[0].stats.calls, 1))
+    rows.append(row)
+    return rows
+
+
+async def scheduler_overhead(n: int) -> Measurement:
+    """The scheduler alone: n calls through an in-process fake client that answers after one checkpoint."""
+
+    async def answer(request: ChatRequest) -> str:
+        await anyio.lowlevel.checkpoint()
+        return "ok"
+
+    sched = Scheduler(FakeClient(answer), Ledger(Limits(max_calls=None)), Tracer(), max_concurrency=256)
+    _reset_peak_rss()
+    cpu, wall = time.process_time(), time.perf_counter()
+
+    async def one(i: int) -> None:
+        await sched.call(ChatRequest("m", ({"role": "user", "content": f"p{i}"},)), depth=1, agent_id="0")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+    stats = sched.stats()
+    return Measurement(
+        "scheduler", "rlm_async", {"N": n, "C": 256}, time.perf_counter() - wall, None, n,
+        (time.process_time() - cpu) * 1000 / n, stats.peak_in_flight, _peak_rss_mb(), stats.calls == n, "",
+    )  # fmt: skip
+
+
+async def main_job(cfg: BenchConfig) -> list[Measurement]:
+    """Scenario 3: the main job (the KJV word count) at C=64 and C=1."""
+    from ..demo import run_main_job
+
+    report = await run_main_job(time_scale=cfg.time_scale, seed=cfg.seed)
+    rows = []
+    for run in (report.concurrent, report.sequential):
+        if run is None:
+            continue
+        rows.append(
+            Measurement(
+                "main_job",
+                "rlm_async",
+                {"C": run.max_concurrency, "chunks": run.sub_calls},
+                run.wall_s,
+                None,
+                run.result.stats.calls,
+                None,
+                run.peak_in_flight,
+                None,
+                report.matches,
+                run.result.answer[:80],
+            )
+        )
+    _with_speedups(rows, lambda r: "main")
+    return rows
+
+
+# -- the official implementation ---------------------------------------------------------------------------
+def ensure_official_venv(venv: Path) -> Path:
+    """The python of a virtual environment with ``rlms==0.1.3`` (created and installed on first use)."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import rlm"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"rlms=={OFFICIAL_VERSION}"],
+        check=True,
+    )
+    return python
+
+
+async def _official(python: Path, base_url: str, query: str, max_depth: int) -> dict[str, Any]:
+    driver = Path(__file__).with_name("official_driver.py")
+    cmd = [str(python), str(driver), "--base-url", base_url, "--query", query, "--max-depth", str(max_depth)]
+    done = await anyio.run_process(cmd, check=False)
+    try:
+        return dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return {"ok": False, "error": done.stderr.decode()[-500:], "wall_s": float("nan"), "answer": ""}
+
+
+async def official_comparison(cfg: BenchConfig, base_url: str) -> list[Measurement]:
+    """The same workloads, in each engine's dialect: one 100-call batch, and 10 recursive children at once."""
+    python = await anyio.to_thread.run_sync(ensure_official_venv, cfg.official_venv)
+    rows = []
+    cases = [
+        ("official_fanout", "Fan out 100 sub-calls", 1, "100 of 100 right", {"N": 100}),
+        ("official_recursive", "Recursive fan-out k=10 depth=1", 2, "10 of 10 chains", {"k": 10, "depth": 1}),
+    ]
+    for scenario, query, max_depth, right, params in cases:
+        peer = await _official(python, base_url, query, max_depth)
+        rows.append(
+            Measurement(
+                scenario,
+                f"rlms-{OFFICIAL_VERSION}",
+                params,
+                peer["wall_s"],
+                None,
+                0,
+                None,
+                None,
+                None,
+                bool(peer.get("ok")) and str(peer.get("answer", "")).startswith(right),
+                str(peer.get("answer") or peer.get("error", ""))[:200],
+            )
+        )
+        ours = await _engine_run(base_url, query, "", Limits(max_concurrency=64, max_depth=max_depth))
+        mine = _measure(scenario, params, None, ours, right)
+        mine.speedup = peer["wall_s"] / mine.wall_s if peer.get("wall_s") else None
+        rows.append(mine)
+    return rows
+
+
+# -- the suite --------------------------------------------------------------------------------------------
+async def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> list[Measurement]:
+    """Run every scenario; write ``results.json`` and the plots to ``cfg.out_dir``; return the measurements."""
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[Measurement] = []
+    sim_config = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, capacity=4096)
+    async with sim_process(sim_config) as sim:
+        progress("fan-out grid")
+        rows += await fanout(cfg, sim.base_url)
+        progress("recursive fan-out")
+        recursive_rows, timeline = await recursive(cfg, sim.base_url)
+        rows += recursive_rows
+        if cfg.official:
+            progress("the official rlms (first run installs it)")
+            rows += await official_comparison(cfg, sim.base_url)
+    progress("rate-limited and faulty providers")
+    rows += await rate_limited_and_faulty(cfg)
+    progress("scheduler overhead")
+    rows.append(await scheduler_overhead(10_000))
+    progress("the main job")
+    rows += await main_job(cfg)
+
+    from ._plots import plot_speedups, plot_timeline
+
+    plot_speedups([r for r in rows if r.scenario == "fanout"], cfg.out_dir / "speedup_vs_concurrency.png")
+    plot_timeline(timeline, cfg.out_dir / "timeline_recursive.png")
+    payload = {
+        "config": {k: str(v) for k, v in asdict(cfg).items()},
+        "python": sys.version.split()[0],
+        "results": [{**asdict(r), "ideal_ratio": r.ideal_ratio} for r in rows],
+    }
+    (cfg.out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    return rows
+
+
+def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> list[Measurement]:
+    """Blocking :func:`run_benchmarks`."""
+    return asyncio.run(run_benchmarks(cfg, progress))

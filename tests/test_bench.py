@@ -1,0 +1,66 @@
+"""The benchmark suite's pieces, on tiny sizes: scenarios run, bounds hold, plots and JSON are written."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from rlm_async import bench
+from rlm_async.bench._plots import plot_speedups, plot_timeline
+from rlm_async.sim import SimConfig, sim_process
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture
+def cfg(tmp_path) -> bench.BenchConfig:
+    return bench.BenchConfig(quick=True, out_dir=tmp_path, official=False, time_scale=0.02)
+
+
+async def test_fanout_and_recursive_scenarios_meet_their_bounds(cfg, monkeypatch, tmp_path):
+    sim_config = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale)
+    async with sim_process(sim_config) as sim:
+        rows = [
+            bench._measure("fanout", {"N": 20, "C": c}, (1 + -(-20 // c)) * cfg.scaled_call_s, run, "20 of 20 right")
+            for c in (1, 8)
+            for run in [
+                await bench._engine_run(sim.base_url, "Fan out 20 sub-calls", "", bench.Limits(max_concurrency=c))
+            ]
+        ]
+        recursive_rows, timeline = await bench.recursive(cfg, sim.base_url, k=3)
+    bench._with_speedups(rows, lambda r: r.params["N"])
+    for r in rows + recursive_rows:
+        assert r.ok, r.answer
+        assert r.wall_s >= r.ideal_s * 0.999  # the bound is a lower bound
+        assert r.peak_in_flight <= r.params["C"]
+    sequential, concurrent = rows
+    assert sequential.speedup == 1.0 and concurrent.speedup > 2
+    assert {r.params["depth"] for r in recursive_rows} == {1, 2}
+    plot_speedups(rows, tmp_path / "s.png")
+    plot_timeline(timeline, tmp_path / "t.png")
+    assert png_size(tmp_path / "s.png")[0] > 300 and png_size(tmp_path / "t.png")[0] > 300
+
+
+async def test_scheduler_overhead_scenario():
+    row = await bench.scheduler_overhead(500)
+    assert row.ok and row.calls == 500 and row.cpu_ms_per_call > 0 and row.peak_in_flight <= 256
+
+
+def test_official_driver_reports_a_missing_package_as_a_failure(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    driver = Path(bench.__file__).with_name("official_driver.py")
+    done = subprocess.run(
+        [sys.executable, str(driver), "--base-url", "http://127.0.0.1:9/v1", "--query", "q"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    record = json.loads(done.stdout)
+    assert record["ok"] is False and "rlm" in record["error"]
