@@ -45,19 +45,22 @@ __all__ = ["RateLimit", "Scheduler", "SchedulerStats"]
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """A provider's rate limit for one model.
+    """A provider's rate limit for one model, kept by aiolimiter leaky buckets of one period's capacity.
 
     Attributes:
-        rpm: requests per minute (each attempt, retries included, is a request), or None.
-        tpm: tokens per minute, or None. Each attempt reserves its estimate before it is sent: prompt
+        rpm: requests per period (each attempt, retries included, is a request), or None.
+        tpm: tokens per period, or None. Each attempt reserves its estimate before it is sent: prompt
             characters / 4 plus ``max_tokens`` when set (OpenAI counts ``max_tokens`` toward TPM).
+        period_s: the period in seconds: 60 for RPM / TPM as providers publish them; another value for a
+            provider that counts per second, or for a time-scaled simulator.
     """
 
     rpm: float | None = None
     tpm: float | None = None
+    period_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "period_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"RateLimit.{name} must be > 0, got {value!r}")
@@ -67,8 +70,8 @@ class _ModelLimiter:
     """aiolimiter leaky buckets (capacity = one minute's worth) for one model's RPM and TPM."""
 
     def __init__(self, limit: RateLimit) -> None:
-        self._rpm = AsyncLimiter(limit.rpm, 60.0) if limit.rpm else None
-        self._tpm = AsyncLimiter(limit.tpm, 60.0) if limit.tpm else None
+        self._rpm = AsyncLimiter(limit.rpm, limit.period_s) if limit.rpm else None
+        self._tpm = AsyncLimiter(limit.tpm, limit.period_s) if limit.tpm else None
 
     async def acquire(self, tokens: int) -> None:
         if self._rpm is not None:

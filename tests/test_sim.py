@@ -20,6 +20,7 @@ from rlm_async import (
     ProviderConnectionError,
     ProviderResponseError,
     ProviderStatusError,
+    RateLimit,
     RetryPolicy,
 )
 from rlm_async.sim import (
@@ -229,3 +230,29 @@ async def test_the_scripted_root_drives_the_engine_end_to_end():
 
     assert json.loads(result.answer) == verse_counts(lines, "shepherd")
     assert result.usage.by_depth[1].calls >= 2
+
+
+async def test_tpm_limit_answers_429():
+    _name, count = token_counter()
+    big = "word " * 400
+    async with SimServer(SimConfig(latency=PROFILES["instant"], tpm=count(big) * 2 + 5)) as sim:
+        await one_call(sim, req(big + "a"))
+        await one_call(sim, req(big + "b"))
+        with pytest.raises(ProviderStatusError) as info:
+            await one_call(sim, req(big + "c"))
+        assert info.value.status == 429 and sim.stats().faults == {"rate_limit": 1}
+
+
+async def test_the_client_rate_limiter_keeps_a_provider_from_answering_429():
+    """The same RPM on both sides (over the simulator's scaled minute): every call succeeds, none is refused."""
+    minute = 60 * 0.005
+    config = SimConfig(latency=PROFILES["instant"], rpm=10, time_scale=0.005)
+    async with SimServer(config) as sim:
+        rlm = RLM(
+            "sim-root", base_url=sim.base_url, api_key="k", limits=Limits(max_concurrency=16),
+            rate_limits={"sim-root": RateLimit(rpm=9, period_s=minute)},
+        )  # fmt: skip
+        async with rlm:
+            result = await rlm.completion("Fan out 30 sub-calls", "")
+        assert result.answer == "30 of 30 right"
+        assert sim.stats().faults == {} and result.stats.retries == 0

@@ -7,8 +7,8 @@ outliers) so that the ideal lower bound is exact:
 - fan-out: ``ceil(N / C)`` waves of ``call_s`` plus the root's one turn;
 - recursive fan-out (k chains of depth d, run at once): ``(d + 2) * call_s`` (root turn, d agent turns, the
   leaf call), or the one-at-a-time sum when ``C = 1``;
-- a rate-limited provider: the larger of the wave bound and ``ceil((N + 1) / RPM) - 1`` windows of a minute
-  (a sliding window admits RPM requests at once, and the next RPM as the first ones leave it).
+- a rate-limited provider: the larger of the wave bound and ``(N + 1 - RPM) / RPM`` minutes (the provider's
+  bucket holds a minute's worth and refills continuously).
 
 Figures per run: makespan, speedup over the same workload at ``max_concurrency=1``, ratio to the ideal
 bound, CPU milliseconds of the engine process per call (SDK and HTTP included; the scheduler alone is
@@ -225,14 +225,13 @@ async def rate_limited_and_faulty(cfg: BenchConfig) -> list[Measurement]:
         async with sim_process(base) as sim:
             limits = Limits(max_concurrency=c, max_calls=n + 10, max_fanout=n)
             kwargs: dict[str, Any] = {"retry": RetryPolicy(max_retries=50, max_retry_after_s=window_s + 1)}
-            if client_limiter:  # the same budget the server enforces, in the engine's units (per real minute)
-                kwargs["rate_limits"] = {"sim-sub": RateLimit(rpm=rpm / cfg.time_scale)}
+            if client_limiter:  # the budget the server enforces, over its (scaled) minute
+                kwargs["rate_limits"] = {"sim-sub": RateLimit(rpm=rpm, period_s=window_s)}
             run = await _engine_run(sim.base_url, f"Fan out {n} sub-calls", "", limits, **kwargs)
             served = await sim.stats()
-        # A sliding window admits `rpm` requests at once, then the next `rpm` when the first leave it: the
-        # last of n + 1 requests starts after ceil((n + 1) / rpm) - 1 windows.
-        windows = math.ceil((n + 1) / rpm) - 1
-        ideal = max((1 + math.ceil(n / c)) * cfg.scaled_call_s, windows * window_s + cfg.scaled_call_s)
+        # A bucket of one minute's worth admits `rpm` requests at once, then rpm per minute: the last of the
+        # n + 1 requests starts (n + 1 - rpm) / rpm minutes in.
+        ideal = max((1 + math.ceil(n / c)) * cfg.scaled_call_s, (n + 1 - rpm) / rpm * window_s + cfg.scaled_call_s)
         row = _measure("rate_limited", {"N": n, "C": c, "rpm": rpm, "client_limiter": client_limiter}, ideal, run,
                        f"{n} of {n} right")  # fmt: skip
         row.extra["429_served"] = served.faults.get("rate_limit", 0)

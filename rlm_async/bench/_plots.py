@@ -22,16 +22,17 @@ def _pyplot() -> Any:
 
 
 def plot_speedups(rows: list[Measurement], path: Path) -> None:
-    """Speedup over C=1 against max_concurrency, one line per N, with the ideal (min(C, N)) dashed."""
+    """Speedup over C=1 against max_concurrency, one line per N that has a C=1 baseline; speedup = C dashed
+    (the most a cap of C allows)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_n: dict[int, list[Measurement]] = defaultdict(list)
     for r in rows:
         by_n[r.params["N"]].append(r)
     for n, runs in sorted(by_n.items()):
-        runs.sort(key=lambda r: r.params["C"])
-        cs = [r.params["C"] for r in runs]
-        ax.plot(cs, [r.speedup or 0 for r in runs], marker="o", label=f"N = {n:,}")
+        runs = sorted((r for r in runs if r.speedup is not None), key=lambda r: r.params["C"])
+        if runs:
+            ax.plot([r.params["C"] for r in runs], [r.speedup for r in runs], marker="o", label=f"N = {n:,}")
     all_c = sorted({r.params["C"] for r in rows})
     ax.plot(all_c, all_c, linestyle="--", color="grey", label="speedup = C")
     ax.set_xscale("log", base=2)

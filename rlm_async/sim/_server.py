@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -38,8 +38,9 @@ class SimConfig:
             0.01 runs a 1 s request in 10 ms. Usage and fault decisions do not change with it.
         capacity: requests served at once; more wait in a queue, as on vLLM with ``max_num_seqs``.
         faults: fault rates.
-        rpm: requests per minute before a 429 (a sliding 60 s window, scaled), or None.
-        tpm: prompt + completion tokens per minute before a 429, or None.
+        rpm: requests per minute before a 429 (a token bucket of one minute's worth, refilled continuously;
+            the minute is scaled), or None.
+        tpm: prompt tokens per minute before a 429 (the same kind of bucket), or None.
         seed: makes jitter, outliers and faults reproducible. Each request's draws depend on the seed, its
             body and how many identical bodies came before it, not on arrival order.
         models: model names served by ``/v1/models``; requests may name any model.
@@ -100,7 +101,7 @@ class SimServer:
         self.tokenizer, self._count = token_counter()
         self._capacity = asyncio.Semaphore(self.config.capacity)
         self._seen: Counter[str] = Counter()
-        self._window: deque[tuple[float, int]] = deque()  # (time, tokens) of recent requests
+        self._buckets: dict[str, tuple[float, float]] = {}  # "requests" / "tokens" -> (level, last refill time)
         self._requests = self._completed = self._in_flight = self._peak = 0
         self._queued = self._peak_queued = self._prompt_tokens = self._completion_tokens = 0
         self._faults: Counter[str] = Counter()
@@ -219,7 +220,6 @@ class SimServer:
         if fault == "spike":
             seconds *= cfg.faults.spike_factor
         await self._serve(seconds)
-        self._record_tokens(prompt_tokens + completion_tokens)
         payload = _completion(model, text, finish_reason, prompt_tokens, completion_tokens)
         if fault == "truncated":
             cut = json.dumps(payload).encode()
@@ -251,26 +251,33 @@ class SimServer:
         return random.Random(f"{self.config.seed}:{digest}:{self._seen[digest]}")
 
     def _rate_limited(self, prompt_tokens: int) -> float | None:
-        """Seconds (unscaled) until this request would fit the RPM / TPM window, or None when it fits now."""
+        """Seconds (unscaled) until this request fits the RPM / TPM buckets, or None when it fits now.
+
+        Token buckets holding a minute's worth, refilled continuously (a minute is ``60 * time_scale``
+        seconds): a burst of up to RPM requests, then RPM per minute, the way providers replenish limits.
+        Tokens are charged for the prompt on admission.
+        """
         cfg = self.config
         if cfg.rpm is None and cfg.tpm is None:
             return None
-        window = 60.0 * cfg.time_scale
         now = time.monotonic()
-        while self._window and now - self._window[0][0] >= window:
-            self._window.popleft()
-        if cfg.rpm is not None and len(self._window) >= cfg.rpm:
-            return (self._window[0][0] + window - now) / cfg.time_scale
-        used = sum(tokens for _, tokens in self._window)
-        if cfg.tpm is not None and self._window and used + prompt_tokens > cfg.tpm:
-            return (self._window[0][0] + window - now) / cfg.time_scale
-        self._window.append((now, prompt_tokens))
+        minute = 60.0 * cfg.time_scale
+        wait = 0.0
+        for name, cap, need in (("requests", cfg.rpm, 1.0), ("tokens", cfg.tpm, float(prompt_tokens))):
+            if cap is None:
+                continue
+            level, last = self._buckets.get(name, (cap, now))
+            level = min(cap, level + (now - last) * cap / minute)
+            self._buckets[name] = (level, now)
+            if level < min(need, cap):
+                wait = max(wait, (min(need, cap) - level) * minute / cap)
+        if wait > 0:
+            return wait / cfg.time_scale
+        for name, cap, need in (("requests", cfg.rpm, 1.0), ("tokens", cfg.tpm, float(prompt_tokens))):
+            if cap is not None:
+                level, _ = self._buckets[name]
+                self._buckets[name] = (level - min(need, cap), now)
         return None
-
-    def _record_tokens(self, tokens: int) -> None:
-        if self._window:
-            when, counted = self._window[-1]
-            self._window[-1] = (when, max(counted, tokens))
 
 
 def _apply_limits(text: str, body: dict[str, Any], count: Callable[[str], int]) -> tuple[str, str]:
