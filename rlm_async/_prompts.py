@@ -89,34 +89,28 @@ def system_prompt(*, depth: int, max_depth: int, max_fanout: int | None, max_out
 def context_metadata(context: Any, prefix_chars: int = 300) -> dict[str, Any]:
     """What the model is told about ``context``: type, length in characters, item count, a short prefix.
 
-    Lengths: a str's ``len``; a list's total characters of ``str()`` of its items; a dict's characters of
-    its JSON (``default=str``). The prefix is the first ``prefix_chars`` characters of the same text.
+    Lengths: a str's ``len``; for a list or tuple, the characters of ``str()`` of its items (with the shortest
+    and longest item); for a dict, the characters of its JSON (``default=str``) and its first 20 keys. The
+    prefix is the first ``prefix_chars`` characters of that same text.
     """
-    if isinstance(context, str):
-        text, items = context, None
-    elif isinstance(context, list | tuple):
-        items = len(context)
-        text = "\n".join(str(x) for x in context[:50])
-        total = sum(len(str(x)) for x in context)
-        lengths = [len(str(x)) for x in context]
-        return {
-            "type": type(context).__name__,
-            "items": items,
-            "length_chars": total,
-            "item_chars_min_max": [min(lengths), max(lengths)] if lengths else [0, 0],
-            "prefix": text[:prefix_chars],
-        }
-    elif isinstance(context, dict):
-        items = len(context)
-        text = json.dumps(context, default=str)
-    elif context is None:
-        text, items = "", None
+    meta: dict[str, Any] = {"type": type(context).__name__}
+    if isinstance(context, list | tuple):
+        items = [str(x) for x in context]
+        lengths = [len(x) for x in items]
+        text = "\n".join(items[:50])
+        meta.update(
+            items=len(items),
+            length_chars=sum(lengths),
+            item_chars_min_max=[min(lengths, default=0), max(lengths, default=0)],
+        )
     else:
-        text, items = str(context), None
-    meta: dict[str, Any] = {"type": type(context).__name__, "length_chars": len(text), "prefix": text[:prefix_chars]}
-    if items is not None:
-        meta["items"] = items
-        meta["keys"] = [str(k) for k in list(context)[:20]] if isinstance(context, dict) else None
+        if isinstance(context, dict):
+            text = json.dumps(context, default=str)
+            meta.update(items=len(context), keys=[str(k) for k in list(context)[:20]])
+        else:
+            text = "" if context is None else str(context)
+        meta["length_chars"] = len(text)
+    meta["prefix"] = text[:prefix_chars]
     return meta
 
 

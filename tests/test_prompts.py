@@ -1,0 +1,56 @@
+"""Prompt assembly and code-block parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlm_async._agent import parse_code_blocks, parse_text_final
+from rlm_async._prompts import context_metadata, first_user_message, system_prompt
+
+
+@pytest.mark.parametrize(
+    ("text", "blocks"),
+    [
+        ("```repl\nx = 1\n```", ["x = 1\n"]),
+        ("a\n```python\nprint(1)\n```\nb\n```repl\nprint(2)\n```", ["print(1)\n", "print(2)\n"]),
+        ("```py\ny = 2\n```", ["y = 2\n"]),
+        ("```repl\ncut off by a stop sequence", ["cut off by a stop sequence"]),
+        ("```\nplain fence is prose\n```", []),
+        ("```repl\n\n```", []),
+        ("no code at all", []),
+    ],
+)
+def test_parse_code_blocks(text, blocks):
+    assert parse_code_blocks(text) == blocks
+
+
+@pytest.mark.parametrize(
+    ("text", "final"),
+    [
+        ("FINAL(42)", ("text", "42")),
+        ("Done.\nFINAL(the answer is 42)\n", ("text", "the answer is 42")),
+        ("FINAL_VAR(result)", ("var", "result")),
+        ("FINAL_VAR('result')", ("var", "result")),
+        ("```repl\nFINAL(1)\n```", None),  # inside code it is a function call, not the text form
+        ("nothing final here", None),
+    ],
+)
+def test_parse_text_final(text, final):
+    assert parse_text_final(text) == final
+
+
+def test_context_metadata_never_carries_the_whole_context():
+    big = "x" * 100_000
+    for context in (big, [big, "y"], {"doc": big}):
+        meta = context_metadata(context)
+        assert len(meta["prefix"]) == 300
+        assert big not in first_user_message("q", context)
+    assert context_metadata([big, "y"])["item_chars_min_max"] == [1, 100_000]
+    assert context_metadata({"a": 1, "b": 2})["keys"] == ["a", "b"]
+
+
+def test_system_prompt_tells_a_child_at_max_depth_it_cannot_recurse():
+    kwargs = {"max_depth": 2, "max_fanout": 1000, "max_output_chars": 20_000, "kind": "a str"}
+    assert "no deeper REPL" not in system_prompt(depth=0, **kwargs)
+    assert "no deeper REPL" in system_prompt(depth=1, **kwargs)
+    assert "is_failure" in system_prompt(depth=0, **kwargs)
