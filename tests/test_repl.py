@@ -45,11 +45,6 @@ async def session(context="the context", **kwargs) -> ThreadRepl:
     return ThreadRepl(context=context, host=kwargs.pop("host", FakeHost()), **kwargs)
 
 
-async def run(repl: ThreadRepl, code: str):
-    result = await repl.run_cell(code)
-    return result
-
-
 async def test_print_is_captured_per_cell_and_variables_persist(no_leaks):
     stdout = sys.stdout
     async with await session() as repl:

@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 from .._errors import BudgetExceeded
 from ._protocol import Outcome
 
-__all__ = ["RESERVED_NAMES", "Pending", "ReplFunctions", "SubcallFailure"]
+__all__ = ["Pending", "ReplFunctions", "SubcallFailure"]
 
 T = TypeVar("T")
 
@@ -119,25 +119,6 @@ def _caller_is_async(frame: FrameType | None) -> bool:
 
 Submit = Callable[..., Future[Any]]
 
-#: Names the engine owns in every REPL; model code that rebinds one gets it back after the cell.
-RESERVED_NAMES = (
-    "context",
-    "answer",
-    "llm_query",
-    "llm_batch",
-    "llm_query_batched",
-    "rlm_agent",
-    "rlm_batch",
-    "rlm_query",
-    "rlm_query_batched",
-    "budget",
-    "FINAL",
-    "FINAL_VAR",
-    "SubcallFailure",
-    "BudgetExceeded",
-    "is_failure",
-)
-
 
 class ReplFunctions:
     """Builds the reserved names of one REPL namespace.
@@ -157,7 +138,8 @@ class ReplFunctions:
         self.answer: dict[str, Any] = {"content": "", "ready": False}
 
     def build(self, context: Any) -> dict[str, Any]:
-        """The reserved names, bound to this session."""
+        """The reserved names, bound to this session: the engine owns them, and model code that rebinds one
+        gets it back after the cell."""
         return {
             "context": context,
             "answer": self.answer,
