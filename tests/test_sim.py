@@ -28,6 +28,7 @@ from rlm_async.sim import (
     FaultPlan,
     LatencyModel,
     RuleBasedSubModel,
+    ScriptedRoot,
     SimConfig,
     SimServer,
     verse_counts,
@@ -256,3 +257,56 @@ async def test_the_client_rate_limiter_keeps_a_provider_from_answering_429():
             result = await rlm.completion("Fan out 30 sub-calls", "")
         assert result.answer == "30 of 30 right"
         assert sim.stats().faults == {} and result.stats.retries == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "answer"), [("Loop 6 sub-calls", "6 of 6 right"), ("Loop 3 child agents", "3 of 3 chains answered")]
+)
+async def test_loop_families_make_one_sub_call_at_a_time(query, answer):
+    async with SimServer(SimConfig(latency=PROFILES["instant"])) as sim:
+        rlm = RLM("sim-root", base_url=sim.base_url, api_key="k", limits=Limits(max_depth=2))
+        async with rlm:
+            result = await rlm.completion(query, "")
+    assert result.answer == answer
+    assert result.stats.peak_in_flight == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "answer", "calls"),
+    [
+        ("Fan out 4 sub-calls", "4 of 4 right", ["llm_query_batched"]),
+        ("Loop 4 sub-calls", "4 of 4 right", ["llm_query"] * 4),
+        ("Recursive fan-out k=3 depth=1", "3 of 3 chains answered", ["rlm_query_batched"]),
+        ("Loop 3 child agents", "3 of 3 chains answered", ["rlm_query"] * 3),
+    ],
+)
+def test_the_official_dialect_is_plain_synchronous_python(query, answer, calls):
+    """The blocks written for the official ``rlms`` run with its plain functions (stubbed here)."""
+    made: list[str] = []
+    sub = RuleBasedSubModel()
+
+    def llm_query(prompt: str) -> str:
+        made.append("llm_query")
+        return sub.respond([{"role": "user", "content": prompt}])
+
+    def llm_query_batched(prompts: list[str]) -> list[str]:
+        made.append("llm_query_batched")
+        return [sub.respond([{"role": "user", "content": p}]) for p in prompts]
+
+    def rlm_query(prompt: str) -> str:
+        made.append("rlm_query")
+        return "LEAF" if prompt == "Chain 1" else "?"
+
+    def rlm_query_batched(prompts: list[str]) -> list[str]:
+        made.append("rlm_query_batched")
+        return ["LEAF" if p == "Chain 1" else "?" for p in prompts]
+
+    system = {"role": "system", "content": "You are a Recursive Language Model (official dialect)."}
+    reply = ScriptedRoot().respond([system, {"role": "user", "content": f"Answer the following: {query}"}])
+    code = reply.removeprefix("```repl\n").removesuffix("\n```")
+    answer_box: dict[str, object] = {"content": "", "ready": False}
+    namespace = {"context": "", "answer": answer_box, "llm_query": llm_query, "rlm_query": rlm_query}
+    namespace |= {"llm_query_batched": llm_query_batched, "rlm_query_batched": rlm_query_batched}
+    exec(code, namespace)
+    assert answer_box == {"content": answer, "ready": True}
+    assert made == calls

@@ -326,12 +326,20 @@ async def _official(python: Path, base_url: str, query: str, max_depth: int) -> 
 
 
 async def official_comparison(cfg: BenchConfig, base_url: str) -> list[Measurement]:
-    """The same workloads, in each engine's dialect: one 100-call batch, and 10 recursive children at once."""
+    """The same workloads, in each engine's dialect.
+
+    One 100-call batch (``llm_query_batched`` / ``await llm_batch``), 10 recursive children at once
+    (``rlm_query_batched`` / ``await rlm_batch``), and the same kinds of sub-call made one at a time in a loop
+    (``llm_query`` / ``rlm_query`` against ``await llm_query`` / ``await rlm_agent``): the loops measure what each
+    engine adds per sequential call, the batches what concurrency buys.
+    """
     python = await anyio.to_thread.run_sync(ensure_official_venv, cfg.official_venv)
     rows = []
     cases = [
         ("official_fanout", "Fan out 100 sub-calls", 1, "100 of 100 right", {"N": 100}),
         ("official_recursive", "Recursive fan-out k=10 depth=1", 2, "10 of 10 chains", {"k": 10, "depth": 1}),
+        ("official_llm_loop", "Loop 20 sub-calls", 1, "20 of 20 right", {"N": 20}),
+        ("official_rlm_loop", "Loop 5 child agents", 2, "5 of 5 chains", {"k": 5, "depth": 1}),
     ]
     for scenario, query, max_depth, right, params in cases:
         peer = await _official(python, base_url, query, max_depth)

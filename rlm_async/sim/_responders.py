@@ -75,6 +75,8 @@ class RuleBasedSubModel:
 _QUERY = re.compile(r"^(?:Query|Answer the following): (.*)$", re.MULTILINE)
 _FANOUT = re.compile(r"Fan out (\d+) sub-calls")
 _RECURSIVE = re.compile(r"Recursive fan-out k=(\d+) depth=(\d+)")
+_LOOP_CALLS = re.compile(r"Loop (\d+) sub-calls")
+_LOOP_AGENTS = re.compile(r"Loop (\d+) child agents")
 _WORD = re.compile(r"""the word ['"]?([A-Za-z]+)['"]?""")
 
 
@@ -106,6 +108,9 @@ class ScriptedRoot:
     - "Fan out N sub-calls": one batch of N key-lookup prompts; answer how many came back right.
     - "Recursive fan-out k=K depth=D": K child agents at once, each the head of a chain of D agents (context
       ``"Chain d"``) whose last agent makes one plain call; answer how many chains returned ``LEAF``.
+    - "Loop N sub-calls": the fan-out above written as a loop of single ``llm_query`` calls (one at a time).
+    - "Loop K child agents": K child agents (``"Chain 1"``) started one at a time (``rlm_agent`` /
+      ``rlm_query``); answer how many returned ``LEAF``.
     - an agent with no query whose ``context`` reads ``"Chain d"`` (an official child) or a query
       ``"Chain d"``: the chain step above.
     - anything else: peek; chunk; one batch asking for notes; answer with the number of notes.
@@ -135,6 +140,10 @@ class ScriptedRoot:
             return [self._fanout(int(m.group(1)), asynchronous)]
         if m := _RECURSIVE.search(query):
             return [self._recursive(int(m.group(1)), int(m.group(2)), asynchronous)]
+        if m := _LOOP_CALLS.search(query):
+            return [self._loop_calls(int(m.group(1)), asynchronous)]
+        if m := _LOOP_AGENTS.search(query):
+            return [self._loop_agents(int(m.group(1)), asynchronous)]
         if not query or query.startswith("Chain "):
             return [self._chain_step(asynchronous)]
         return self._generic(asynchronous)
@@ -212,6 +221,32 @@ class ScriptedRoot:
             f"""
             results = {call}
             done = sum(1 for r in results if isinstance(r, str) and r.strip() == "LEAF")
+            answer["content"] = f"{{done}} of {k} chains answered"
+            answer["ready"] = True
+            """
+        )
+
+    def _loop_calls(self, n: int, asynchronous: bool) -> str:
+        call = "await llm_query" if asynchronous else "llm_query"
+        return _block(
+            f"""
+            right = 0
+            for i in range({n}):
+                r = {call}(f'Find the line holding the key "k{{i}}"\\n\\nfiller\\nkey k{{i}} found')
+                right += r == f"key k{{i}} found"
+            answer["content"] = f"{{right}} of {n} right"
+            answer["ready"] = True
+            """
+        )
+
+    def _loop_agents(self, k: int, asynchronous: bool) -> str:
+        call = 'await rlm_agent("Chain 1", "Chain 1")' if asynchronous else 'rlm_query("Chain 1")'
+        return _block(
+            f"""
+            done = 0
+            for i in range({k}):
+                r = {call}
+                done += isinstance(r, str) and r.strip() == "LEAF"
             answer["content"] = f"{{done}} of {k} chains answered"
             answer["ready"] = True
             """
