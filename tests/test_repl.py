@@ -267,6 +267,31 @@ async def test_cancelling_a_cell_cancels_the_sub_calls_it_awaits(no_leaks):
     assert cancelled.is_set()
 
 
+async def test_a_sub_call_made_while_its_cell_is_being_stopped_is_refused(no_leaks):
+    """Regression: a call submitted after the stop had cancelled the scopes it saw used to hang the cell's
+    thread (blocked in its own loop, out of reach of the asynchronous interrupt) until it was abandoned."""
+    started, go = threading.Event(), threading.Event()
+
+    class LateRepl(ThreadRepl):
+        async def _interrupt(self, thread, done):
+            go.set()  # the cell calls llm_query now, while the stop is under way
+            await super()._interrupt(thread, done)
+
+    class HangingHost(FakeHost):
+        async def llm_batch(self, prompts, model, max_tokens):
+            await anyio.sleep_forever()
+
+    code = "context['started'].set()\ncontext['go'].wait()\ntry:\n    await llm_query('late')\nexcept Exception:\n"
+    code += "    context['refused'] = True"
+    context = {"started": started, "go": go}
+    repl = LateRepl(context=context, host=HangingHost(), max_output_chars=1000)
+    async with repl, anyio.create_task_group() as tg:
+        tg.start_soon(repl.run_cell, code)
+        await anyio.to_thread.run_sync(started.wait, 10)
+        tg.cancel_scope.cancel()
+    assert context.get("refused") and repl.abandoned_threads == 0
+
+
 @pytest.mark.parametrize("code", ["import os\nos.getcwd()", "import sys\nsys.stdout.write('')"])
 async def test_the_process_state_is_left_alone(code, no_leaks):
     import os

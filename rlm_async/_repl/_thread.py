@@ -123,6 +123,7 @@ class ThreadRepl:
         self._reserved: dict[str, Any] = {}
         self._filenames: list[str] = []
         self._cell_scopes: set[anyio.CancelScope] = set()
+        self._stopping = False  # set while a cell is being stopped: its late sub-calls are refused
         self.abandoned_threads = 0
 
     async def __aenter__(self) -> ThreadRepl:
@@ -152,7 +153,10 @@ class ThreadRepl:
 
     async def _host_call(self, method: str, args: tuple[Any, ...]) -> Any:
         """Runs on the engine loop. Its cancel scope is registered so that a cell stop can cancel it (a
-        concurrent Future of a started portal task cannot be cancelled from its side)."""
+        concurrent Future of a started portal task cannot be cancelled from its side). A call that arrives
+        while its cell is being stopped is refused at once: the stop has already cancelled the scopes it saw."""
+        if self._stopping:
+            raise SubcallCancelled(f"{method} was refused because the cell is being stopped")
         with anyio.CancelScope() as scope:
             self._cell_scopes.add(scope)
             try:
@@ -185,6 +189,7 @@ class ThreadRepl:
         caller interrupts the cell's thread and propagates.
         """
         self._out = _CappedText(self._max_output_chars)
+        self._stopping = False
         filename = f"<cell {self._name}#{next(_cell_numbers)}>"
         self._filenames.append(filename)
         try:
@@ -240,6 +245,7 @@ class ThreadRepl:
         """Stop a cell's thread: first cancel the sub-calls it waits on and let it unwind by itself; only a
         thread still running after that (a CPU loop, a blocking call) gets an asynchronous CellInterrupted,
         which is never safe inside library code and so is the last resort. Waits are real time."""
+        self._stopping = True
         for scope in list(self._cell_scopes):
             scope.cancel()
         await anyio.to_thread.run_sync(thread.join, min(_SETTLE_S, self._grace_s))
