@@ -1,11 +1,13 @@
 """rlm_async: Recursive Language Models with awaitable sub-calls over one bounded, tree-wide scheduler."""
 
 from ._agent import AgentResult
+from ._breaker import CircuitBreaker
 from ._budget import Limits, Price, Usage, UsageTotals
 from ._clients import ChatClient, ChatRequest, ChatResponse, FakeClient, Message, OpenAIClient
 from ._engine import RLM, RLMResult, RunStats
 from ._errors import (
     BudgetExceeded,
+    CircuitOpenError,
     ConfigError,
     LLMCallError,
     ProviderConnectionError,
@@ -26,6 +28,8 @@ __all__ = [
     "ChatClient",
     "ChatRequest",
     "ChatResponse",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConfigError",
     "FakeClient",
     "LLMCallError",

@@ -89,6 +89,7 @@ class Agent:
         self.agent_id = agent_id
         self._children = itertools.count(1)
         self._repl: ThreadRepl | None = None
+        self._iterations = 0
 
     @property
     def draft(self) -> str:
@@ -116,7 +117,12 @@ class Agent:
             self._repl = repl
             try:
                 async with repl:
-                    result = await self._loop(repl, query, context)
+                    timeout = run.limits.agent_timeout_s if self.depth else None
+                    with anyio.move_on_after(timeout) as deadline:
+                        result = await self._loop(repl, query, context)
+                    if deadline.cancelled_caught:
+                        error = f"the agent passed agent_timeout_s={run.limits.agent_timeout_s:g} s"
+                        result = AgentResult(self.draft, "timeout", self._iterations, error)
             except Exception as exc:  # an engine bug must not take the whole tree down; it is recorded
                 result = AgentResult(self.draft, "error", 0, "".join(traceback.format_exception(exc)))
             if result.stop_reason.startswith("budget:"):
@@ -143,6 +149,7 @@ class Agent:
             {"role": "user", "content": _prompts.first_user_message(query, context)},
         ]
         for iteration in range(1, limits.max_iterations + 1):
+            self._iterations = iteration
             run.tracer.emit("turn", iteration=iteration)
             try:
                 text = await self._turn(messages, stop=_prompts.STOP_SEQUENCES)

@@ -45,6 +45,10 @@ class Limits:
             (the official ``rlms`` default is 30; the paper's runs finish in far fewer turns).
         timeout_s: wall-clock seconds for the whole run; at the deadline the run stops with its partial
             answer and ``stop_reason == "timeout"``.
+        agent_timeout_s: wall-clock seconds one child agent (depth >= 1) may run; at its deadline the child
+            stops with its partial answer and ``stop_reason == "timeout"``, its subtree cancelled, and its
+            parent sees a typed failure of kind ``"timeout"`` and goes on. The root is bounded by
+            ``timeout_s``. Default None.
         max_output_chars: characters of one cell's printed output shown to the model; the rest is cut with
             a note. Default 20,000 (about 5,000 tokens at 4 characters per token).
         cell_timeout_s: seconds one REPL cell may run; a slower cell is stopped (its sub-calls cancelled,
@@ -65,6 +69,7 @@ class Limits:
     max_fanout: int | None = 1000
     max_iterations: int = 20
     timeout_s: float | None = None
+    agent_timeout_s: float | None = None
     max_output_chars: int = 20_000
     cell_timeout_s: float | None = None
 

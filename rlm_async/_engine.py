@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from ._agent import Agent
+from ._breaker import DEFAULT_BREAKER, CircuitBreaker
 from ._budget import Ledger, Limits, Price, Usage
 from ._clients import ChatClient, OpenAIClient
 from ._errors import ConfigError
@@ -40,6 +41,7 @@ class RunStats:
         fallbacks: ``rlm_agent`` calls made at ``max_depth`` that ran as plain LLM calls instead.
         queued_s: seconds, summed over calls, waiting for a slot (rate-limit waits included).
         running_s: seconds, summed over attempts, holding a slot.
+        circuit_opened: how many times the circuit breaker opened (the endpoint kept failing).
         stop_reason: the root's: ``"answer"``, ``"max_iterations"``, ``"budget:<Limits field>"``,
             ``"timeout"``, ``"llm_error"`` or ``"error"`` (see :class:`AgentResult`).
     """
@@ -55,6 +57,7 @@ class RunStats:
     fallbacks: int
     queued_s: float
     running_s: float
+    circuit_opened: int
     stop_reason: str
 
 
@@ -106,6 +109,7 @@ class Run:
             max_concurrency=rlm.limits.max_concurrency,
             retry=rlm.retry,
             rate_limits=rlm.rate_limits,
+            breaker=rlm.circuit_breaker,
         )
         self._model_for = rlm.model_for
         self.started = anyio.current_time()
@@ -142,6 +146,7 @@ class Run:
             fallbacks=self.fallbacks,
             queued_s=s.queued_s,
             running_s=s.running_s,
+            circuit_opened=s.circuit_opened,
             stop_reason=stop_reason,
         )
 
@@ -161,6 +166,8 @@ class RLM:
         limits: budgets and the concurrency cap (:class:`Limits`).
         retry: the retry policy (:class:`RetryPolicy`, openai-python's by default).
         rate_limits: model name -> :class:`RateLimit` (RPM / TPM).
+        circuit_breaker: when a failing endpoint makes calls fail fast (:class:`CircuitBreaker`); None turns
+            the breaker off.
         prices: model name -> :class:`Price` (USD per million tokens), for ``usage.cost_usd`` and
             ``Limits.max_cost_usd`` when the provider does not report ``usage.cost``.
         client: a :class:`ChatClient` to use instead of the OpenAI SDK client (tests, custom transports);
@@ -188,6 +195,7 @@ class RLM:
         limits: Limits | None = None,
         retry: RetryPolicy | None = None,
         rate_limits: Mapping[str, RateLimit] | None = None,
+        circuit_breaker: CircuitBreaker | None = DEFAULT_BREAKER,
         prices: Mapping[str, Price] | None = None,
         client: ChatClient | None = None,
         trace_path: str | Path | None = None,
@@ -205,6 +213,7 @@ class RLM:
         self.limits = limits or Limits()
         self.retry = retry or RetryPolicy()
         self.rate_limits = dict(rate_limits or {})
+        self.circuit_breaker = circuit_breaker
         self.prices = dict(prices or {})
         self.trace_path = trace_path
         self.logger = logger

@@ -9,7 +9,8 @@
     │   ├── ProviderStatusError      non-2xx status, with the response headers (Retry-After lives there)
     │   ├── ProviderConnectionError  the connection failed or was reset before a full response
     │   ├── ProviderTimeoutError     the attempt ran past its per-attempt timeout
-    │   └── ProviderResponseError    a 2xx response that is malformed or empty
+    │   ├── ProviderResponseError    a 2xx response that is malformed or empty
+    │   └── CircuitOpenError         not sent: the circuit breaker is open (the endpoint kept failing)
     └── LLMCallError           the scheduler's final verdict on one call: retries exhausted or not retryable;
                                carries call_id, depth, agent_id, model, status, attempts and the last cause
 
@@ -23,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "BudgetExceeded",
+    "CircuitOpenError",
     "ConfigError",
     "LLMCallError",
     "ProviderConnectionError",
@@ -130,3 +132,8 @@ class LLMCallError(RLMError):
         self.model = model
         self.status = status
         self.attempts = attempts
+
+
+class CircuitOpenError(ProviderError):
+    """An attempt was refused without being sent: the circuit breaker is open because the endpoint kept
+    failing (see :class:`~rlm_async.CircuitBreaker`). Never retried."""

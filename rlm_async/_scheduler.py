@@ -5,10 +5,13 @@ One scheduler serves a whole run. Every model call of every agent at every depth
 
 1. reserves the call against ``max_calls`` (unless the caller reserved a whole batch already);
 2. per attempt: checks token and USD budgets, waits for the model's RPM / TPM buckets, *then* takes one of
-   ``max_concurrency`` slots for exactly one HTTP attempt, under the per-attempt timeout;
+   ``max_concurrency`` slots for exactly one HTTP attempt, asks the circuit breaker, and sends the attempt
+   under the per-attempt timeout;
 3. settles the usage of every billed response into the ledger;
 4. retries per :class:`RetryPolicy` with tenacity, sleeping *without* a slot, and finally raises a typed
    :class:`LLMCallError` or returns the response.
+
+A call cancelled before its first attempt was sent gives its ``max_calls`` reservation back.
 
 A slot is never held while anything else is awaited, so ``max_concurrency=1`` cannot deadlock a deep tree.
 """
@@ -25,10 +28,12 @@ import anyio
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from ._breaker import DEFAULT_BREAKER, Circuit, CircuitBreaker
 from ._budget import Ledger, estimate_tokens
 from ._clients import ChatClient, ChatRequest, ChatResponse
 from ._errors import (
     BudgetExceeded,
+    CircuitOpenError,
     ConfigError,
     LLMCallError,
     ProviderConnectionError,
@@ -94,6 +99,8 @@ class SchedulerStats:
         queued_s: seconds, summed over calls, from admission to the first attempt's slot (rate-limit waits
             included).
         running_s: seconds, summed over attempts, spent holding a slot.
+        circuit: the breaker's state: ``"closed"``, ``"open"`` or ``"half_open"``.
+        circuit_opened: how many times the breaker opened.
     """
 
     calls: int
@@ -104,6 +111,8 @@ class SchedulerStats:
     peak_in_flight: int
     queued_s: float
     running_s: float
+    circuit: str = "closed"
+    circuit_opened: int = 0
 
 
 SleepFn = Callable[[float], Awaitable[None]]
@@ -119,6 +128,7 @@ class Scheduler:
         max_concurrency: slots, i.e. HTTP attempts in flight at once across the tree.
         retry: the retry policy.
         rate_limits: model name -> RateLimit; models not named are not rate limited.
+        breaker: the circuit breaker's policy (default :class:`CircuitBreaker`), or None for none.
         sleep: the backoff sleep (seconds); injectable for tests, default ``anyio.sleep``.
         wall_clock: Unix seconds, for Retry-After dates; injectable, default ``time.time``.
         rand: uniform [0, 1) source for backoff jitter; injectable.
@@ -133,6 +143,7 @@ class Scheduler:
         max_concurrency: int,
         retry: RetryPolicy | None = None,
         rate_limits: Mapping[str, RateLimit] | None = None,
+        breaker: CircuitBreaker | None = DEFAULT_BREAKER,
         sleep: SleepFn = anyio.sleep,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
@@ -143,6 +154,7 @@ class Scheduler:
         self._retry = retry or RetryPolicy()
         self._slots = anyio.Semaphore(max_concurrency)
         self._limiters = {model: _ModelLimiter(limit) for model, limit in (rate_limits or {}).items()}
+        self._circuit = Circuit(breaker, anyio.current_time) if breaker is not None else None
         self._sleep = sleep
         self._wall = wall_clock
         self._rand = rand
@@ -162,6 +174,8 @@ class Scheduler:
             self._peak,
             self._queued_s,
             self._running_s,
+            self._circuit.state if self._circuit is not None else "closed",
+            self._circuit.opened if self._circuit is not None else 0,
         )
 
     async def call(self, request: ChatRequest, *, depth: int, agent_id: str, reserved: bool = False) -> ChatResponse:
@@ -180,7 +194,8 @@ class Scheduler:
             BudgetExceeded: ``max_calls`` (when not reserved), ``max_input_tokens``, ``max_output_tokens`` or
                 ``max_cost_usd`` refused the call before an attempt was sent; the reservation is refunded.
             ConfigError: ``max_cost_usd`` is set and the model has no price.
-            LLMCallError: the last attempt failed and no retry is left or allowed.
+            LLMCallError: the last attempt failed and no retry is left or allowed (``kind="circuit_open"``
+                when the circuit breaker refused it unsent).
         """
         if not reserved:
             self._ledger.reserve_calls(1)
@@ -211,6 +226,10 @@ class Scheduler:
                 self._ledger.refund_calls(1)
             self._failed += 1
             raise
+        except anyio.get_cancelled_exc_class():
+            if state.attempts == 0:
+                self._ledger.refund_calls(1)
+            raise
         self._tracer.emit(
             "call_finished",
             call_id=call_id,
@@ -228,6 +247,7 @@ class Scheduler:
         if limiter is not None:
             await limiter.acquire(estimate_tokens_for(request))
         async with self._slots:
+            probe = self._circuit.before_attempt() if self._circuit is not None else False
             now = anyio.current_time()
             if state.attempts == 0:
                 self._queued_s += now - state.started
@@ -236,16 +256,25 @@ class Scheduler:
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
             self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
+            outcome: BaseException | None = None
             try:
                 with anyio.fail_after(self._retry.attempt_timeout_s):
                     response = await self._client.chat(request)
             except TimeoutError as exc:
-                raise ProviderTimeoutError(
-                    f"attempt ran past {self._retry.attempt_timeout_s:g} s", status=None
-                ) from exc
+                outcome = ProviderTimeoutError(f"attempt ran past {self._retry.attempt_timeout_s:g} s", status=None)
+                raise outcome from exc
+            except BaseException as exc:
+                outcome = exc
+                raise
             finally:
                 self._in_flight -= 1
                 self._running_s += anyio.current_time() - now
+                if self._circuit is not None:
+                    if isinstance(outcome, anyio.get_cancelled_exc_class()):
+                        if probe:
+                            self._circuit.probe_abandoned()
+                    else:
+                        self._circuit.record(outcome, probe=probe)
         self._ledger.settle(
             depth=state.depth,
             agent_id=state.agent_id,
@@ -284,7 +313,9 @@ class _CallState:
 
 
 def _call_error(exc: ProviderError, state: _CallState, policy: RetryPolicy, now: float) -> LLMCallError:
-    if isinstance(exc, ProviderStatusError):
+    if isinstance(exc, CircuitOpenError):
+        kind = "circuit_open"
+    elif isinstance(exc, ProviderStatusError):
         if policy.retry_after_too_long(exc, now=now):
             kind = "retry_after_too_long"
         else:

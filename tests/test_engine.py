@@ -296,17 +296,19 @@ async def test_token_and_cost_caps_overshoot_at_most_by_what_was_in_flight(limit
         assert result.usage.cost_usd <= limits.max_cost_usd + in_flight * 50e-6
 
 
-@on_fake_clock
-async def test_run_timeout_keeps_the_partial_answer(no_leaks):
-    async def sub(prompt: str) -> str:
-        await asyncio.sleep(3600)
-        return "late"
+async def never(prompt: str) -> str:
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")
 
+
+# Real time, not the fake clock: the fake clock jumps to the deadline while the loop waits on a cell's thread,
+# before the cell has written its draft.
+async def test_run_timeout_keeps_the_partial_answer(no_leaks):
     code = "answer['content'] = 'half done'\nawait llm_query('slow')"
-    rlm, _ = make_rlm(Script({"q": [repl(code)]}, sub), limits=Limits(timeout_s=10))
+    rlm, _ = make_rlm(Script({"q": [repl(code)]}, never), limits=Limits(timeout_s=0.5))
     result = await rlm.completion("q", "ctx")
     assert (result.stop_reason, result.answer) == ("timeout", "half done")
-    assert 10 <= result.stats.wall_s < 13
+    assert 0.5 <= result.stats.wall_s < 5
     assert cell_threads() == []
 
 
@@ -484,3 +486,18 @@ async def test_no_endpoint_and_no_client_is_a_config_error(monkeypatch):
         RLM("m")
     with pytest.raises(ConfigError, match="price"):
         RLM("m", client=FakeClient(lambda r: ""), limits=Limits(max_cost_usd=1.0))
+
+
+async def test_a_child_past_its_agent_timeout_is_a_typed_failure_and_the_parent_goes_on(no_leaks):
+    parent = """
+    r = await rlm_agent('kid', 'c')
+    answer['content'] = f"{r.kind}|{r.partial}|{r.message}"
+    answer['ready'] = True
+    """
+    kid = "answer['content'] = 'kid draft'\nawait llm_query('slow')"
+    script = Script({"q": [repl(parent)], "kid": [repl(kid)]}, never)
+    rlm, _ = make_rlm(script, limits=Limits(agent_timeout_s=0.5))
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "timeout|kid draft|the agent passed agent_timeout_s=0.5 s"
+    assert 0.5 <= result.stats.wall_s < 5
+    assert cell_threads() == []

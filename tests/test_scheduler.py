@@ -273,3 +273,22 @@ async def test_tpm_limit_reserves_the_token_estimate():
             req = ChatRequest("m", ({"role": "user", "content": "x" * 1000},), max_tokens=250)
             tg.start_soon(lambda req=req: sched.call(req, depth=1, agent_id="0"))
     assert 59.0 <= loop.time() - start <= 61.0
+
+
+@on_fake_clock
+async def test_calls_cancelled_before_their_first_attempt_give_their_reservation_back():
+    """G2: 10 calls reserved, 1 slot; cancelling them while 9 still wait for the slot refunds those 9 (the one
+    that was sent keeps its reservation)."""
+
+    async def slow(req):
+        await asyncio.sleep(60)
+        return "late"
+
+    sched, ledger, _ = scheduler(FakeClient(slow), limits=Limits(max_calls=10), max_concurrency=1)
+    ledger.reserve_calls(10)
+    with anyio.move_on_after(1):
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(lambda i=i: sched.call(request(f"p{i}"), depth=1, agent_id="0", reserved=True))
+    assert ledger.remaining()["calls"] == 9
+    assert sched.stats().attempts == 1

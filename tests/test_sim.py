@@ -90,6 +90,7 @@ async def test_capacity_queues_requests_beyond_it():
         ("503", ProviderStatusError),
         ("reset", ProviderConnectionError),
         ("truncated", ProviderResponseError),
+        ("empty", ProviderResponseError),
     ],
 )
 async def test_each_fault_kind(kind, error):
@@ -310,3 +311,25 @@ def test_the_official_dialect_is_plain_synchronous_python(query, answer, calls):
     exec(code, namespace)
     assert answer_box == {"content": answer, "ready": True}
     assert made == calls
+
+
+async def test_strict_models_answer_404_for_an_unknown_model():
+    async with SimServer(SimConfig(latency=PROFILES["instant"], strict_models=True)) as sim:
+        await one_call(sim, ChatRequest("sim-sub", ({"role": "user", "content": "hi"},)))
+        with pytest.raises(ProviderStatusError, match="does not exist") as info:
+            await one_call(sim, ChatRequest("gpt-nonexistent", ({"role": "user", "content": "hi"},)))
+    assert info.value.status == 404
+
+
+async def test_faults_switch_at_run_time_and_early_retries_are_counted():
+    config = SimConfig(latency=PROFILES["instant"], faults=FaultPlan({"429": 1.0}, retry_after_s=60.0))
+    async with SimServer(config) as sim:
+        with pytest.raises(ProviderStatusError):
+            await one_call(sim)
+        with pytest.raises(ProviderStatusError):
+            await one_call(sim)  # the same body again, 60 s too soon
+        sim.set_faults(FaultPlan())
+        await one_call(sim)  # too soon as well, but now served
+        await one_call(sim, req("another body"))
+        stats = sim.stats()
+    assert stats.early_retries == 2 and stats.faults == {"429": 2} and stats.completed == 2

@@ -11,9 +11,9 @@ from .._errors import ConfigError
 __all__ = ["FAULT_KINDS", "FaultPlan"]
 
 #: ``429`` rate limited (with Retry-After), ``500`` / ``503`` server errors, ``reset`` the connection closed
-#: with no response, ``truncated`` a 200 whose JSON body is cut short, ``hang`` no answer until the client
-#: gives up, ``spike`` a normal answer ten times slower.
-FAULT_KINDS = ("429", "500", "503", "reset", "truncated", "hang", "spike")
+#: with no response, ``truncated`` a 200 whose JSON body is cut short, ``empty`` a 200 with no choices,
+#: ``hang`` no answer until the client gives up, ``spike`` a normal answer ten times slower.
+FAULT_KINDS = ("429", "500", "503", "reset", "truncated", "empty", "hang", "spike")
 
 
 @dataclass(frozen=True, slots=True)

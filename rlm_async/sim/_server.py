@@ -43,7 +43,9 @@ class SimConfig:
         tpm: prompt tokens per minute before a 429 (the same kind of bucket), or None.
         seed: makes jitter, outliers and faults reproducible. Each request's draws depend on the seed, its
             body and how many identical bodies came before it, not on arrival order.
-        models: model names served by ``/v1/models``; requests may name any model.
+        models: model names served by ``/v1/models``.
+        strict_models: answer a request for a model not in ``models`` with 404 ``model_not_found``, as
+            OpenAI does; by default any model name is served.
     """
 
     latency: LatencyModel = field(default_factory=lambda: PROFILES["fast"])
@@ -54,6 +56,7 @@ class SimConfig:
     tpm: float | None = None
     seed: int = 0
     models: Sequence[str] = ("sim-root", "sim-sub")
+    strict_models: bool = False
 
     def __post_init__(self) -> None:
         if not self.time_scale > 0 or self.capacity < 1:
@@ -75,6 +78,8 @@ class SimStats:
         completion_tokens: completion tokens of completed responses.
         open_connections: HTTP connections open now.
         tokenizer: how tokens are counted.
+        early_retries: requests that came back sooner than 0.95 of the Retry-After a 429 gave the same
+            request body (a client that does not honour Retry-After).
     """
 
     requests: int
@@ -87,6 +92,7 @@ class SimStats:
     completion_tokens: int
     open_connections: int
     tokenizer: str
+    early_retries: int = 0
 
 
 class SimServer:
@@ -105,6 +111,9 @@ class SimServer:
         self._requests = self._completed = self._in_flight = self._peak = 0
         self._queued = self._peak_queued = self._prompt_tokens = self._completion_tokens = 0
         self._faults: Counter[str] = Counter()
+        self._plan = self.config.faults
+        self._come_back: dict[str, float] = {}  # body digest -> the earliest time a retry is on time
+        self._early = 0
         self._active = 0
         self._idle = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -158,7 +167,12 @@ class SimServer:
             completion_tokens=self._completion_tokens,
             open_connections=len(server.connections) if server is not None else 0,
             tokenizer=self.tokenizer,
+            early_retries=self._early,
         )
+
+    def set_faults(self, plan: FaultPlan) -> None:
+        """Switch the fault plan from now on (a provider that starts or stops failing)."""
+        self._plan = plan
 
     # -- handlers -------------------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
@@ -193,18 +207,25 @@ class SimServer:
             model = str(body["model"])
         except (ValueError, KeyError, TypeError):
             return _error(400, "invalid_request_error", "expected JSON with model and messages")
-        rng = self._rng_for(raw)
+        digest = hashlib.sha256(raw).hexdigest()
+        rng = self._rng_for(digest)
         cfg, scale = self.config, self.config.time_scale
-        fault = cfg.faults.draw(rng)
+        if time.monotonic() < self._come_back.pop(digest, 0.0):
+            self._early += 1
+        if cfg.strict_models and model not in cfg.models:
+            return _error(404, "model_not_found", f"The model `{model}` does not exist.")
+        fault = self._plan.draw(rng)
         prompt_tokens = sum(self._count(m["content"]) for m in messages)
         limited = self._rate_limited(prompt_tokens)
         if limited is not None:
             self._faults["rate_limit"] += 1
-            return _retry_after(limited * scale, "rate limit reached for requests")
+            return self._retry_after(digest, limited * scale, "rate limit reached for requests")
         if fault is not None:
             self._faults[fault] += 1
         if fault == "429":
-            return _retry_after(cfg.faults.retry_after_s * scale, "simulated rate limit")
+            return self._retry_after(digest, self._plan.retry_after_s * scale, "simulated rate limit")
+        if fault == "empty":
+            return web.json_response({**_completion(model, "", "stop", prompt_tokens, 0), "choices": []})
         if fault in ("500", "503"):
             return _error(int(fault), "server_error", f"simulated {fault}")
         if fault == "reset":  # drop the connection with no response; aiohttp cannot write to it after this
@@ -218,7 +239,7 @@ class SimServer:
         completion_tokens = self._count(text)
         seconds = cfg.latency.sample_s(prompt_tokens, completion_tokens, rng) * scale
         if fault == "spike":
-            seconds *= cfg.faults.spike_factor
+            seconds *= self._plan.spike_factor
         await self._serve(seconds)
         payload = _completion(model, text, finish_reason, prompt_tokens, completion_tokens)
         if fault == "truncated":
@@ -245,8 +266,13 @@ class SimServer:
             self._capacity.release()
 
     # -- helpers --------------------------------------------------------------------------------------
-    def _rng_for(self, raw: bytes) -> random.Random:
-        digest = hashlib.sha256(raw).hexdigest()
+    def _retry_after(self, digest: str, seconds: float, message: str) -> web.Response:
+        seconds = max(seconds, 0.001)
+        self._come_back[digest] = time.monotonic() + 0.95 * seconds
+        headers = {"retry-after-ms": str(round(seconds * 1000, 3)), "retry-after": str(math.ceil(seconds))}
+        return _error(429, "rate_limit_exceeded", message, headers)
+
+    def _rng_for(self, digest: str) -> random.Random:
         self._seen[digest] += 1
         return random.Random(f"{self.config.seed}:{digest}:{self._seen[digest]}")
 
@@ -318,9 +344,3 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
     return web.json_response(
         {"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers
     )
-
-
-def _retry_after(seconds: float, message: str) -> web.Response:
-    seconds = max(seconds, 0.001)
-    headers = {"retry-after-ms": str(round(seconds * 1000, 3)), "retry-after": str(math.ceil(seconds))}
-    return _error(429, "rate_limit_exceeded", message, headers)

@@ -1,0 +1,141 @@
+"""The circuit breaker: when the endpoint is down, calls fail fast instead of retrying into it.
+
+The pattern is the one in Nygard's *Release It!* (and Fowler's "CircuitBreaker" article): **closed** (attempts
+go out; consecutive failures are counted), **open** (every attempt fails at once with :class:`CircuitOpenError`,
+which is not retried), **half-open** (after ``reset_timeout_s`` one probe attempt goes out; its success closes
+the circuit, its failure opens it again for twice as long, up to ``max_reset_timeout_s``).
+
+What counts as a failure: a connection error, an attempt timeout, or a 5xx status, i.e. the signs of an
+endpoint that is down or drowning. A 429 is the provider pacing the caller (Retry-After handles it) and a 4xx
+is the request's own fault, so neither counts, and neither does a malformed body.
+
+One breaker serves one scheduler, i.e. one run and its one client endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._errors import (
+    CircuitOpenError,
+    ConfigError,
+    ProviderConnectionError,
+    ProviderStatusError,
+    ProviderTimeoutError,
+)
+
+__all__ = ["DEFAULT_BREAKER", "Circuit", "CircuitBreaker", "counts_as_failure"]
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """When to stop sending attempts to an endpoint that keeps failing, and when to try again.
+
+    Attributes:
+        failure_threshold: consecutive failed attempts (connection errors, timeouts, 5xx) that open the
+            circuit. Default 10: a provider failing 7% of attempts at random (the reliability suite's fault
+            mix) opens it about once in 10^11 attempts, a dead endpoint within one wave of a batch.
+        reset_timeout_s: seconds the circuit stays open before one probe attempt is let through. Default 5.
+        max_reset_timeout_s: each failed probe doubles the open time, up to this many seconds. Default 60.
+
+    Raises:
+        ConfigError: on a threshold below 1 or a non-positive duration.
+    """
+
+    failure_threshold: int = 10
+    reset_timeout_s: float = 5.0
+    max_reset_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ConfigError(f"CircuitBreaker.failure_threshold must be >= 1, got {self.failure_threshold}")
+        if not 0 < self.reset_timeout_s <= self.max_reset_timeout_s:
+            raise ConfigError("CircuitBreaker needs 0 < reset_timeout_s <= max_reset_timeout_s")
+
+
+#: The breaker every run gets unless ``RLM(circuit_breaker=...)`` says otherwise.
+DEFAULT_BREAKER = CircuitBreaker()
+
+
+def counts_as_failure(error: BaseException) -> bool:
+    """Whether an attempt's error is a sign of a failing endpoint (see the module docstring)."""
+    if isinstance(error, ProviderConnectionError | ProviderTimeoutError):
+        return True
+    return isinstance(error, ProviderStatusError) and (error.status or 0) >= 500
+
+
+class Circuit:
+    """The breaker's state for one scheduler. Runs on the event loop, so it needs no lock.
+
+    Args:
+        policy: thresholds and timeouts.
+        clock: monotonic seconds (the scheduler passes ``anyio.current_time``).
+    """
+
+    def __init__(self, policy: CircuitBreaker, clock: Callable[[], float]) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._failures = 0
+        self._open_until: float | None = None
+        self._open_for = policy.reset_timeout_s
+        self._probing = False
+        self.opened = 0
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half_open"`` (the open time has passed; a probe may go)."""
+        if self._open_until is None:
+            return "closed"
+        return "open" if self._clock() < self._open_until or self._probing else "half_open"
+
+    def before_attempt(self) -> bool:
+        """Admit one attempt or refuse it.
+
+        Returns:
+            True when the attempt is the half-open probe (report its end with :meth:`record`).
+
+        Raises:
+            CircuitOpenError: the circuit is open, or half-open with its probe already out.
+        """
+        state = self.state
+        if state == "closed":
+            return False
+        if state == "half_open":
+            self._probing = True
+            return True
+        assert self._open_until is not None
+        left = max(self._open_until - self._clock(), 0.0)
+        probe = "a probe is out" if self._probing else f"next probe in {left:.2f} s"
+        raise CircuitOpenError(
+            f"circuit open after {self._policy.failure_threshold} consecutive failed attempts; {probe}"
+        )
+
+    def record(self, error: BaseException | None, *, probe: bool) -> None:
+        """Record how an admitted attempt ended: None for a response, else its error."""
+        if probe:
+            self._probing = False
+        if error is not None and not counts_as_failure(error):
+            if probe:  # the endpoint answered: it is up, even if this request was refused
+                self._close()
+            return
+        if error is None:
+            self._close()
+            return
+        self._failures += 1
+        if probe:
+            self._open_for = min(self._open_for * 2, self._policy.max_reset_timeout_s)
+            self._open_until = self._clock() + self._open_for
+            self.opened += 1
+        elif self._open_until is None and self._failures >= self._policy.failure_threshold:
+            self._open_until = self._clock() + self._open_for
+            self.opened += 1
+
+    def probe_abandoned(self) -> None:
+        """The probe was cancelled before it ended: let the next attempt probe instead."""
+        self._probing = False
+
+    def _close(self) -> None:
+        self._failures = 0
+        self._open_until = None
+        self._open_for = self._policy.reset_timeout_s

@@ -1,0 +1,185 @@
+"""The circuit breaker on its own (a hand-turned clock) and inside the scheduler (looptime's fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+
+from rlm_async import (
+    CircuitBreaker,
+    CircuitOpenError,
+    ConfigError,
+    FakeClient,
+    LLMCallError,
+    ProviderConnectionError,
+    ProviderResponseError,
+    ProviderStatusError,
+    ProviderTimeoutError,
+    RetryPolicy,
+)
+from rlm_async._breaker import Circuit
+
+from .conftest import on_fake_clock
+from .test_scheduler import request, scheduler
+
+DOWN = ProviderConnectionError("connection refused")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def circuit(**kwargs) -> tuple[Circuit, Clock]:
+    clock = Clock()
+    return Circuit(CircuitBreaker(**{"failure_threshold": 3, "reset_timeout_s": 5.0, **kwargs}), clock), clock
+
+
+def fail(c: Circuit, error: BaseException = DOWN, times: int = 1) -> None:
+    for _ in range(times):
+        c.record(error, probe=c.before_attempt())
+
+
+def test_it_opens_after_consecutive_failures_and_refuses_without_sending():
+    c, _ = circuit()
+    fail(c, times=2)
+    c.record(None, probe=c.before_attempt())  # a success resets the count
+    fail(c, times=2)
+    assert c.state == "closed"
+    fail(c)
+    assert c.state == "open" and c.opened == 1
+    with pytest.raises(CircuitOpenError, match=r"3 consecutive failed attempts; next probe in 5\.00 s"):
+        c.before_attempt()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ProviderStatusError("429", status=429, headers={"retry-after": "1"}),
+        ProviderStatusError("404", status=404),
+        ProviderResponseError("truncated body"),
+    ],
+)
+def test_pacing_and_request_errors_do_not_count(error):
+    c, _ = circuit()
+    fail(c, error, times=10)
+    assert c.state == "closed"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DOWN,
+        ProviderTimeoutError("slow"),
+        ProviderStatusError("503", status=503),
+        ProviderStatusError("500", status=500),
+    ],
+)
+def test_down_slow_and_5xx_count(error):
+    c, _ = circuit()
+    fail(c, error, times=3)
+    assert c.state == "open"
+
+
+def test_half_open_lets_one_probe_through_and_its_success_closes():
+    c, clock = circuit()
+    fail(c, times=3)
+    clock.now = 5.0
+    assert c.state == "half_open"
+    assert c.before_attempt() is True
+    with pytest.raises(CircuitOpenError, match="a probe is out"):
+        c.before_attempt()
+    c.record(None, probe=True)
+    assert c.state == "closed" and c.before_attempt() is False
+
+
+def test_a_failed_probe_doubles_the_open_time_up_to_the_cap():
+    c, clock = circuit(max_reset_timeout_s=12.0)
+    fail(c, times=3)
+    for open_for in (10.0, 12.0, 12.0):
+        clock.now += 5.0 if open_for == 10.0 else 0.0
+        assert c.before_attempt() is True
+        c.record(DOWN, probe=True)
+        clock.now += open_for - 0.001
+        assert c.state == "open"
+        clock.now += 0.001
+        assert c.state == "half_open"
+    c.record(None, probe=c.before_attempt())
+    fail(c, times=3)  # after closing, the open time starts over at reset_timeout_s
+    clock.now += 5.0
+    assert c.state == "half_open"
+
+
+def test_an_abandoned_probe_lets_the_next_attempt_probe():
+    c, clock = circuit()
+    fail(c, times=3)
+    clock.now = 5.0
+    assert c.before_attempt() is True
+    c.probe_abandoned()
+    assert c.before_attempt() is True
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"failure_threshold": 0}, {"reset_timeout_s": 0}, {"reset_timeout_s": 10, "max_reset_timeout_s": 5}]
+)
+def test_bad_policies_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        CircuitBreaker(**kwargs)
+
+
+@on_fake_clock
+async def test_a_dead_endpoint_fails_a_whole_batch_fast_without_a_retry_storm():
+    """G7: 200 calls at 20 in flight against an endpoint that refuses every connection."""
+    up = False
+
+    async def endpoint(req):
+        await asyncio.sleep(0.01)
+        if not up:
+            raise DOWN
+        return "fine"
+
+    client = FakeClient(endpoint)
+    breaker = CircuitBreaker(failure_threshold=10, reset_timeout_s=5.0)
+    sched, _, events = scheduler(client, max_concurrency=20, breaker=breaker, retry=RetryPolicy(max_retries=5))
+    errors: list[LLMCallError] = []
+
+    async def one(i: int) -> None:
+        try:
+            await sched.call(request(f"p{i}"), depth=1, agent_id="0")
+        except LLMCallError as exc:
+            errors.append(exc)
+
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(one, i)
+    assert len(errors) == 200
+    assert anyio.current_time() - started < 5.0  # every call failed before the first probe was due
+    assert len(client.requests) <= 10 + 20  # the threshold, plus what was in flight when it opened
+    assert sum(e.kind == "circuit_open" for e in errors) >= 170
+    stats = sched.stats()
+    assert stats.circuit == "open" and stats.circuit_opened == 1 and stats.attempts == len(client.requests)
+
+    up = True  # the server is back: after reset_timeout_s a probe closes the circuit
+    await asyncio.sleep(5.0)
+    assert (await sched.call(request("again"), depth=1, agent_id="0")).text == "fine"
+    assert sched.stats().circuit == "closed"
+    assert [e["event"] for e in events].count("call_finished") == 1
+
+
+@on_fake_clock
+async def test_without_a_breaker_every_call_spends_its_retries():
+    async def endpoint(req):
+        raise DOWN
+
+    client = FakeClient(endpoint)
+    sched, _, _ = scheduler(client, max_concurrency=20, breaker=None, retry=RetryPolicy(max_retries=2))
+    for i in range(5):
+        with pytest.raises(LLMCallError, match="connection refused"):
+            await sched.call(request(f"p{i}"), depth=1, agent_id="0")
+    assert len(client.requests) == 15
