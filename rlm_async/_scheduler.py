@@ -8,7 +8,7 @@ One scheduler serves a whole run. Every model call of every agent at every depth
    ``max_concurrency`` slots for exactly one HTTP attempt, asks the circuit breaker, and sends the attempt
    under the per-attempt timeout;
 3. settles the usage of every billed response into the ledger;
-4. retries per :class:`RetryPolicy` with tenacity, sleeping *without* a slot, and finally raises a typed
+4. retries per :class:`RetryPolicy`, sleeping *without* a slot, and finally raises a typed
    :class:`LLMCallError` or returns the response.
 
 A call cancelled before its first attempt was sent gives its ``max_calls`` reservation back.
@@ -18,15 +18,16 @@ A slot is never held while anything else is awaited, so ``max_concurrency=1`` ca
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from ._breaker import DEFAULT_BREAKER, Circuit, CircuitBreaker
 from ._budget import Ledger, estimate_tokens
@@ -83,6 +84,45 @@ class _ModelLimiter:
             await self._rpm.acquire()
         if self._tpm is not None:
             await self._tpm.acquire(min(max(tokens, 1), self._tpm.max_rate))
+
+
+class _Slots:
+    """``max_concurrency`` slots handed out first come, first served, as an asyncio semaphore would.
+
+    Waiters sit in an ``OrderedDict`` rather than a deque, so one that is cancelled leaves the queue in O(1):
+    anyio's and asyncio's semaphores ``deque.remove`` each cancelled waiter, and cancelling 10,000 queued
+    calls cost 0.15 s of that scan alone. Asyncio only, like the rest of the engine.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: OrderedDict[asyncio.Future[None], None] = OrderedDict()
+
+    async def __aenter__(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[waiter] = None
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot just as it was cancelled: pass the slot on
+            else:
+                self._waiters.pop(waiter, None)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter, _ = self._waiters.popitem(last=False)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +192,7 @@ class Scheduler:
         self._ledger = ledger
         self._tracer = tracer
         self._retry = retry or RetryPolicy()
-        self._slots = anyio.Semaphore(max_concurrency)
+        self._slots = _Slots(max_concurrency)
         self._limiters = {model: _ModelLimiter(limit) for model, limit in (rate_limits or {}).items()}
         self._circuit = Circuit(breaker, anyio.current_time) if breaker is not None else None
         self._sleep = sleep
@@ -204,18 +244,8 @@ class Scheduler:
         started = anyio.current_time()
         state = _CallState(call_id, depth, agent_id, request.model, started)
         self._tracer.emit("call_queued", call_id=call_id, model=request.model, call_depth=depth)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._retry.max_retries + 1),
-            retry=retry_if_exception(lambda exc: self._retry.is_retryable(exc, now=self._wall())),
-            wait=self._wait_s,
-            sleep=self._sleep,
-            before_sleep=lambda rs: self._on_retry(state, rs),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    response = await self._attempt(request, state)
+            response = await self._with_retries(request, state)
         except ProviderError as exc:
             self._failed += 1
             error = _call_error(exc, state, self._retry, self._wall())
@@ -239,6 +269,26 @@ class Scheduler:
             latency_s=round(anyio.current_time() - started, 6),
         )
         return response
+
+    async def _with_retries(self, request: ChatRequest, state: _CallState) -> ChatResponse:
+        """Attempts until one succeeds, the policy declines the error, or ``max_retries`` retries are spent.
+
+        A plain loop rather than tenacity's ``AsyncRetrying``: tenacity routes every outcome, cancellation
+        included, through a ``concurrent.futures.Future`` (a lock apiece) and re-inspects its callbacks per
+        call, about 0.15 ms of CPU a call; cancelling 10,000 queued calls took 1.8 s that way (G3 asks for
+        0.5 s). The decisions stay in :class:`RetryPolicy`.
+        """
+        retries = 0
+        while True:
+            try:
+                return await self._attempt(request, state)
+            except ProviderError as exc:
+                if retries >= self._retry.max_retries or not self._retry.is_retryable(exc, now=self._wall()):
+                    raise
+                retries += 1
+                wait = self._retry.wait_s(retries, exc, now=self._wall(), rand=self._rand)
+                self._tracer.emit("call_retried", call_id=state.call_id, attempt=retries, wait_s=wait, error=str(exc))
+                await self._sleep(wait)
 
     async def _attempt(self, request: ChatRequest, state: _CallState) -> ChatResponse:
         self._ledger.check_spend()
@@ -284,17 +334,6 @@ class Scheduler:
             cost_usd=response.cost_usd,
         )
         return response
-
-    def _wait_s(self, rs: RetryCallState) -> float:
-        error = rs.outcome.exception() if rs.outcome is not None else None
-        return self._retry.wait_s(rs.attempt_number, error, now=self._wall(), rand=self._rand)
-
-    def _on_retry(self, state: _CallState, rs: RetryCallState) -> None:
-        error = rs.outcome.exception() if rs.outcome is not None else None
-        wait = rs.upcoming_sleep
-        self._tracer.emit(
-            "call_retried", call_id=state.call_id, attempt=rs.attempt_number, wait_s=wait, error=str(error)
-        )
 
 
 def estimate_tokens_for(request: ChatRequest) -> int:

@@ -292,3 +292,60 @@ async def test_calls_cancelled_before_their_first_attempt_give_their_reservation
                 tg.start_soon(lambda i=i: sched.call(request(f"p{i}"), depth=1, agent_id="0", reserved=True))
     assert ledger.remaining()["calls"] == 9
     assert sched.stats().attempts == 1
+
+
+async def test_slots_are_first_come_first_served_and_a_cancelled_waiter_loses_nothing():
+    from rlm_async._scheduler import _Slots
+
+    slots = _Slots(2)
+    order: list[int] = []
+    release = anyio.Event()
+
+    async def hold(i: int) -> None:
+        async with slots:
+            order.append(i)
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        scopes = []
+        for i in range(8):
+            scope = anyio.CancelScope()
+            scopes.append(scope)
+
+            async def run(i: int = i, scope: anyio.CancelScope = scope) -> None:
+                with scope:
+                    await hold(i)
+
+            tg.start_soon(run)
+            await anyio.lowlevel.checkpoint()
+        await anyio.wait_all_tasks_blocked()
+        assert order == [0, 1]
+        for i in (2, 4, 5):  # queued waiters leave the queue
+            scopes[i].cancel()
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    assert order == [0, 1, 3, 6, 7]
+    async with slots, slots:  # both slots came back
+        pass
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_the_slot_on():
+    """asyncio's own race (a plain ``task.cancel()`` landing after the slot was handed over); anyio's cancel
+    scopes avoid it by not cancelling a task whose wait is already over, so this test uses bare tasks."""
+    from rlm_async._scheduler import _Slots
+
+    slots = _Slots(1)
+    got: list[str] = []
+
+    async def take(name: str) -> None:
+        async with slots:
+            got.append(name)
+
+    await slots.__aenter__()
+    first = asyncio.ensure_future(take("first"))
+    second = asyncio.ensure_future(take("second"))
+    await anyio.wait_all_tasks_blocked()
+    await slots.__aexit__(None, None, None)  # the slot goes to "first" ...
+    first.cancel()  # ... which is cancelled before it runs: "second" must get the slot
+    await asyncio.gather(first, second, return_exceptions=True)
+    assert got == ["second"] and first.cancelled()
