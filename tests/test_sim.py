@@ -91,6 +91,7 @@ async def test_capacity_queues_requests_beyond_it():
         ("reset", ProviderConnectionError),
         ("truncated", ProviderResponseError),
         ("empty", ProviderResponseError),
+        ("reset_body", ProviderConnectionError),
     ],
 )
 async def test_each_fault_kind(kind, error):
@@ -333,3 +334,20 @@ async def test_faults_switch_at_run_time_and_early_retries_are_counted():
         await one_call(sim, req("another body"))
         stats = sim.stats()
     assert stats.early_retries == 2 and stats.faults == {"429": 2} and stats.completed == 2
+
+
+async def test_a_trickling_body_becomes_a_typed_timeout_and_a_patient_client_gets_it_whole():
+    plan = FaultPlan({"trickle": 1.0}, trickle_s=1.0)
+    async with SimServer(SimConfig(latency=PROFILES["instant"], faults=plan)) as sim:
+        client = OpenAIClient(base_url=sim.base_url, api_key="k")
+        try:
+            with pytest.raises(TimeoutError):
+                with anyio.fail_after(0.3):
+                    await client.chat(req("first"))
+            response = await client.chat(req("second"))
+        finally:
+            await client.aclose()
+        with anyio.fail_after(5):
+            await sim.wait_idle()
+        stats = sim.stats()
+    assert response.text and stats.completed == 1 and stats.prompt_tokens == response.prompt_tokens

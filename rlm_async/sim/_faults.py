@@ -11,9 +11,10 @@ from .._errors import ConfigError
 __all__ = ["FAULT_KINDS", "FaultPlan"]
 
 #: ``429`` rate limited (with Retry-After), ``500`` / ``503`` server errors, ``reset`` the connection closed
-#: with no response, ``truncated`` a 200 whose JSON body is cut short, ``empty`` a 200 with no choices,
-#: ``hang`` no answer until the client gives up, ``spike`` a normal answer ten times slower.
-FAULT_KINDS = ("429", "500", "503", "reset", "truncated", "empty", "hang", "spike")
+#: with no response, ``reset_body`` the connection closed halfway through the body, ``truncated`` a 200
+#: whose JSON body is cut short, ``empty`` a 200 with no choices, ``hang`` no answer until the client gives
+#: up, ``trickle`` a body sent in pieces over ``trickle_s``, ``spike`` a normal answer ten times slower.
+FAULT_KINDS = ("429", "500", "503", "reset", "reset_body", "truncated", "empty", "hang", "trickle", "spike")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +25,13 @@ class FaultPlan:
         rates: fault kind -> probability per request.
         retry_after_s: the Retry-After a simulated 429 asks for, seconds (before the time scale).
         spike_factor: how much slower a ``spike`` is.
+        trickle_s: seconds (before the time scale) a ``trickle`` body takes to arrive, in ten pieces.
     """
 
     rates: Mapping[str, float] = field(default_factory=dict)
     retry_after_s: float = 1.0
     spike_factor: float = 10.0
+    trickle_s: float = 30.0
 
     def __post_init__(self) -> None:
         unknown = set(self.rates) - set(FAULT_KINDS)

@@ -6,6 +6,7 @@ It simulates latency, load and faults, not intelligence: content comes from a pl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
@@ -76,7 +77,7 @@ class SimStats:
         faults: fault kind -> count (rate-limit 429s from ``rpm`` / ``tpm`` count as ``rate_limit``).
         prompt_tokens: prompt tokens of completed responses.
         completion_tokens: completion tokens of completed responses.
-        open_connections: HTTP connections open now.
+        open_connections: HTTP connections open now (read from `/stats`: not counting the one asking).
         tokenizer: how tokens are counted.
         early_retries: requests that came back sooner than 0.95 of the Retry-After a 429 gave the same
             request body (a client that does not honour Retry-After).
@@ -180,7 +181,8 @@ class SimServer:
         return web.json_response({"object": "list", "data": data})
 
     async def _stats(self, request: web.Request) -> web.Response:
-        stats = self.stats()
+        stats = self.stats()  # open_connections less this request's own connection
+        stats = dataclasses.replace(stats, open_connections=max(stats.open_connections - 1, 0))
         return web.json_response({name: getattr(stats, name) for name in stats.__dataclass_fields__})
 
     async def wait_idle(self) -> None:
@@ -245,10 +247,35 @@ class SimServer:
         if fault == "truncated":
             cut = json.dumps(payload).encode()
             return web.Response(body=cut[: len(cut) // 2], content_type="application/json")
+        if fault in ("reset_body", "trickle"):
+            return await self._stream_badly(request, payload, fault)
         self._completed += 1
         self._prompt_tokens += prompt_tokens
         self._completion_tokens += completion_tokens
         return web.json_response(payload)
+
+    async def _stream_badly(self, request: web.Request, payload: dict[str, Any], fault: str) -> web.StreamResponse:
+        """Promise the whole body (Content-Length), then send half and drop the connection (``reset_body``),
+        or send it in ten pieces over ``trickle_s`` (``trickle``; billed once the last piece is written)."""
+        body = json.dumps(payload).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        if fault == "reset_body":
+            await response.write(body[: len(body) // 2])
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        step = -(-len(body) // 10)
+        pause = self._plan.trickle_s * self.config.time_scale / 10
+        for start in range(0, len(body), step):
+            await asyncio.sleep(pause)
+            await response.write(body[start : start + step])
+        await response.write_eof()
+        self._completed += 1
+        self._prompt_tokens += payload["usage"]["prompt_tokens"]
+        self._completion_tokens += payload["usage"]["completion_tokens"]
+        return response
 
     async def _serve(self, seconds: float) -> None:
         self._queued += 1
