@@ -226,6 +226,9 @@ class Agent:
                 results[index] = _failure(exc.kind, str(exc))
             except ConfigError as exc:
                 results[index] = _failure("config", str(exc))
+            except Exception as exc:  # G1: an engine or client bug still gives this prompt a typed outcome
+                self._run.tracer.emit("call_crashed", error="".join(traceback.format_exception(exc)))
+                results[index] = _failure("error", f"{type(exc).__name__}: {exc}")
             else:
                 results[index] = {"ok": True, "text": response.text}
 

@@ -89,11 +89,17 @@ def system_prompt(*, depth: int, max_depth: int, max_fanout: int | None, max_out
 def context_metadata(context: Any, prefix_chars: int = 300) -> dict[str, Any]:
     """What the model is told about ``context``: type, length in characters, item count, a short prefix.
 
-    Lengths: a str's ``len``; for a list or tuple, the characters of ``str()`` of its items (with the shortest
-    and longest item); for a dict, the characters of its JSON (``default=str``) and its first 20 keys. The
-    prefix is the first ``prefix_chars`` characters of that same text.
+    Lengths: a str's ``len``; for bytes, the byte count (the prefix is the ``repr`` of the first bytes); for a
+    list or tuple, the characters of ``str()`` of its items (with the shortest and longest item); for a dict,
+    the characters of its JSON (``default=str``) and its first 20 keys. The prefix is the first
+    ``prefix_chars`` characters of that same text, with any character that UTF-8 cannot encode (a lone
+    surrogate from ``errors="surrogateescape"``) written as a backslash escape.
     """
     meta: dict[str, Any] = {"type": type(context).__name__}
+    if isinstance(context, bytes | bytearray | memoryview):
+        meta["length_bytes"] = len(context)
+        meta["prefix"] = repr(bytes(context[:prefix_chars]))
+        return meta
     if isinstance(context, list | tuple):
         items = [str(x) for x in context]
         lengths = [len(x) for x in items]
@@ -110,7 +116,7 @@ def context_metadata(context: Any, prefix_chars: int = 300) -> dict[str, Any]:
         else:
             text = "" if context is None else str(context)
         meta["length_chars"] = len(text)
-    meta["prefix"] = text[:prefix_chars]
+    meta["prefix"] = text[:prefix_chars].encode("utf-8", "backslashreplace").decode("utf-8")
     return meta
 
 
@@ -122,6 +128,8 @@ def describe_kind(context: Any) -> str:
         return f"a list of {len(context):,} items"
     if isinstance(context, dict):
         return f"a dict with {len(context):,} keys"
+    if isinstance(context, bytes | bytearray | memoryview):
+        return f"{type(context).__name__} of {len(context):,} bytes (binary: decode or search it as bytes)"
     return f"a {type(context).__name__}"
 
 

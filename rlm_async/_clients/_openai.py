@@ -10,6 +10,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from .._errors import (
+    ConfigError,
     ProviderConnectionError,
     ProviderResponseError,
     ProviderStatusError,
@@ -33,7 +34,8 @@ class OpenAIClient:
         timeout_s: the SDK's timeout in seconds.
 
     Raises (from ``chat``): ``ProviderStatusError`` (non-2xx, with headers), ``ProviderTimeoutError``,
-    ``ProviderConnectionError``, ``ProviderResponseError`` (malformed body, no choices, no content).
+    ``ProviderConnectionError``, ``ProviderResponseError`` (malformed body, no choices, no content),
+    ``ConfigError`` (a request that cannot be encoded as UTF-8 JSON; nothing was sent).
     """
 
     def __init__(self, *, base_url: str | None, api_key: str | None, timeout_s: float = 610.0) -> None:
@@ -68,6 +70,8 @@ class OpenAIClient:
             if _is_timeout(exc):
                 raise ProviderTimeoutError(f"timed out: {exc}") from exc
             raise ProviderConnectionError(f"connection failed: {_root_cause(exc)!r}") from exc
+        except UnicodeEncodeError as exc:  # a ValueError too: it must be caught first
+            raise ConfigError(f"the request is not valid UTF-8 text (a lone surrogate?): {exc}") from exc
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
             raise ProviderResponseError(f"malformed response: {exc}") from exc
         return _to_response(completion)
