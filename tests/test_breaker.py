@@ -45,7 +45,7 @@ def fail(c: Circuit, error: BaseException = DOWN, times: int = 1) -> None:
         c.record(error, probe=c.before_attempt())
 
 
-def test_it_opens_after_consecutive_failures_and_refuses_without_sending():
+def test_it_opens_after_failures_with_no_success_and_refuses_without_sending():
     c, _ = circuit()
     fail(c, times=2)
     c.record(None, probe=c.before_attempt())  # a success resets the count
@@ -53,8 +53,32 @@ def test_it_opens_after_consecutive_failures_and_refuses_without_sending():
     assert c.state == "closed"
     fail(c)
     assert c.state == "open" and c.opened == 1
-    with pytest.raises(CircuitOpenError, match=r"3 consecutive failed attempts; next probe in 5\.00 s"):
+    with pytest.raises(CircuitOpenError, match=r"3 of the last 3 attempts failed with no success; next probe in 5\.00"):
         c.before_attempt()
+
+
+def test_fast_failures_overtaking_slow_successes_in_a_wave_do_not_open_it():
+    """Regression: 64 attempts start at once; the 12 that fail come back first (instant 503s), the 52
+    successes later. Counting consecutive failures alone opened the circuit on a healthy endpoint (seen in
+    the soak); 12 failures of 64 started is under the ratio."""
+    c, _ = circuit(failure_threshold=10)
+    probes = [c.before_attempt() for _ in range(64)]
+    for probe in probes[:12]:
+        c.record(ProviderStatusError("503", status=503), probe=probe)
+    assert c.state == "closed"
+    for probe in probes[12:]:
+        c.record(None, probe=probe)
+    assert c.state == "closed"
+
+
+def test_half_of_a_wave_failing_opens_it():
+    c, _ = circuit(failure_threshold=10)
+    probes = [c.before_attempt() for _ in range(40)]
+    for probe in probes[:19]:
+        c.record(DOWN, probe=probe)
+    assert c.state == "closed"
+    c.record(DOWN, probe=probes[19])  # 20 of 40 started: the ratio 0.5 is reached
+    assert c.state == "open"
 
 
 @pytest.mark.parametrize(
@@ -125,7 +149,14 @@ def test_an_abandoned_probe_lets_the_next_attempt_probe():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"failure_threshold": 0}, {"reset_timeout_s": 0}, {"reset_timeout_s": 10, "max_reset_timeout_s": 5}]
+    "kwargs",
+    [
+        {"failure_threshold": 0},
+        {"failure_ratio": 0},
+        {"failure_ratio": 1.5},
+        {"reset_timeout_s": 0},
+        {"reset_timeout_s": 10, "max_reset_timeout_s": 5},
+    ],
 )
 def test_bad_policies_are_config_errors(kwargs):
     with pytest.raises(ConfigError):

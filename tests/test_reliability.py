@@ -352,9 +352,7 @@ async def test_soak_at_a_steady_rate_with_the_fault_mix():
     config = SimConfig(latency=QUICK, capacity=4096, faults=FaultPlan(FAULT_MIX, retry_after_s=0.05))
     async with sim_process(config) as sim:
         client = RootHere(Script({"q": [repl(key_batch(100))]}), sim.base_url)
-        # A 5 s attempt timeout: a hang costs 5 s, and a moment of CPU starvation on a loaded CI machine
-        # does not time out every attempt in flight at once (which would open the circuit breaker).
-        retry = RetryPolicy(max_retries=3, attempt_timeout_s=5.0, initial_backoff_s=0.05, max_backoff_s=0.5)
+        retry = RetryPolicy(max_retries=3, attempt_timeout_s=2.0, initial_backoff_s=0.05, max_backoff_s=0.5)
         rlm = rlm_for(client, max_concurrency=64, retry=retry)
         right = runs = 0
         failed: dict[str, int] = {}
