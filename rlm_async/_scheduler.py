@@ -132,7 +132,7 @@ class SchedulerStats:
     Attributes:
         calls: calls admitted (each may take several attempts).
         attempts: HTTP attempts started.
-        retries: attempts after a call's first.
+        retries: attempts sent after a call's first (an attempt the circuit breaker refused was not sent).
         failed_calls: calls that ended in ``LLMCallError`` or were refused by a token or USD budget.
         in_flight: attempts holding a slot now.
         peak_in_flight: the most attempts that ever held slots at once.
@@ -199,7 +199,7 @@ class Scheduler:
         self._wall = wall_clock
         self._rand = rand
         self._ids = itertools.count(1)
-        self._calls = self._attempts = self._failed = 0
+        self._calls = self._attempts = self._retries = self._failed = 0
         self._in_flight = self._peak = 0
         self._queued_s = self._running_s = 0.0
 
@@ -208,7 +208,7 @@ class Scheduler:
         return SchedulerStats(
             self._calls,
             self._attempts,
-            self._attempts - self._calls,
+            self._retries,
             self._failed,
             self._in_flight,
             self._peak,
@@ -303,6 +303,7 @@ class Scheduler:
                 self._queued_s += now - state.started
             state.attempts += 1
             self._attempts += 1
+            self._retries += state.attempts > 1
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
             self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)

@@ -195,6 +195,7 @@ async def test_a_dead_endpoint_fails_a_whole_batch_fast_without_a_retry_storm():
     assert sum(e.kind == "circuit_open" for e in errors) >= 170
     stats = sched.stats()
     assert stats.circuit == "open" and stats.circuit_opened == 1 and stats.attempts == len(client.requests)
+    assert 0 <= stats.retries < stats.attempts  # regression: was attempts - calls, negative after refusals
 
     up = True  # the server is back: after reset_timeout_s a probe closes the circuit
     await asyncio.sleep(5.0)
