@@ -148,6 +148,7 @@ class Agent:
             },
             {"role": "user", "content": _prompts.first_user_message(query, context)},
         ]
+        ran: dict[str, int] = {}  # code (whitespace-normalised) -> the turn that first ran it
         for iteration in range(1, limits.max_iterations + 1):
             self._iterations = iteration
             run.tracer.emit("turn", iteration=iteration)
@@ -170,13 +171,16 @@ class Agent:
                 run.tracer.emit("code", iteration=iteration, block=index, code=code)
                 cell = await repl.run_cell(code)
                 rendered = cell.render()
+                first = ran.setdefault(" ".join(code.split()), iteration)
+                if first != iteration:
+                    rendered += _prompts.repeated_code_note(first)
                 run.tracer.emit("output", iteration=iteration, block=index, output=rendered, error=cell.error)
                 outputs.append(rendered)
                 content, ready = repl.answer()
                 if ready:
                     return AgentResult(content, "answer", iteration)
             messages.append({"role": "user", "content": _prompts.format_outputs(outputs)})
-        messages.append({"role": "user", "content": _prompts.final_answer_prompt(self.draft)})
+        messages.append({"role": "user", "content": _prompts.final_answer_prompt(self.draft, query)})
         try:
             text = await self._turn(messages, stop=())
         except (BudgetExceeded, LLMCallError, ConfigError) as exc:
@@ -184,8 +188,16 @@ class Agent:
         return AgentResult(text.strip(), "max_iterations", limits.max_iterations + 1)
 
     async def _turn(self, messages: list[Message], *, stop: tuple[str, ...]) -> str:
-        request = ChatRequest(self._run.model_for(self.depth), tuple(messages), stop=stop)
+        limits = self._run.limits
+        request = ChatRequest(
+            self._run.model_for(self.depth),
+            tuple(messages),
+            stop=stop,
+            max_tokens=limits.max_tokens_per_turn,
+            temperature=self._run.temperature,
+        )
         response = await self._run.scheduler.call(request, depth=self.depth, agent_id=self.agent_id)
+        self._run.tracer.emit("reply", text=response.text[:4000], finish_reason=response.finish_reason)
         return response.text
 
     def _stopped(self, exc: Exception, iterations: int) -> AgentResult:
@@ -216,7 +228,8 @@ class Agent:
         refused: list[BudgetExceeded] = []
 
         async def one(index: int, prompt: str) -> None:
-            request = ChatRequest(model, ({"role": "user", "content": prompt},), max_tokens=max_tokens)
+            messages: tuple[Message, ...] = ({"role": "user", "content": prompt},)
+            request = ChatRequest(model, messages, max_tokens=max_tokens, temperature=self._run.temperature)
             try:
                 response = await self._run.scheduler.call(request, depth=depth, agent_id=self.agent_id, reserved=True)
             except BudgetExceeded as exc:

@@ -41,6 +41,8 @@ class Limits:
         max_agents: agents in the run, the root included. Reserved before a child starts. Default 100.
         max_fanout: the largest single ``llm_batch`` / ``rlm_batch``. A larger batch is refused at once.
             Default 1000.
+        max_tokens_per_turn: ``max_tokens`` sent with every agent turn (root and children), or None for the
+            server's default. Small local models that ramble need it (``rlm-async run --local`` uses 512).
         max_iterations: turns of one agent's loop; at the cap one last call asks for the answer. Default 20
             (the official ``rlms`` default is 30; the paper's runs finish in far fewer turns).
         timeout_s: wall-clock seconds for the whole run; at the deadline the run stops with its partial
@@ -67,6 +69,7 @@ class Limits:
     max_cost_usd: float | None = None
     max_agents: int | None = 100
     max_fanout: int | None = 1000
+    max_tokens_per_turn: int | None = None
     max_iterations: int = 20
     timeout_s: float | None = None
     agent_timeout_s: float | None = None
@@ -74,7 +77,10 @@ class Limits:
     cell_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        positive = ("max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_agents", "max_fanout")
+        positive = (
+            "max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_agents", "max_fanout",
+            "max_tokens_per_turn",
+        )  # fmt: skip
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:

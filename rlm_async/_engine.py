@@ -112,6 +112,7 @@ class Run:
             breaker=rlm.circuit_breaker,
         )
         self._model_for = rlm.model_for
+        self.temperature = rlm.temperature
         self.started = anyio.current_time()
         self.deadline = None if rlm.limits.timeout_s is None else self.started + rlm.limits.timeout_s
         self.agents_started = 0
@@ -176,6 +177,8 @@ class RLM:
         logger: a structlog logger for events (default: the stdlib logger ``"rlm_async"`` at DEBUG).
         on_event: a callable given every event dict (progress bars, metrics).
         system_prompt: replace the built-in system prompt.
+        temperature: sampling temperature sent with every call (root turns, sub-calls, children), or None for
+            the provider's default. 0 makes a local model's runs repeatable.
 
     Raises:
         ConfigError: no endpoint configured, or a bad argument.
@@ -202,6 +205,7 @@ class RLM:
         logger: Any = None,
         on_event: Callable[[Event], None] | None = None,
         system_prompt: str | None = None,
+        temperature: float | None = None,
     ) -> None:
         if not model or not isinstance(model, str):
             raise ConfigError("model must be a non-empty str")
@@ -219,6 +223,9 @@ class RLM:
         self.logger = logger
         self.on_event = on_event
         self.system_prompt = system_prompt
+        if temperature is not None and not 0 <= temperature <= 2:
+            raise ConfigError(f"temperature must be in [0, 2], got {temperature!r}")
+        self.temperature = temperature
         if self.limits.max_cost_usd is not None:
             unpriced = sorted({self.model_for(d) for d in range(self.limits.max_depth + 1)} - set(self.prices))
             if unpriced:

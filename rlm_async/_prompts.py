@@ -13,7 +13,8 @@ from typing import Any
 
 __all__ = ["STOP_SEQUENCES", "context_metadata", "final_answer_prompt", "first_user_message", "system_prompt"]
 
-#: Cut a model that starts to invent its own REPL output (our outputs begin with "REPL output").
+#: Cut a model that starts to invent its own REPL output (our outputs begin with "REPL output"). Small models
+#: do it at the very start of a reply too (Qwen2.5-Coder-0.5B), so the label is not anchored to a newline.
 STOP_SEQUENCES = ("REPL output", "```output")
 
 _SYSTEM = """\
@@ -150,16 +151,26 @@ def format_outputs(outputs: list[str]) -> str:
     return "\n\n".join(f"REPL output (block {i}):\n{out}" for i, out in enumerate(outputs, 1))
 
 
+def repeated_code_note(first_turn: int) -> str:
+    """Appended to the output of a block the model already ran: small models otherwise repeat their first
+    step every turn (seen with Qwen2.5-Coder-0.5B at temperature 0)."""
+    return (
+        f"\n[note: you ran this same code in turn {first_turn}; its output was already shown. Take the next "
+        'step, or set answer["content"] and answer["ready"] = True.]'
+    )
+
+
 NO_CODE_MESSAGE = (
     "No ```repl block found. Write Python in a ```repl block to explore `context`, or set "
     'answer["content"] and answer["ready"] = True in a ```repl block to finish.'
 )
 
 
-def final_answer_prompt(draft: str) -> str:
-    """The last call at max_iterations: asks for the answer as plain text."""
+def final_answer_prompt(draft: str, query: str) -> str:
+    """The last call at max_iterations: asks for the answer as plain text, restating the query (small models
+    otherwise echo the instruction's last words back as their answer)."""
     note = f'Your current draft (answer["content"]):\n{draft}\n\n' if draft else ""
     return (
-        f"You have no turns left. {note}Reply now with your final answer to the query as plain text only: "
-        "no code, no explanation."
+        f"You have no turns left and cannot run code any more. {note}"
+        f"Write your final answer in plain text to the query: {query}"
     )

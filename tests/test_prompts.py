@@ -54,3 +54,15 @@ def test_system_prompt_tells_a_child_at_max_depth_it_cannot_recurse():
     assert "no deeper REPL" not in system_prompt(depth=0, **kwargs)
     assert "no deeper REPL" in system_prompt(depth=1, **kwargs)
     assert "is_failure" in system_prompt(depth=0, **kwargs)
+
+
+async def test_a_block_run_again_is_pointed_out():
+    from .conftest import Script, make_rlm, repl
+
+    peek = repl("print(len(context))")
+    rlm, client = make_rlm(Script({"q": [peek, repl("print(len(context))\n\n"), repl("FINAL('done')")]}))
+    result = await rlm.completion("q", "abc")
+    assert result.answer == "done"
+    second_output = client.requests[2].messages[-1]["content"]
+    assert "you ran this same code in turn 1" in second_output
+    assert "same code" not in client.requests[1].messages[-1]["content"]
