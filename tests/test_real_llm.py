@@ -1,0 +1,156 @@
+"""A real model: llama.cpp's llama-server with Qwen2.5-Coder-0.5B on 127.0.0.1 (rlm_async.local).
+
+Marked ``real_llm``. ``scripts/test`` runs ``rlm-async local setup`` first (a one-time build of llama.cpp and
+the weights, cached outside the repo); when that failed, every test here is skipped with the reason in one
+line, which pytest's ``-ra`` summary prints. The server is started for the session (tied to this process, so
+it stops with it) or reused when one is already running.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from rlm_async import RLM, ChatRequest, Limits, OpenAIClient, RetryPolicy, local
+from rlm_async.demo import kjv_verses
+
+from .conftest import Script, cell_threads, repl
+from .test_reliability import ROOT, RootHere
+
+pytestmark = pytest.mark.real_llm
+
+try:
+    local.setup("0.5b", build=False)  # only looks: the build is `rlm-async local setup`'s job
+except local.LocalSetupError as exc:
+    pytest.skip(f"real_llm: {exc}", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    try:
+        with local.serving("0.5b", build=False, tie_to_parent=True) as server:
+            yield server
+    except local.LocalSetupError as exc:
+        pytest.skip(f"real_llm: {exc}")
+
+
+def metrics(server: local.LocalServer) -> dict[str, float]:
+    """llama-server's Prometheus counters (``--metrics``), e.g. ``tokens_predicted_total``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.findall(r"^llamacpp:(\w+) ([0-9.eE+-]+)$", text, re.MULTILINE)
+    return {name: float(value) for name, value in found}
+
+
+def established_to(port: int) -> int:
+    """TCP connections in state ESTABLISHED whose remote end is 127.0.0.1:``port`` (the client side)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "01" and int(remote.split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+def batch_root(prompts: list[str], max_tokens: int) -> Script:
+    code = f"""
+    results = await llm_batch({prompts!r}, max_tokens={max_tokens})
+    answer["content"] = "\\x1e".join(r if not is_failure(r) else f"FAILED {{r.kind}}" for r in results)
+    answer["ready"] = True
+    """
+    return Script({"q": [repl(code)]})
+
+
+async def run_batch(server: local.LocalServer, prompts: list[str], max_tokens: int, **limits: Any) -> Any:
+    client = RootHere(batch_root(prompts, max_tokens), server.base_url)
+    try:
+        rlm = RLM(ROOT, sub_model=server.model.name, client=client, limits=Limits(**limits), temperature=0.0)
+        return await rlm.completion("q", "")
+    finally:
+        await client.aclose()
+
+
+COUNTING = [f"Count from {start} upwards, one number per line, and do not stop." for start in (1, 100, 1000, 5000)]
+
+
+async def test_four_requests_overlap_on_the_server(llama):
+    """-np 4: the engine's four concurrent requests are decoded together by the server (continuous batching),
+    as its own gauge of requests being processed shows. (Four at once are not much faster than one after
+    another here: on 2 CPU threads the 0.5B model's batched decode is compute-bound.)"""
+    seen: list[float] = []
+    done = anyio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            seen.append((await anyio.to_thread.run_sync(metrics, llama))["requests_processing"])
+            with anyio.move_on_after(0.05):
+                await done.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        result = await run_batch(llama, COUNTING, 96, max_concurrency=4)
+        done.set()
+    assert result.stats.peak_in_flight == 4 and "FAILED" not in result.answer
+    assert max(seen) == 4, seen
+
+
+def chunks_of_genesis(n: int = 8) -> list[str]:
+    verses = [v["text"] for v in kjv_verses() if v["book"] == "Genesis" and v["chapter"] == 1]
+    size = -(-len(verses) // n)
+    return [" ".join(verses[i : i + size]) for i in range(0, len(verses), size)][:n]
+
+
+async def test_a_batch_over_chunks_of_a_real_document_and_usage_matching_the_server(llama):
+    chunks = chunks_of_genesis(8)
+    prompts = [f"In one short sentence, what happens in this passage?\n\n{c}" for c in chunks]
+    before = metrics(llama)
+    result = await run_batch(llama, prompts, 64, max_concurrency=8)
+    after = metrics(llama)
+    answers = result.answer.split("\x1e")
+    assert len(answers) == 8 and all(a.strip() and not a.startswith("FAILED") for a in answers), answers
+    sub = result.usage.by_model[llama.model.name]
+    served_prompt = sum(after[k] - before.get(k, 0) for k in ("prompt_tokens_total", "prompt_tokens_cached_total"))
+    assert sub.calls == 8
+    assert sub.completion_tokens == after["tokens_predicted_total"] - before.get("tokens_predicted_total", 0)
+    assert sub.prompt_tokens == served_prompt
+
+
+async def test_cancelling_closes_the_real_connections_and_the_server_stops_generating(llama):
+    client = OpenAIClient(base_url=llama.base_url, api_key="local")
+    request = [ChatRequest(llama.model.name, ({"role": "user", "content": p},), max_tokens=4000) for p in COUNTING]
+    try:
+        async with anyio.create_task_group() as tg:
+            for r in request:
+                tg.start_soon(client.chat, r)
+            with anyio.fail_after(60):
+                while metrics(llama)["requests_processing"] < 4:  # noqa: ASYNC110 - another process
+                    await anyio.sleep(0.1)
+            assert established_to(llama.port) == 4
+            tg.cancel_scope.cancel()
+        assert established_to(llama.port) == 0  # aiohttp closed each cancelled request's connection at once
+        with anyio.fail_after(30):
+            while metrics(llama)["requests_processing"] > 0:  # noqa: ASYNC110 - another process
+                await anyio.sleep(0.1)
+    finally:
+        await client.aclose()
+
+
+async def test_a_small_rlm_run_executes_repl_cells_and_ends_with_an_answer(llama):
+    events: list[dict[str, Any]] = []
+    lines = [f"line {i}: the {'cat' if i % 3 == 0 else 'dog'} sat on the mat" for i in range(30)]
+    limits = Limits(max_iterations=6, max_tokens_per_turn=384, max_output_chars=1500, max_concurrency=4)
+    async with RLM(
+        llama.model.name, base_url=llama.base_url, api_key="local", limits=limits, temperature=0.0,
+        retry=RetryPolicy(attempt_timeout_s=120), on_event=events.append,
+    ) as rlm:  # fmt: skip
+        result = await rlm.completion("How many lines mention a cat?", "\n".join(lines))
+    cells = [e for e in events if e["event"] == "code"]
+    assert cells, [e.get("text") for e in events if e["event"] == "reply"]
+    assert result.stop_reason in ("answer", "max_iterations") and result.answer.strip()
+    assert cell_threads() == []
