@@ -47,13 +47,18 @@ def metrics(server: local.LocalServer) -> dict[str, float]:
     return {name: float(value) for name, value in found}
 
 
-def established_to(port: int) -> int:
-    """TCP connections in state ESTABLISHED whose remote end is 127.0.0.1:``port`` (the client side)."""
+def established(*, remote_port: int | None = None, local_port: int | None = None) -> int:
+    """TCP sockets on this machine in state ESTABLISHED with the given remote port (a client's side of a
+    connection to that port) or local port (the server's side)."""
     count = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        remote, state = fields[2], fields[3]
-        if state == "01" and int(remote.split(":")[1], 16) == port:
+        local_end, remote_end, state = fields[1], fields[2], fields[3]
+        if state != "01":
+            continue
+        if remote_port is not None and int(remote_end.split(":")[1], 16) == remote_port:
+            count += 1
+        if local_port is not None and int(local_end.split(":")[1], 16) == local_port:
             count += 1
     return count
 
@@ -121,22 +126,24 @@ async def test_a_batch_over_chunks_of_a_real_document_and_usage_matching_the_ser
     assert sub.prompt_tokens == served_prompt
 
 
-async def test_cancelling_closes_the_real_connections_and_the_server_stops_generating(llama):
+async def test_cancelling_closes_the_real_connections(llama):
+    """Four requests being generated; cancelled: each of the four connections is closed at once, on the
+    client's side (no socket to the server left ESTABLISHED) and so on the server's (none left ESTABLISHED
+    either: the kernel has delivered every FIN). Whether llama-server then stops generating is its own
+    business: here it stopped most requests within a second or two but not always every one."""
     client = OpenAIClient(base_url=llama.base_url, api_key="local")
-    request = [ChatRequest(llama.model.name, ({"role": "user", "content": p},), max_tokens=4000) for p in COUNTING]
+    requests = [ChatRequest(llama.model.name, ({"role": "user", "content": p},), max_tokens=400) for p in COUNTING]
     try:
         async with anyio.create_task_group() as tg:
-            for r in request:
+            for r in requests:
                 tg.start_soon(client.chat, r)
             with anyio.fail_after(60):
                 while metrics(llama)["requests_processing"] < 4:  # noqa: ASYNC110 - another process
                     await anyio.sleep(0.1)
-            assert established_to(llama.port) == 4
+            assert established(remote_port=llama.port) == 4
             tg.cancel_scope.cancel()
-        assert established_to(llama.port) == 0  # aiohttp closed each cancelled request's connection at once
-        with anyio.fail_after(30):
-            while metrics(llama)["requests_processing"] > 0:  # noqa: ASYNC110 - another process
-                await anyio.sleep(0.1)
+        assert established(remote_port=llama.port) == 0
+        assert established(local_port=llama.port) == 0
     finally:
         await client.aclose()
 
