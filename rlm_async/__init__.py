@@ -3,7 +3,7 @@
 from ._agent import AgentResult
 from ._breaker import CircuitBreaker
 from ._budget import Limits, Price, Usage, UsageTotals
-from ._clients import ChatClient, ChatRequest, ChatResponse, FakeClient, Message, OpenAIClient
+from ._clients import AiohttpClient, ChatClient, ChatRequest, ChatResponse, FakeClient, Message, OpenAIClient
 from ._engine import RLM, RLMResult, RunStats
 from ._errors import (
     BudgetExceeded,
@@ -24,6 +24,7 @@ from ._scheduler import RateLimit, SchedulerStats
 __all__ = [
     "RLM",
     "AgentResult",
+    "AiohttpClient",
     "BudgetExceeded",
     "ChatClient",
     "ChatRequest",

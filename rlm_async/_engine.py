@@ -9,14 +9,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
 from ._agent import Agent
 from ._breaker import DEFAULT_BREAKER, CircuitBreaker
 from ._budget import Ledger, Limits, Price, Usage
-from ._clients import ChatClient, OpenAIClient
+from ._clients import AiohttpClient, ChatClient, OpenAIClient
 from ._errors import ConfigError
 from ._retry import RetryPolicy
 from ._scheduler import RateLimit, Scheduler
@@ -173,6 +173,9 @@ class RLM:
             ``Limits.max_cost_usd`` when the provider does not report ``usage.cost``.
         client: a :class:`ChatClient` to use instead of the OpenAI SDK client (tests, custom transports);
             the caller keeps ownership and closes it.
+        http: the client this RLM builds when none is passed: ``"openai"`` (:class:`OpenAIClient`, the SDK;
+            the default) or ``"aiohttp"`` (:class:`AiohttpClient`: the same request with a third of the CPU
+            per call, for large fan-outs against a fast endpoint).
         trace_path: append every event of every run as JSON lines to this file.
         logger: a structlog logger for events (default: the stdlib logger ``"rlm_async"`` at DEBUG).
         on_event: a callable given every event dict (progress bars, metrics).
@@ -201,6 +204,7 @@ class RLM:
         circuit_breaker: CircuitBreaker | None = DEFAULT_BREAKER,
         prices: Mapping[str, Price] | None = None,
         client: ChatClient | None = None,
+        http: Literal["openai", "aiohttp"] = "openai",
         trace_path: str | Path | None = None,
         logger: Any = None,
         on_event: Callable[[Event], None] | None = None,
@@ -230,6 +234,9 @@ class RLM:
             unpriced = sorted({self.model_for(d) for d in range(self.limits.max_depth + 1)} - set(self.prices))
             if unpriced:
                 raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
+        if http not in ("openai", "aiohttp"):
+            raise ConfigError(f"http must be 'openai' or 'aiohttp', got {http!r}")
+        self._http = http
         self._client = client
         self._owns_client = client is None
         self._base_url = base_url or os.environ.get("OPENAI_BASE_URL")
@@ -260,11 +267,14 @@ class RLM:
 
     def _ensure_client(self) -> ChatClient:
         if self._client is None:
-            self._client = OpenAIClient(
-                base_url=self._base_url,
-                api_key=self._api_key or "EMPTY",
-                timeout_s=self.retry.attempt_timeout_s + 10,
-            )
+            timeout_s = self.retry.attempt_timeout_s + 10
+            if self._http == "aiohttp":
+                base_url = self._base_url or "https://api.openai.com/v1"
+                self._client = AiohttpClient(base_url=base_url, api_key=self._api_key or "EMPTY", timeout_s=timeout_s)
+            else:
+                self._client = OpenAIClient(
+                    base_url=self._base_url, api_key=self._api_key or "EMPTY", timeout_s=timeout_s
+                )
         return self._client
 
     async def completion(self, query: str, context: Any = None) -> RLMResult:

@@ -19,6 +19,7 @@ import pytest
 
 from rlm_async import (
     RLM,
+    AiohttpClient,
     ChatRequest,
     ChatResponse,
     CircuitBreaker,
@@ -44,9 +45,9 @@ QUICK = LatencyModel(ttft_s=0.02, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, j
 class RootHere:
     """A ChatClient: the root model's turns from a script in this process, every other call over HTTP."""
 
-    def __init__(self, script: Any, base_url: str) -> None:
+    def __init__(self, script: Any, base_url: str, http: type[OpenAIClient | AiohttpClient] = OpenAIClient) -> None:
         self.root = FakeClient(script)
-        self.http = OpenAIClient(base_url=base_url, api_key="k")
+        self.http: OpenAIClient | AiohttpClient = http(base_url=base_url, api_key="k")
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         return await (self.root if request.model == ROOT else self.http).chat(request)
@@ -108,12 +109,16 @@ def leftover_tasks() -> list[asyncio.Task[Any]]:
 
 
 # -- G1, G6, G8: 10,000 calls ------------------------------------------------------------------------------
-@pytest.mark.parametrize("faults", [{}, FAULT_MIX], ids=["no_faults", "fault_mix"])
-async def test_ten_thousand_calls_at_256_in_flight(faults):
+@pytest.mark.parametrize(
+    ("faults", "http"),
+    [({}, OpenAIClient), (FAULT_MIX, OpenAIClient), (FAULT_MIX, AiohttpClient)],
+    ids=["no_faults", "fault_mix", "fault_mix_aiohttp"],
+)
+async def test_ten_thousand_calls_at_256_in_flight(faults, http):
     n = 10_000
     config = SimConfig(latency=QUICK, capacity=4096, faults=FaultPlan(faults, retry_after_s=0.05), seed=7)
     async with sim_process(config) as sim:
-        client = RootHere(Script({"q": [repl(key_batch(n))]}), sim.base_url)
+        client = RootHere(Script({"q": [repl(key_batch(n))]}), sim.base_url, http)
         try:
             # 12.5% of attempts fail at random: with openai-python's 2 retries, 0.125**3 = 0.2% of calls would
             # fail for good; 3 retries bring that to 0.024% for at most 1 + 0.125 + ... = 1.14 attempts a call.

@@ -1,7 +1,8 @@
-"""Chat clients: the protocol the engine speaks, the OpenAI SDK client and a fake for tests."""
+"""Chat clients: the protocol the engine speaks, the OpenAI SDK client, a lean aiohttp one, a fake for tests."""
 
+from ._aiohttp import AiohttpClient
 from ._base import ChatClient, ChatRequest, ChatResponse, Message
 from ._fake import FakeClient
 from ._openai import OpenAIClient
 
-__all__ = ["ChatClient", "ChatRequest", "ChatResponse", "FakeClient", "Message", "OpenAIClient"]
+__all__ = ["AiohttpClient", "ChatClient", "ChatRequest", "ChatResponse", "FakeClient", "Message", "OpenAIClient"]

@@ -1,0 +1,129 @@
+"""A lean client: ``POST /chat/completions`` on aiohttp alone, for fan-outs where the SDK's CPU shows.
+
+openai-python builds an httpx request, merges headers and options, and constructs a pydantic model for every
+response: about 1 ms of CPU a call on this machine, 70% of the engine's per-call CPU in a profile of 1,000
+calls at 64 in flight, where a 50 ms call leaves 0.8 ms of CPU per call to keep 64 in flight. This client does
+the same request with one ``aiohttp`` call and ``json``. It speaks only what the engine sends (model, messages,
+max_tokens, stop, temperature) and reads only what it needs (the first choice's content, usage, cost); use
+:class:`~rlm_async.OpenAIClient` for anything else the SDK knows (Azure, organisations, proxies).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from .._errors import (
+    ConfigError,
+    ProviderConnectionError,
+    ProviderResponseError,
+    ProviderStatusError,
+    ProviderTimeoutError,
+)
+from ._base import ChatRequest, ChatResponse
+
+__all__ = ["AiohttpClient"]
+
+
+class AiohttpClient:
+    """A :class:`ChatClient` for any OpenAI-compatible ``/chat/completions`` endpoint, on aiohttp.
+
+    Args:
+        base_url: e.g. ``"http://127.0.0.1:8000/v1"`` (``/chat/completions`` is appended).
+        api_key: sent as ``Authorization: Bearer ...``; None sends none.
+        timeout_s: aiohttp's total timeout per request, seconds; keep it above the scheduler's per-attempt
+            timeout, which is the one meant to fire.
+        connections: the connection pool's size; default 0, no limit of its own (the scheduler's
+            ``max_concurrency`` is the bound).
+
+    Raises (from ``chat``): ``ProviderStatusError`` (non-2xx, with headers), ``ProviderTimeoutError``,
+    ``ProviderConnectionError`` (refused, reset, cut mid-body), ``ProviderResponseError`` (malformed body, no
+    choices, no content), ``ConfigError`` (a request that cannot be encoded as UTF-8 JSON; nothing sent).
+    """
+
+    def __init__(
+        self, *, base_url: str, api_key: str | None = None, timeout_s: float = 610.0, connections: int = 0
+    ) -> None:
+        if not base_url:
+            raise ConfigError("AiohttpClient needs a base_url")
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._connections)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        payload: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        if request.stop:
+            payload["stop"] = list(request.stop)
+        if request.temperature is not None:
+            payload["temperature"] = request.temperature
+        try:
+            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"the request is not valid UTF-8 text (a lone surrogate?): {exc}") from exc
+        try:
+            async with self._open().post(self._url, data=body, headers=self._headers) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, dict(resp.headers)
+        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one too
+            raise ProviderTimeoutError(f"timed out: {exc!r}") from exc
+        except aiohttp.ClientError as exc:  # refused, reset, disconnected, payload cut short
+            raise ProviderConnectionError(f"connection failed: {exc!r}") from exc
+        if not 200 <= status < 300:
+            raise ProviderStatusError(f"HTTP {status}: {_error_message(raw)}", status=status, headers=headers)
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ProviderResponseError(f"malformed response: {exc}") from exc
+        return _response(data)
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+def _error_message(raw: bytes) -> str:
+    """The ``error.message`` of an OpenAI-style error body, else the body's start."""
+    try:
+        error = json.loads(raw).get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+    except (ValueError, AttributeError):
+        pass
+    return raw[:200].decode("utf-8", "replace")
+
+
+def _response(data: Any) -> ChatResponse:
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise ProviderResponseError("response has no choices")
+    choice: dict[str, Any] = choices[0]
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        finish = choice.get("finish_reason")
+        raise ProviderResponseError(f"response has no message content (finish_reason={finish!r})")
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    cost = usage.get("cost")
+    return ChatResponse(
+        text=content,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cost_usd=float(cost) if isinstance(cost, int | float) else None,
+        finish_reason=choice.get("finish_reason"),
+    )
