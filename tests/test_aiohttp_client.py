@@ -12,10 +12,10 @@ from rlm_async import (
     ChatRequest,
     ConfigError,
     ProviderConnectionError,
-    ProviderResponseError,
-    ProviderStatusError,
 )
 from rlm_async.sim import PROFILES, FaultPlan, LatencyModel, SimConfig, SimServer
+
+from .test_sim import FAULT_ERRORS
 
 
 def req(text: str = "hello there", **kwargs) -> ChatRequest:
@@ -39,18 +39,7 @@ async def test_a_response_with_usage_and_the_request_fields_sent():
     assert response.completion_tokens <= 1
 
 
-@pytest.mark.parametrize(
-    ("kind", "error"),
-    [
-        ("429", ProviderStatusError),
-        ("500", ProviderStatusError),
-        ("503", ProviderStatusError),
-        ("reset", ProviderConnectionError),
-        ("reset_body", ProviderConnectionError),
-        ("truncated", ProviderResponseError),
-        ("empty", ProviderResponseError),
-    ],
-)
+@pytest.mark.parametrize(("kind", "error"), FAULT_ERRORS)
 async def test_each_fault_is_the_same_typed_error_as_with_the_sdk(kind, error):
     config = SimConfig(latency=PROFILES["instant"], faults=FaultPlan({kind: 1.0}, retry_after_s=2.0), time_scale=0.5)
     async with SimServer(config) as sim:

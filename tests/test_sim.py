@@ -82,18 +82,19 @@ async def test_capacity_queues_requests_beyond_it():
     assert stats.peak_in_flight == 2 and stats.peak_queued >= 1 and stats.completed == 6
 
 
-@pytest.mark.parametrize(
-    ("kind", "error"),
-    [
-        ("429", ProviderStatusError),
-        ("500", ProviderStatusError),
-        ("503", ProviderStatusError),
-        ("reset", ProviderConnectionError),
-        ("truncated", ProviderResponseError),
-        ("empty", ProviderResponseError),
-        ("reset_body", ProviderConnectionError),
-    ],
-)
+#: The typed error each simulated fault becomes, whichever client made the attempt.
+FAULT_ERRORS = [
+    ("429", ProviderStatusError),
+    ("500", ProviderStatusError),
+    ("503", ProviderStatusError),
+    ("reset", ProviderConnectionError),
+    ("truncated", ProviderResponseError),
+    ("empty", ProviderResponseError),
+    ("reset_body", ProviderConnectionError),
+]
+
+
+@pytest.mark.parametrize(("kind", "error"), FAULT_ERRORS)
 async def test_each_fault_kind(kind, error):
     config = SimConfig(latency=PROFILES["instant"], faults=FaultPlan({kind: 1.0}, retry_after_s=2.0), time_scale=0.5)
     async with SimServer(config) as sim:

@@ -63,15 +63,8 @@ class AiohttpClient:
         return self._session
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
-        payload: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
-        if request.max_tokens is not None:
-            payload["max_tokens"] = request.max_tokens
-        if request.stop:
-            payload["stop"] = list(request.stop)
-        if request.temperature is not None:
-            payload["temperature"] = request.temperature
         try:
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            body = json.dumps(request.body(), ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ConfigError(f"the request is not valid UTF-8 text (a lone surrogate?): {exc}") from exc
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
 __all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message"]
 
@@ -32,6 +32,17 @@ class ChatRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     temperature: float | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of ``POST /chat/completions`` for this request (fields left unset are not sent)."""
+        body: dict[str, Any] = {"model": self.model, "messages": list(self.messages)}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        return body
 
     @property
     def prompt_chars(self) -> int:

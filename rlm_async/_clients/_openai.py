@@ -48,18 +48,11 @@ class OpenAIClient:
         )
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
-        kwargs: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
-        if request.max_tokens is not None:
-            kwargs["max_tokens"] = request.max_tokens
-        if request.stop:
-            kwargs["stop"] = list(request.stop)
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
         try:
             # AsyncOpenAI.post rather than chat.completions.create: the body is already plain JSON, and create()
             # walks it against the SDK's TypedDicts first (0.8 ms of CPU per call, measured here, which caps a
             # single core at about 1,000 calls a second before any HTTP work).
-            completion = await self._client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
+            completion = await self._client.post("/chat/completions", body=request.body(), cast_to=ChatCompletion)
         except openai.APIStatusError as exc:
             raise ProviderStatusError(
                 f"HTTP {exc.status_code}: {exc.message}",
