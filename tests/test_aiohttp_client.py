@@ -15,19 +15,12 @@ from rlm_async import (
 )
 from rlm_async.sim import PROFILES, FaultPlan, LatencyModel, SimConfig, SimServer
 
-from .test_sim import FAULT_ERRORS
-
-
-def req(text: str = "hello there", **kwargs) -> ChatRequest:
-    return ChatRequest("sim-sub", ({"role": "user", "content": text},), **kwargs)
+from . import test_sim
+from .test_sim import FAULT_ERRORS, req
 
 
 async def one_call(sim: SimServer, request: ChatRequest | None = None):
-    client = AiohttpClient(base_url=sim.base_url, api_key="k")
-    try:
-        return await client.chat(request or req())
-    finally:
-        await client.aclose()
+    return await test_sim.one_call(sim, request, AiohttpClient)
 
 
 async def test_a_response_with_usage_and_the_request_fields_sent():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import aiohttp
 import anyio
@@ -42,8 +43,8 @@ def req(text: str = "hello there", **kwargs) -> ChatRequest:
     return ChatRequest("sim-sub", ({"role": "user", "content": text},), **kwargs)
 
 
-async def one_call(sim: SimServer, request: ChatRequest | None = None):
-    client = OpenAIClient(base_url=sim.base_url, api_key="k")
+async def one_call(sim: SimServer, request: ChatRequest | None = None, client_cls: Any = OpenAIClient):
+    client = client_cls(base_url=sim.base_url, api_key="k")
     try:
         return await client.chat(request or req())
     finally:
