@@ -30,6 +30,7 @@ from rlm_async import (
     RetryPolicy,
 )
 from rlm_async.sim import FaultPlan, LatencyModel, SimConfig, SimServer, sim_process
+from rlm_async.sim._responders import KEY_PROMPT_EXPR
 
 from .conftest import Script, cell_threads, repl
 
@@ -60,7 +61,7 @@ def key_batch(n: int) -> str:
     """Root code: one llm_batch of n key-lookup prompts, answered with a tally of what came back."""
     return f"""
     import json
-    prompts = [f'Find the line holding the key "k{{i}}"\\n\\nfiller\\nkey k{{i}} found' for i in range({n})]
+    prompts = [{KEY_PROMPT_EXPR} for i in range({n})]
     results = await llm_batch(prompts)
     tally = {{"n": len(results), "right": 0, "wrong": [], "failed": {{}}}}
     for i, r in enumerate(results):

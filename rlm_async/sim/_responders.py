@@ -79,6 +79,10 @@ _LOOP_CALLS = re.compile(r"Loop (\d+) sub-calls")
 _LOOP_AGENTS = re.compile(r"Loop (\d+) child agents")
 _WORD = re.compile(r"""the word ['"]?([A-Za-z]+)['"]?""")
 
+#: The key-lookup prompt for index ``i``, as Python source for generated model code; RuleBasedSubModel answers
+#: it with ``key k{i} found``, the line that holds the key.
+KEY_PROMPT_EXPR = """f'Find the line holding the key "k{i}"\\n\\nfiller\\nkey k{i} found'"""
+
 
 #: Model code that tells an answer from a failed sub-call in either dialect (rlm_async returns SubcallFailure
 #: objects; the official rlms returns error strings).
@@ -206,7 +210,7 @@ class ScriptedRoot:
         batch = "await llm_batch" if asynchronous else "llm_query_batched"
         return _block(
             f"""
-            prompts = [f'Find the line holding the key "k{{i}}"\\n\\nfiller\\nkey k{{i}} found' for i in range({n})]
+            prompts = [{KEY_PROMPT_EXPR} for i in range({n})]
             results = {batch}(prompts)
             right = sum(1 for i, r in enumerate(results) if r == f"key k{{i}} found")
             answer["content"] = f"{{right}} of {n} right"
@@ -232,7 +236,7 @@ class ScriptedRoot:
             f"""
             right = 0
             for i in range({n}):
-                r = {call}(f'Find the line holding the key "k{{i}}"\\n\\nfiller\\nkey k{{i}} found')
+                r = {call}({KEY_PROMPT_EXPR})
                 right += r == f"key k{{i}} found"
             answer["content"] = f"{{right}} of {n} right"
             answer["ready"] = True

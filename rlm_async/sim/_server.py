@@ -249,9 +249,7 @@ class SimServer:
             return web.Response(body=cut[: len(cut) // 2], content_type="application/json")
         if fault in ("reset_body", "trickle"):
             return await self._stream_badly(request, payload, fault)
-        self._completed += 1
-        self._prompt_tokens += prompt_tokens
-        self._completion_tokens += completion_tokens
+        self._bill(payload)
         return web.json_response(payload)
 
     async def _stream_badly(self, request: web.Request, payload: dict[str, Any], fault: str) -> web.StreamResponse:
@@ -272,10 +270,14 @@ class SimServer:
             await asyncio.sleep(pause)
             await response.write(body[start : start + step])
         await response.write_eof()
+        self._bill(payload)
+        return response
+
+    def _bill(self, payload: dict[str, Any]) -> None:
+        """Count a response whose whole body was sent: the one kind a provider bills."""
         self._completed += 1
         self._prompt_tokens += payload["usage"]["prompt_tokens"]
         self._completion_tokens += payload["usage"]["completion_tokens"]
-        return response
 
     async def _serve(self, seconds: float) -> None:
         self._queued += 1
