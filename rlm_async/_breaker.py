@@ -130,12 +130,11 @@ class Circuit:
         """Record how an admitted attempt ended: None for a response, else its error."""
         if probe:
             self._probing = False
-        if error is not None and not counts_as_failure(error):
-            if probe:  # the endpoint answered: it is up, even if this request was refused
-                self._close()
-            return
-        if error is None:
+        failed = error is not None and counts_as_failure(error)
+        if error is None or (probe and not failed):  # a response, or a probe the endpoint answered (even a 4xx)
             self._close()
+            return
+        if not failed:
             return
         self._failures += 1
         if probe:
