@@ -190,10 +190,7 @@ async def fanout(cfg: BenchConfig, base_url: str) -> list[Measurement]:
         for c in cs:
             if cfg.quick and n > 100 and c < 8:
                 continue  # quick: the 50 s one-at-a-time baseline for N=1000 is left to the full run
-            limits = Limits(max_concurrency=c, max_calls=n + 10, max_fanout=n)
-            run = await _engine_run(base_url, f"Fan out {n} sub-calls", "", limits)
-            ideal = (1 + math.ceil(n / c)) * cfg.scaled_call_s
-            rows.append(_measure("fanout", {"N": n, "C": c}, ideal, run, f"{n} of {n} right"))
+            rows.append(await _fanout_row(cfg, base_url, "fanout", n, c))
     _with_speedups(rows, lambda r: r.params["N"])
     return rows
 
@@ -201,14 +198,16 @@ async def fanout(cfg: BenchConfig, base_url: str) -> list[Measurement]:
 async def fanout_aiohttp(cfg: BenchConfig, base_url: str) -> list[Measurement]:
     """Scenario 1 again with ``RLM(http="aiohttp")`` for N <= 1000 at C >= 8: what the lean client buys where
     the engine's CPU per call, not the latency, sets the makespan."""
-    rows = []
-    for n in (100, 1000):
-        for c in (8, 64) if cfg.quick else (8, 64, 256):
-            limits = Limits(max_concurrency=c, max_calls=n + 10, max_fanout=n)
-            run = await _engine_run(base_url, f"Fan out {n} sub-calls", "", limits, http="aiohttp")
-            ideal = (1 + math.ceil(n / c)) * cfg.scaled_call_s
-            rows.append(_measure("fanout_aiohttp", {"N": n, "C": c}, ideal, run, f"{n} of {n} right"))
-    return rows
+    cs = (8, 64) if cfg.quick else (8, 64, 256)
+    return [await _fanout_row(cfg, base_url, "fanout_aiohttp", n, c, http="aiohttp") for n in (100, 1000) for c in cs]
+
+
+async def _fanout_row(cfg: BenchConfig, base_url: str, scenario: str, n: int, c: int, **rlm_kwargs: Any) -> Measurement:
+    """One ``llm_batch`` of n calls at max_concurrency c; ideal: the root turn plus ceil(n / c) waves."""
+    limits = Limits(max_concurrency=c, max_calls=n + 10, max_fanout=n)
+    run = await _engine_run(base_url, f"Fan out {n} sub-calls", "", limits, **rlm_kwargs)
+    ideal = (1 + math.ceil(n / c)) * cfg.scaled_call_s
+    return _measure(scenario, {"N": n, "C": c}, ideal, run, f"{n} of {n} right")
 
 
 async def recursive(cfg: BenchConfig, base_url: str, k: int = 10) -> tuple[list[Measurement], list[Event]]:
