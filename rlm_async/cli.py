@@ -26,6 +26,10 @@ from .sim import FAULT_KINDS, PROFILES, FaultPlan, SimConfig, SimServer
 
 __all__ = ["main"]
 
+#: Limits that ``run --local`` sets unless told otherwise: a small local model rambles, and its conversation
+#: must fit its slot (32,768 tokens of context over 4 slots).
+LOCAL_LIMITS = {"max_tokens_per_turn": 512, "max_iterations": 8, "max_output_chars": 2000}
+
 #: Exit codes a shell user can act on.
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_BUDGET, EXIT_ENDPOINT = 0, 1, 2, 3, 4
 
@@ -72,13 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--local-model", choices=sorted(MODELS), default="0.5b")
     run.add_argument("--keep-server", action="store_true", help="leave a server --local started running")
     run.add_argument("--max-iterations", type=int, default=None, help="turns per agent (default 20; 8 with --local)")
-    run.add_argument("--max-output-chars", type=int, default=None, help="default 20000; 2000 with --local")
+    run.add_argument("--max-output-chars", type=int, default=None, help="default 20,000; 2,000 with --local")
     run.add_argument("--max-tokens-per-turn", type=int, default=None, help="default: 512 with --local")
     run.add_argument("--temperature", type=float, default=None, help="default: 0 with --local")
 
-    local = sub.add_parser("local", help="the local llama.cpp server: setup, start, stop, status")
-    local.add_argument("action", choices=["setup", "start", "stop", "status"])
-    local.add_argument("--local-model", choices=sorted(MODELS), default="0.5b")
+    local_cmd = sub.add_parser("local", help="the local llama.cpp server: setup, start, stop, status")
+    local_cmd.add_argument("action", choices=["setup", "start", "stop", "status"])
+    local_cmd.add_argument("--local-model", choices=sorted(MODELS), default="0.5b")
 
     sim = sub.add_parser("sim", help="serve the simulated OpenAI-compatible endpoint")
     sim.add_argument("--host", default="127.0.0.1")
@@ -144,16 +148,14 @@ def _read_context(spec: str) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     context = _read_context(args.context)
+    given = {name: getattr(args, name) for name in LOCAL_LIMITS if getattr(args, name) is not None}
     limits = Limits(
         max_concurrency=args.max_concurrency,
         max_depth=args.max_depth,
         max_calls=args.max_calls,
         max_cost_usd=args.max_cost_usd,
         timeout_s=args.timeout,
-        max_tokens_per_turn=args.max_tokens_per_turn or (512 if args.local else None),
-        # a small local model's conversation must fit its slot (32,768 tokens over 4 slots)
-        max_iterations=args.max_iterations or (8 if args.local else 20),
-        max_output_chars=args.max_output_chars or (2000 if args.local else 20_000),
+        **({**LOCAL_LIMITS, **given} if args.local else given),
     )
     if args.local:
         err = Console(stderr=True)
