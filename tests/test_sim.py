@@ -13,6 +13,7 @@ import pytest
 
 from rlm_async import (
     RLM,
+    AiohttpClient,
     ChatRequest,
     ConfigError,
     Limits,
@@ -83,7 +84,7 @@ async def test_capacity_queues_requests_beyond_it():
     assert stats.peak_in_flight == 2 and stats.peak_queued >= 1 and stats.completed == 6
 
 
-#: The typed error each simulated fault becomes, whichever client made the attempt.
+#: The typed error each simulated fault becomes, whichever client made the attempt (both are tested).
 FAULT_ERRORS = [
     ("429", ProviderStatusError),
     ("500", ProviderStatusError),
@@ -95,15 +96,17 @@ FAULT_ERRORS = [
 ]
 
 
+@pytest.mark.parametrize("client_cls", [OpenAIClient, AiohttpClient])
 @pytest.mark.parametrize(("kind", "error"), FAULT_ERRORS)
-async def test_each_fault_kind(kind, error):
+async def test_each_fault_kind(kind, error, client_cls):
     config = SimConfig(latency=PROFILES["instant"], faults=FaultPlan({kind: 1.0}, retry_after_s=2.0), time_scale=0.5)
     async with SimServer(config) as sim:
         with pytest.raises(error) as info:
-            await one_call(sim)
+            await one_call(sim, client_cls=client_cls)
         assert sim.stats().faults == {kind: 1}
     if kind == "429":
         assert info.value.headers["retry-after-ms"] == "1000.0" and info.value.headers["retry-after"] == "1"
+        assert info.value.status == 429 and "simulated rate limit" in str(info.value)
     if kind in ("500", "503"):
         assert info.value.status == int(kind)
 
