@@ -98,6 +98,21 @@ def _block(*parts: str) -> str:
     return f"```repl\n{code}\n```"
 
 
+def _loop(n: int, call: str, hit: str, label: str) -> str:
+    """A block making ``call`` n times, one at a time (``i`` is the index), counting results where ``hit``
+    holds; answers ``"<hits> of <n> <label>"``."""
+    return _block(
+        f"""
+        hits = 0
+        for i in range({n}):
+            r = {call}
+            hits += {hit}
+        answer["content"] = f"{{hits}} of {n} {label}"
+        answer["ready"] = True
+        """
+    )
+
+
 class ScriptedRoot:
     """Plays an RLM root (or child agent) turn by turn, with a fixed program per task family.
 
@@ -232,29 +247,11 @@ class ScriptedRoot:
 
     def _loop_calls(self, n: int, asynchronous: bool) -> str:
         call = "await llm_query" if asynchronous else "llm_query"
-        return _block(
-            f"""
-            right = 0
-            for i in range({n}):
-                r = {call}({KEY_PROMPT_EXPR})
-                right += r == f"key k{{i}} found"
-            answer["content"] = f"{{right}} of {n} right"
-            answer["ready"] = True
-            """
-        )
+        return _loop(n, f"{call}({KEY_PROMPT_EXPR})", 'r == f"key k{i} found"', "right")
 
     def _loop_agents(self, k: int, asynchronous: bool) -> str:
         call = 'await rlm_agent("Chain 1", "Chain 1")' if asynchronous else 'rlm_query("Chain 1")'
-        return _block(
-            f"""
-            done = 0
-            for i in range({k}):
-                r = {call}
-                done += isinstance(r, str) and r.strip() == "LEAF"
-            answer["content"] = f"{{done}} of {k} chains answered"
-            answer["ready"] = True
-            """
-        )
+        return _loop(k, call, 'isinstance(r, str) and r.strip() == "LEAF"', "chains answered")
 
     def _chain_step(self, asynchronous: bool) -> str:
         child = 'await rlm_agent(f"Chain {d}", f"Chain {d}")' if asynchronous else 'rlm_query(f"Chain {d}")'
