@@ -16,9 +16,11 @@ from ._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
     RLMError,
+    WorkerError,
 )
 from ._repl import SubcallFailure
 from ._retry import RetryPolicy, parse_retry_after
+from ._sandbox import Sandbox
 from ._scheduler import RateLimit, SchedulerStats
 
 __all__ = [
@@ -48,9 +50,11 @@ __all__ = [
     "RateLimit",
     "RetryPolicy",
     "RunStats",
+    "Sandbox",
     "SchedulerStats",
     "SubcallFailure",
     "Usage",
     "UsageTotals",
+    "WorkerError",
     "parse_retry_after",
 ]

@@ -6,9 +6,11 @@ An :class:`Agent` is also the :class:`~rlm_async._repl.Host` of its own REPL: ``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import traceback
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +18,8 @@ import anyio
 
 from . import _prompts
 from ._clients import ChatRequest, Message
-from ._errors import BudgetExceeded, ConfigError, LLMCallError
-from ._repl import Outcome, ThreadRepl
+from ._errors import BudgetExceeded, ConfigError, LLMCallError, WorkerError
+from ._repl import Outcome, ProcessRepl, ReplSession, ThreadRepl
 from ._trace import bound
 
 if TYPE_CHECKING:
@@ -88,8 +90,10 @@ class Agent:
         self.depth = depth
         self.agent_id = agent_id
         self._children = itertools.count(1)
-        self._repl: ThreadRepl | None = None
+        self._repl: ReplSession | None = None
         self._iterations = 0
+        self._holds_worker_slot = False
+        self._lends = 0
 
     @property
     def draft(self) -> str:
@@ -107,22 +111,21 @@ class Agent:
         with self._bound():
             run.agent_started(self.depth)
             run.tracer.emit("agent_start", query=query[:500])
-            repl = ThreadRepl(
-                context=context,
-                host=self,
-                max_output_chars=run.limits.max_output_chars,
-                cell_timeout_s=run.limits.cell_timeout_s,
-                name=self.agent_id,
-            )
-            self._repl = repl
+            timeout = run.limits.agent_timeout_s if self.depth else None
             try:
-                async with repl:
-                    timeout = run.limits.agent_timeout_s if self.depth else None
-                    with anyio.move_on_after(timeout) as deadline:
-                        result = await self._loop(repl, query, context)
-                    if deadline.cancelled_caught:
-                        error = f"the agent passed agent_timeout_s={run.limits.agent_timeout_s:g} s"
-                        result = AgentResult(self.draft, "timeout", self._iterations, error)
+                with anyio.move_on_after(timeout) as deadline:
+                    await self._take_worker_slot()
+                    try:
+                        self._repl = repl = self._new_repl(context)
+                        async with repl:
+                            result = await self._loop(repl, query, context)
+                    finally:
+                        self._give_worker_slot()
+                if deadline.cancelled_caught:
+                    error = f"the agent passed agent_timeout_s={run.limits.agent_timeout_s:g} s"
+                    result = AgentResult(self.draft, "timeout", self._iterations, error)
+            except WorkerError as exc:
+                result = AgentResult(self.draft, "error", self._iterations, str(exc))
             except Exception as exc:  # an engine bug must not take the whole tree down; it is recorded
                 result = AgentResult(self.draft, "error", 0, "".join(traceback.format_exception(exc)))
             if result.stop_reason.startswith("budget:"):
@@ -132,7 +135,50 @@ class Agent:
             )
             return result
 
-    async def _loop(self, repl: ThreadRepl, query: str, context: Any) -> AgentResult:
+    def _new_repl(self, context: Any) -> ReplSession:
+        """A worker-process REPL under the run's sandbox plan, or an in-thread one for ``sandbox="none"``."""
+        run, limits = self._run, self._run.limits
+        if run.worker_plan is None:
+            return ThreadRepl(
+                context=context,
+                host=self,
+                max_output_chars=limits.max_output_chars,
+                cell_timeout_s=limits.cell_timeout_s,
+                name=self.agent_id,
+            )
+        return ProcessRepl(
+            context=context,
+            host=self,
+            plan=run.worker_plan,
+            max_output_chars=limits.max_output_chars,
+            cell_timeout_s=limits.cell_timeout_s,
+            name=self.agent_id,
+        )
+
+    async def _take_worker_slot(self) -> None:
+        await self._run.worker_slots.acquire()
+        self._holds_worker_slot = True
+
+    def _give_worker_slot(self) -> None:
+        if self._holds_worker_slot:
+            self._holds_worker_slot = False
+            self._run.worker_slots.release()
+
+    @contextlib.asynccontextmanager
+    async def _lend_worker_slot(self) -> AsyncIterator[None]:
+        """While this agent's cell waits on child agents, its worker slot is theirs to use (``max_workers``):
+        a tree wider than the cap then queues instead of deadlocking. Nested lends count as one."""
+        self._lends += 1
+        if self._lends == 1:
+            self._give_worker_slot()
+        try:
+            yield
+        finally:
+            self._lends -= 1
+            if self._lends == 0:
+                await self._take_worker_slot()
+
+    async def _loop(self, repl: ReplSession, query: str, context: Any) -> AgentResult:
         run, limits = self._run, self._run.limits
         messages: list[Message] = [
             {
@@ -162,7 +208,7 @@ class Agent:
                 final = parse_text_final(text)
                 if final is not None:
                     kind, value = final
-                    answer = (repl.final_var(value) or "") if kind == "var" else value
+                    answer = ((await repl.final_var(value)) or "") if kind == "var" else value
                     return AgentResult(answer, "answer", iteration)
                 messages.append({"role": "user", "content": _prompts.NO_CODE_MESSAGE})
                 continue
@@ -291,7 +337,7 @@ class Agent:
             else:
                 results[index] = _failure(outcome.stop_reason, outcome.error or "", outcome.answer)
 
-        async with anyio.create_task_group() as tg:
+        async with self._lend_worker_slot(), anyio.create_task_group() as tg:
             for index, (query, context) in enumerate(zip(queries, contexts, strict=True)):
                 tg.start_soon(child, index, query, context)
         return results

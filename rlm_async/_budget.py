@@ -53,9 +53,15 @@ class Limits:
             ``timeout_s``. Default None.
         max_output_chars: characters of one cell's printed output shown to the model; the rest is cut with
             a note. Default 20,000 (about 5,000 tokens at 4 characters per token).
-        cell_timeout_s: seconds one REPL cell may run; a slower cell is stopped (its sub-calls cancelled,
-            then its thread interrupted) and the model is told, and the agent goes on. Default None: a cell
-            may await a long batch, and ``timeout_s`` bounds the whole run.
+        cell_timeout_s: seconds one REPL cell may run; a slower cell is stopped and the model is told, and
+            the agent goes on. In a worker process (the default sandbox) the worker's process group is
+            killed and replaced, so the cell's variables are lost; in-thread (``sandbox="none"``) its
+            sub-calls are cancelled and its thread interrupted. Default 120; None: no limit (``timeout_s``
+            then bounds the whole run).
+        max_workers: REPL worker processes running model code at once in the run (each is a Python
+            interpreter, about 15 MB). An agent waits for a slot before its worker starts; an agent whose
+            cell waits on child agents lends its slot to them meanwhile, so a tree wider than the cap queues
+            instead of deadlocking. Default 32.
 
     Raises:
         ConfigError: when a field is negative, zero where that makes no sense, or of the wrong type.
@@ -74,17 +80,18 @@ class Limits:
     timeout_s: float | None = None
     agent_timeout_s: float | None = None
     max_output_chars: int = 20_000
-    cell_timeout_s: float | None = None
+    cell_timeout_s: float | None = 120.0
+    max_workers: int = 32
 
     def __post_init__(self) -> None:
         positive = (
             "max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_agents", "max_fanout",
-            "max_tokens_per_turn",
+            "max_tokens_per_turn", "max_workers",
         )  # fmt: skip
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
-                if f.name in ("max_concurrency", "max_depth", "max_iterations", "max_output_chars"):
+                if f.name in ("max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_workers"):
                     raise ConfigError(f"Limits.{f.name} cannot be None")
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):

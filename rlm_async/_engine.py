@@ -19,6 +19,7 @@ from ._budget import Ledger, Limits, Price, Usage
 from ._clients import AiohttpClient, ChatClient, OpenAIClient
 from ._errors import ConfigError
 from ._retry import RetryPolicy
+from ._sandbox import Sandbox, plan_for
 from ._scheduler import RateLimit, Scheduler
 from ._trace import Event, Tracer, bound
 
@@ -113,6 +114,8 @@ class Run:
         )
         self._model_for = rlm.model_for
         self.temperature = rlm.temperature
+        self.worker_plan = rlm.worker_plan
+        self.worker_slots = anyio.Semaphore(rlm.limits.max_workers)
         self.started = anyio.current_time()
         self.deadline = None if rlm.limits.timeout_s is None else self.started + rlm.limits.timeout_s
         self.agents_started = 0
@@ -182,9 +185,16 @@ class RLM:
         system_prompt: replace the built-in system prompt.
         temperature: sampling temperature sent with every call (root turns, sub-calls, children), or None for
             the provider's default. 0 makes a local model's runs repeatable.
+        sandbox: where model-written code runs (:class:`Sandbox`, or its level as a str): ``"strict"`` (the
+            default) runs each agent's REPL in its own worker process confined by every layer this machine
+            supports (bubblewrap namespaces, Landlock, seccomp, rlimits, no keys in its environment);
+            ``"process"`` in a worker process with rlimits and a scrubbed environment only; ``"none"`` in a
+            thread of this process, for trusted code only (docs/security.md).
 
     Raises:
-        ConfigError: no endpoint configured, or a bad argument.
+        ConfigError: no endpoint configured, a bad argument, or ``sandbox="strict"`` on a machine where
+            neither bubblewrap nor Landlock can confine the filesystem, or nothing can confine the network
+            (``rlm-async doctor`` says which; ``sandbox="process"`` opts down explicitly).
 
     Use ``async with RLM(...) as rlm: await rlm.completion(...)``; ``completion_sync`` is a blocking
     convenience for scripts.
@@ -210,6 +220,7 @@ class RLM:
         on_event: Callable[[Event], None] | None = None,
         system_prompt: str | None = None,
         temperature: float | None = None,
+        sandbox: Sandbox | Literal["strict", "process", "none"] = "strict",
     ) -> None:
         if not model or not isinstance(model, str):
             raise ConfigError("model must be a non-empty str")
@@ -237,6 +248,8 @@ class RLM:
         if http not in ("openai", "aiohttp"):
             raise ConfigError(f"http must be 'openai' or 'aiohttp', got {http!r}")
         self._http = http
+        self.sandbox = Sandbox.coerce(sandbox)
+        self.worker_plan = None if self.sandbox.level == "none" else plan_for(self.sandbox)
         self._client = client
         self._owns_client = client is None
         self._base_url = base_url or os.environ.get("OPENAI_BASE_URL")

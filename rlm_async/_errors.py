@@ -11,8 +11,10 @@
     │   ├── ProviderTimeoutError     the attempt ran past its per-attempt timeout
     │   ├── ProviderResponseError    a 2xx response that is malformed or empty
     │   └── CircuitOpenError         not sent: the circuit breaker is open (the endpoint kept failing)
-    └── LLMCallError           the scheduler's final verdict on one call: retries exhausted or not retryable;
-                               carries call_id, depth, agent_id, model, status, attempts and the last cause
+    ├── LLMCallError           the scheduler's final verdict on one call: retries exhausted or not retryable;
+    │                          carries call_id, depth, agent_id, model, status, attempts and the last cause
+    └── WorkerError            a REPL worker process could not start, or did not confine itself as the
+                               sandbox level requires
 
 Errors are plain values: constructing one does no I/O and no logging.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "ProviderStatusError",
     "ProviderTimeoutError",
     "RLMError",
+    "WorkerError",
 ]
 
 
@@ -137,3 +140,8 @@ class LLMCallError(RLMError):
 class CircuitOpenError(ProviderError):
     """An attempt was refused without being sent: the circuit breaker is open because the endpoint kept
     failing (see :class:`~rlm_async.CircuitBreaker`). Never retried."""
+
+
+class WorkerError(RLMError):
+    """A REPL worker process could not be started, or reported fewer confinement layers than its sandbox
+    level requires (the engine fails closed). The message holds the worker's own last words (stderr)."""

@@ -52,7 +52,9 @@ async def test_100_prompt_llm_batch_finishes_within_1_2x_of_two_waves():
         sub,
     )
     events: list[dict] = []
-    rlm, _ = make_rlm(script, limits=Limits(max_concurrency=64), on_event=events.append)
+    # In-thread REPL: the fake clock would jump past a worker process's start-up timeout while it starts.
+    limits = Limits(max_concurrency=64, cell_timeout_s=None)  # the fake clock would run past a cell deadline
+    rlm, _ = make_rlm(script, limits=limits, on_event=events.append, sandbox="none")
     result = await rlm.completion("q", "ctx")
     assert result.stop_reason == "answer"
     outputs = [e["output"] for e in events if e["event"] == "output"]
@@ -94,7 +96,7 @@ async def test_peak_in_flight_never_exceeds_the_cap_at_any_depth():
         await gauge.hold(0.05)
         return await base(request)
 
-    rlm, _client = make_rlm(handler, limits=Limits(max_concurrency=3))
+    rlm, _client = make_rlm(handler, limits=Limits(max_concurrency=3), sandbox="none")  # fake clock: in-thread
     result = await rlm.completion("q", "ctx")
     assert result.ok
     assert gauge.peak == 3 and result.stats.peak_in_flight == 3
@@ -368,7 +370,7 @@ async def test_a_blocking_cell_does_not_stall_a_sibling_agents_calls(no_leaks):
         },
         sub,
     )
-    rlm, _ = make_rlm(script)
+    rlm, _ = make_rlm(script, sandbox="none")  # a threading.Event as context: the in-thread REPL only
     result = await rlm.completion("q", {"gate": gate})
     assert result.answer == "['released', '5']"
 
@@ -438,13 +440,16 @@ def test_completion_sync_for_scripts():
     assert rlm.completion_sync("q", "ctx").answer == "sync"
 
 
-async def test_a_cell_past_its_time_limit_is_reported_and_the_agent_goes_on(no_leaks):
+@pytest.mark.parametrize(
+    ("sandbox", "note"), [("strict", "cell was killed after 0.2 s"), ("none", "time limit of 0.2 s")]
+)
+async def test_a_cell_past_its_time_limit_is_reported_and_the_agent_goes_on(no_leaks, sandbox, note):
     script = Script({"q": [repl("while True:\n    pass"), finish("recovered")]})
     events: list[dict] = []
-    rlm, _ = make_rlm(script, limits=Limits(cell_timeout_s=0.2), on_event=events.append)
+    rlm, _ = make_rlm(script, limits=Limits(cell_timeout_s=0.2), on_event=events.append, sandbox=sandbox)
     result = await rlm.completion("q", "ctx")
     assert result.answer == "recovered"
-    assert "time limit of 0.2 s" in next(e["output"] for e in events if e["event"] == "output")
+    assert note in next(e["output"] for e in events if e["event"] == "output")
 
 
 async def test_models_per_depth():

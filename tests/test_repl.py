@@ -1,4 +1,8 @@
-"""The in-thread REPL against a fake host: capture, persistence, errors, reserved names, the two call forms."""
+"""Both REPLs against a fake host: capture, persistence, errors, reserved names, the two call forms.
+
+Every test that takes the ``session`` fixture runs twice: against the confined worker process (the default
+``"strict"`` sandbox) and against the in-thread REPL (``"none"``). Tests of the thread's own mechanics (its
+interrupts, a context holding a threading.Event) use ``thread_session``."""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from rlm_async import BudgetExceeded
-from rlm_async._repl import ThreadRepl
+from rlm_async import BudgetExceeded, Sandbox
+from rlm_async._repl import ProcessRepl, ThreadRepl
+from rlm_async._sandbox import plan_for
 
 from .conftest import cell_threads
 
@@ -40,12 +45,26 @@ class FakeHost:
         return {"calls": 7}
 
 
-async def session(context="the context", **kwargs) -> ThreadRepl:
+async def thread_session(context="the context", **kwargs) -> ThreadRepl:
     kwargs.setdefault("max_output_chars", 10_000)
     return ThreadRepl(context=context, host=kwargs.pop("host", FakeHost()), **kwargs)
 
 
-async def test_print_is_captured_per_cell_and_variables_persist(no_leaks):
+@pytest.fixture(params=["strict", "none"])
+def session(request):
+    """A factory of REPL sessions of one kind: ``await session(context, **kwargs)``."""
+
+    async def make(context="the context", **kwargs):
+        if request.param == "none":
+            return await thread_session(context, **kwargs)
+        kwargs.setdefault("max_output_chars", 10_000)
+        host = kwargs.pop("host", FakeHost())
+        return ProcessRepl(context=context, host=host, plan=plan_for(Sandbox("strict")), **kwargs)
+
+    return make
+
+
+async def test_print_is_captured_per_cell_and_variables_persist(no_leaks, session):
     stdout = sys.stdout
     async with await session() as repl:
         first = await repl.run_cell("x = 41\nprint('hello', x)")
@@ -55,7 +74,7 @@ async def test_print_is_captured_per_cell_and_variables_persist(no_leaks):
     assert second.output == "42\n84\n"
 
 
-async def test_concurrent_sessions_do_not_mix_output(no_leaks):
+async def test_concurrent_sessions_do_not_mix_output(no_leaks, session):
     code = "for i in range(1000):\n    print(context, i)"
     async with await session("A") as a, await session("B") as b:
         results = {}
@@ -71,7 +90,7 @@ async def test_concurrent_sessions_do_not_mix_output(no_leaks):
         assert lines == [f"{name} {i}" for i in range(1000)]
 
 
-async def test_long_output_is_cut_with_a_note_keeping_head_and_tail(no_leaks):
+async def test_long_output_is_cut_with_a_note_keeping_head_and_tail(no_leaks, session):
     async with await session(max_output_chars=1000) as repl:
         result = await repl.run_cell("print('START' + 'x' * 100_000 + 'END')")
     assert result.output.startswith("START") and result.output.rstrip().endswith("END")
@@ -79,29 +98,29 @@ async def test_long_output_is_cut_with_a_note_keeping_head_and_tail(no_leaks):
     assert len(result.output) < 1300
 
 
-async def test_syntax_error_and_exception_are_shown_and_the_session_goes_on(no_leaks):
+async def test_syntax_error_and_exception_are_shown_and_the_session_goes_on(no_leaks, session):
     async with await session() as repl:
         bad = await repl.run_cell("def f(:\n  pass")
         boom = await repl.run_cell("y = 1\nprint('before')\n{}['missing']")
         after = await repl.run_cell("print(y)")
     assert "SyntaxError" in bad.error
     assert "KeyError: 'missing'" in boom.error and "{}['missing']" in boom.error
-    assert "_thread.py" not in boom.error  # engine frames are not shown
+    assert "_thread.py" not in boom.error and "_worker.py" not in boom.error  # engine frames are not shown
     assert boom.output == "before\n"
     assert after.output == "1\n"
 
 
-async def test_reserved_names_are_restored_with_a_note(no_leaks):
+async def test_reserved_names_are_restored_with_a_note(no_leaks, session):
     async with await session() as repl:
         result = await repl.run_cell("context = 'mine'\nllm_batch = None\nanswer = 'done'")
-        check = await repl.run_cell("print(context)\nprint(callable(llm_batch), type(answer).__name__)")
+        check = await repl.run_cell("print(context)\nprint(callable(llm_batch), isinstance(answer, dict), answer)")
     assert any("`context` is reserved" in n for n in result.notes)
     assert any("`llm_batch` is reserved" in n for n in result.notes)
     assert any("answer[" in n for n in result.notes)
-    assert check.output == "the context\nTrue dict\n"
+    assert check.output == "the context\nTrue True {'content': '', 'ready': False}\n"
 
 
-async def test_await_form(no_leaks):
+async def test_await_form(no_leaks, session):
     async with await session() as repl:
         result = await repl.run_cell(
             "one = await llm_query('a')\nmany = await llm_batch(['b', 'c'])\nkid = await rlm_agent('q', 'ctx')\n"
@@ -111,7 +130,7 @@ async def test_await_form(no_leaks):
     assert result.output == "A ['B', 'C'] q|ctx\n"
 
 
-async def test_plain_form_in_a_plain_cell(no_leaks):
+async def test_plain_form_in_a_plain_cell(no_leaks, session):
     async with await session() as repl:
         result = await repl.run_cell(
             "print(llm_query('a'), llm_batch(['b']), llm_query_batched(['c']),"
@@ -121,7 +140,7 @@ async def test_plain_form_in_a_plain_cell(no_leaks):
     assert result.output == "A ['B'] ['C'] p|p ['r|r']\n"
 
 
-async def test_plain_def_inside_an_async_cell_blocks_only_its_cell(no_leaks):
+async def test_plain_def_inside_an_async_cell_blocks_only_its_cell(no_leaks, session):
     code = """
 def summarise(text):
     return llm_query("sum: " + text)
@@ -135,7 +154,7 @@ print([summarise(p) for p in parts])
     assert result.output == "['SUM: X', 'SUM: Y']\n"
 
 
-async def test_gather_over_comprehensions_and_async_defs(no_leaks):
+async def test_gather_over_comprehensions_and_async_defs(no_leaks, session):
     code = """
 import asyncio
 a = await asyncio.gather(*[llm_query(p) for p in ["a", "b"]])
@@ -152,14 +171,14 @@ print(a, b)
     assert result.notes == ()
 
 
-async def test_an_unawaited_call_in_async_code_is_reported(no_leaks):
+async def test_an_unawaited_call_in_async_code_is_reported(no_leaks, session):
     async with await session() as repl:
         result = await repl.run_cell("await llm_query('a')\nx = llm_query('b')\nprint(x)")
     assert "not awaited yet" in result.output
     assert any("never awaited" in n for n in result.notes)
 
 
-async def test_failures_are_typed_and_falsy(no_leaks):
+async def test_failures_are_typed_and_falsy(no_leaks, session):
     code = """
 res = await llm_batch(["ok", "fail this"])
 print(res[0], bool(res[1]), is_failure(res[1]), isinstance(res[1], SubcallFailure), res[1].kind)
@@ -174,7 +193,7 @@ except TypeError:
     assert result.output == "OK False True True rate_limited\ncannot be mistaken for text\n"
 
 
-async def test_budget_exceeded_is_raised_in_the_cell_with_partial_results(no_leaks):
+async def test_budget_exceeded_is_raised_in_the_cell_with_partial_results(no_leaks, session):
     code = """
 try:
     await llm_batch(["fine", "budget"])
@@ -188,7 +207,7 @@ except BudgetExceeded as e:
     assert "BudgetExceeded" in plain.error
 
 
-async def test_bad_arguments_are_type_errors_in_the_cell(no_leaks):
+async def test_bad_arguments_are_type_errors_in_the_cell(no_leaks, session):
     async with await session() as repl:
         one = await repl.run_cell("llm_batch('just one prompt')")
         two = await repl.run_cell("llm_batch(['a', 3])")
@@ -198,7 +217,7 @@ async def test_bad_arguments_are_type_errors_in_the_cell(no_leaks):
     assert "2 queries but 1 contexts" in three.error
 
 
-async def test_final_and_final_var_and_budget(no_leaks):
+async def test_final_and_final_var_and_budget(no_leaks, session):
     async with await session() as repl:
         await repl.run_cell("print(budget())")
         assert repl.answer() == ("", False)
@@ -215,7 +234,7 @@ async def test_final_and_final_var_and_budget(no_leaks):
 async def test_a_blocking_cell_does_not_block_the_event_loop(no_leaks):
     gate = threading.Event()
     ticks = 0
-    async with await session({"gate": gate}) as repl:
+    async with await thread_session({"gate": gate}) as repl:
 
         async def ticker() -> None:
             nonlocal ticks
@@ -231,7 +250,7 @@ async def test_a_blocking_cell_does_not_block_the_event_loop(no_leaks):
 
 
 async def test_cell_timeout_interrupts_a_cpu_loop_and_the_agent_goes_on(no_leaks):
-    async with await session(cell_timeout_s=0.2) as repl:
+    async with await thread_session(cell_timeout_s=0.2) as repl:
         slow = await repl.run_cell("n = 0\nwhile True:\n    n += 1")
         after = await repl.run_cell("print(n > 0)")
     assert slow.timed_out and any("time limit" in n for n in slow.notes)
@@ -241,14 +260,14 @@ async def test_cell_timeout_interrupts_a_cpu_loop_and_the_agent_goes_on(no_leaks
 
 async def test_cancelling_a_cell_stops_its_thread(no_leaks):
     started = threading.Event()
-    async with await session({"started": started}) as repl, anyio.create_task_group() as tg:
+    async with await thread_session({"started": started}) as repl, anyio.create_task_group() as tg:
         tg.start_soon(repl.run_cell, "context['started'].set()\nwhile True:\n    pass")
         await anyio.to_thread.run_sync(started.wait, 10)
         tg.cancel_scope.cancel()
     assert cell_threads() == []
 
 
-async def test_cancelling_a_cell_cancels_the_sub_calls_it_awaits(no_leaks):
+async def test_cancelling_a_cell_cancels_the_sub_calls_it_awaits(no_leaks, session):
     entered = anyio.Event()
     cancelled = anyio.Event()
 
@@ -293,7 +312,7 @@ async def test_a_sub_call_made_while_its_cell_is_being_stopped_is_refused(no_lea
 
 
 @pytest.mark.parametrize("code", ["import os\nos.getcwd()", "import sys\nsys.stdout.write('')"])
-async def test_the_process_state_is_left_alone(code, no_leaks):
+async def test_the_process_state_is_left_alone(code, no_leaks, session):
     import os
 
     cwd, stdout = os.getcwd(), sys.stdout

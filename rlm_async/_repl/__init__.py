@@ -1,6 +1,8 @@
-"""REPL sessions behind one protocol (in a worker thread today; a sandboxed worker process can follow)."""
+"""REPL sessions behind one protocol: a confined worker process per agent (the default), or a worker thread
+inside the engine process (``sandbox="none"``, for trusted code)."""
 
-from ._functions import Pending, SubcallFailure
+from ._functions import SubcallFailure
+from ._process import ProcessRepl
 from ._protocol import CellResult, Host, Outcome, ReplSession
 from ._thread import CellInterrupted, ThreadRepl
 
@@ -9,7 +11,7 @@ __all__ = [
     "CellResult",
     "Host",
     "Outcome",
-    "Pending",
+    "ProcessRepl",
     "ReplSession",
     "SubcallFailure",
     "ThreadRepl",

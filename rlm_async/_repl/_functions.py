@@ -1,18 +1,21 @@
 """The functions model code sees in its REPL, and how one name serves both ``await f(x)`` and ``f(x)``.
 
 **One name, two forms.** Each sub-call function looks at the frame that called it (skipping comprehension
-frames, which Python 3.11 gives their own code object):
+frames, which Python 3.11 gives their own code object, and lambdas):
 
-- called from a coroutine (an ``async def``, or a cell with a top-level ``await``), it returns an awaitable
-  :class:`Pending`, so ``await llm_query(p)`` and ``asyncio.gather(*(llm_query(p) for p in ps))`` work;
-  nothing is sent until it is awaited;
+- called from a coroutine (an ``async def``, or a cell with a top-level ``await``), it returns a real
+  coroutine, so ``await llm_query(p)``, ``asyncio.gather(*(llm_query(p) for p in ps))``,
+  ``asyncio.create_task(llm_query(p))`` and ``TaskGroup.create_task(...)`` all work; nothing is sent until
+  the coroutine starts;
 - called from plain code (a cell without ``await``, or a plain ``def`` the model wrote), it blocks *its own
-  cell's thread* until the result is in and returns it, as the official ``rlms`` REPL does. The engine's
-  event loop never blocks: the work runs there, the cell thread only waits.
+  thread* until the result is in and returns it, as the official ``rlms`` REPL does. The engine's event
+  loop never blocks: the work runs there, the cell only waits.
 
-A Pending that is never awaited is reported to the model at the end of the cell, so the one confusing case
-(``x = llm_query(p)`` without ``await`` inside async code) is explained instead of silently yielding an
-object.
+A coroutine that is never started is reported to the model at the end of the cell (and closed), so the one
+confusing case (``x = llm_query(p)`` without ``await`` inside async code) is explained instead of silently
+yielding an object.
+
+Standard library only: the sandboxed worker process loads this file by path, without the engine.
 """
 
 from __future__ import annotations
@@ -20,20 +23,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from types import FrameType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from .._errors import BudgetExceeded
-from ._protocol import Outcome
+if TYPE_CHECKING:
+    from ._protocol import Outcome
 
-__all__ = ["Pending", "ReplFunctions", "SubcallFailure"]
-
-T = TypeVar("T")
+__all__ = ["ReplFunctions", "SubcallFailure"]
 
 _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
-_COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
+#: Frames that take their form from the code around them: ``asyncio.gather(*map(lambda p: llm_query(p), ps))``
+#: and ``[llm_query(p) for p in ps]`` inside async code hand out coroutines.
+_TRANSPARENT = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>", "<lambda>"})
 
 
 class SubcallFailure:
@@ -81,38 +84,8 @@ def to_model_value(outcome: Outcome) -> str | SubcallFailure:
     return SubcallFailure(outcome.get("kind", "error"), outcome.get("message", ""), outcome.get("partial", ""))
 
 
-class Pending(Generic[T]):
-    """An awaitable sub-call. Starts its work when first awaited; awaiting it twice is an error."""
-
-    __slots__ = ("__weakref__", "_convert", "_label", "_start", "_unawaited")
-
-    def __init__(
-        self, label: str, start: Callable[[], Future[Any]], convert: Callable[[Any], T], unawaited: set[Pending[Any]]
-    ) -> None:
-        self._label = label
-        self._start = start
-        self._convert = convert
-        self._unawaited = unawaited
-        unawaited.add(self)
-
-    def __await__(self) -> Generator[Any, None, T]:
-        if self not in self._unawaited:
-            raise RuntimeError(f"{self._label}(...) was already awaited; call it again for a new result")
-        self._unawaited.discard(self)
-        future = asyncio.wrap_future(self._start())
-        try:
-            value = yield from future.__await__()
-        except BudgetExceeded as exc:
-            exc.results = [to_model_value(o) for o in exc.results]
-            raise
-        return self._convert(value)
-
-    def __repr__(self) -> str:
-        return f"<pending {self._label}(...): not awaited yet; write `await {self._label}(...)`>"
-
-
 def _caller_is_async(frame: FrameType | None) -> bool:
-    while frame is not None and frame.f_code.co_name in _COMPREHENSIONS:
+    while frame is not None and frame.f_code.co_name in _TRANSPARENT:
         frame = frame.f_back
     return frame is not None and bool(frame.f_code.co_flags & _ASYNC_FLAGS)
 
@@ -128,19 +101,33 @@ class ReplFunctions:
             concurrent Future of its result (a list of outcome dicts).
         call: ``call(method)`` runs the synchronous ``Host.<method>()`` on the engine's loop, blocking.
         namespace: the REPL globals, for ``FINAL_VAR``.
+        budget_error: the exception class a refused batch raises in model code (``BudgetExceeded``); its
+            ``results`` (outcome dicts) are turned into model values on the way.
+        answer: the dict model code sees as ``answer`` (default a plain ``{"content": "", "ready": False}``;
+            the worker passes one that reports every change to the engine).
     """
 
-    def __init__(self, submit: Submit, call: Callable[[str], Any], namespace: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        submit: Submit,
+        call: Callable[[str], Any],
+        namespace: dict[str, Any],
+        budget_error: type[Exception],
+        answer: dict[str, Any] | None = None,
+    ) -> None:
         self._submit = submit
         self._call = call
         self._ns = namespace
-        self.unawaited: set[Pending[Any]] = set()
-        self.answer: dict[str, Any] = {"content": "", "ready": False}
+        self._budget_error = budget_error
+        #: coroutines handed to async code in the current cell, with their labels (see ``unawaited_note``)
+        self._handed_out: dict[Coroutine[Any, Any, Any], str] = {}
+        self._reserved: dict[str, Any] = {}
+        self.answer: dict[str, Any] = {"content": "", "ready": False} if answer is None else answer
 
     def build(self, context: Any) -> dict[str, Any]:
         """The reserved names, bound to this session: the engine owns them, and model code that rebinds one
-        gets it back after the cell."""
-        return {
+        gets it back after the cell (:meth:`restore_reserved`)."""
+        self._reserved = {
             "context": context,
             "answer": self.answer,
             "llm_query": self.llm_query,
@@ -154,20 +141,61 @@ class ReplFunctions:
             "FINAL": self.FINAL,
             "FINAL_VAR": self.FINAL_VAR,
             "SubcallFailure": SubcallFailure,
-            "BudgetExceeded": BudgetExceeded,
+            "BudgetExceeded": self._budget_error,
             "is_failure": is_failure,
         }
+        return dict(self._reserved)
+
+    def restore_reserved(self) -> list[str]:
+        """Put back every reserved name model code rebound or deleted; one note per name for the model."""
+        notes = []
+        for name, original in self._reserved.items():
+            if self._ns.get(name) is not original:
+                self._ns[name] = original
+                hint = ' (set answer["content"] and answer["ready"] instead)' if name == "answer" else ""
+                notes.append(f"`{name}` is reserved by the engine and was restored{hint}")
+        return notes
 
     # -- the dual-form machinery ----------------------------------------------------------------------
     def _dual(self, label: str, frame: FrameType | None, start: Callable[[], Future[Any]], convert: Any) -> Any:
         if _caller_is_async(frame):
-            return Pending(label, start, convert, self.unawaited)
+            coro = self._awaitable(start, convert)
+            # What print(coro) shows when the model forgot the await:
+            coro.__qualname__ = f"{label}(...): not awaited yet; write `await {label}(...)`"
+            self._handed_out[coro] = label
+            return coro
         try:
             value = start().result()
-        except BudgetExceeded as exc:
-            exc.results = [to_model_value(o) for o in exc.results]
+        except self._budget_error as exc:
+            _convert_results(exc)
             raise
         return convert(value)
+
+    async def _awaitable(self, start: Callable[[], Future[Any]], convert: Callable[[Any], Any]) -> Any:
+        try:
+            value = await asyncio.wrap_future(start())
+        except self._budget_error as exc:
+            _convert_results(exc)
+            raise
+        return convert(value)
+
+    def unawaited_note(self) -> str | None:
+        """At the end of a cell: a note naming the sub-calls that were created in async code but never
+        awaited (so never sent), or None. Closes them, so Python does not warn about them later."""
+        never = sorted(
+            {label for coro, label in self._handed_out.items() if inspect.getcoroutinestate(coro) == "CORO_CREATED"}
+        )
+        for coro in self._handed_out:
+            if inspect.getcoroutinestate(coro) == "CORO_CREATED":
+                coro.close()
+        self._handed_out.clear()
+        if not never:
+            return None
+        shown = "; ".join(f"<pending {label}(...): not awaited yet; write `await {label}(...)`>" for label in never)
+        return (
+            f"{len(never)} kind(s) of sub-call were created inside async code but never awaited, so they did "
+            f"not run: {shown}"
+        )
 
     # -- plain LLM calls ------------------------------------------------------------------------------
     def llm_batch(self, prompts: Iterable[str], *, model: str | None = None, max_tokens: int | None = None) -> Any:
@@ -244,6 +272,11 @@ class ReplFunctions:
         if name not in self._ns:
             raise NameError(f"FINAL_VAR: no variable named {name!r} in the REPL")
         self.FINAL(self._ns[name])
+
+
+def _convert_results(exc: Exception) -> None:
+    results = getattr(exc, "results", ())
+    exc.results = [to_model_value(o) if isinstance(o, dict) else o for o in results]  # type: ignore[attr-defined, arg-type]
 
 
 def is_failure(value: object) -> bool:

@@ -1,8 +1,8 @@
 """The seam between a REPL session and the engine: plain data both ways, no shared engine objects.
 
-A REPL session (in a thread today, in a sandboxed worker process next) reaches the engine only through a
-:class:`Host`. Everything crossing the seam is plain data: lists of str, JSON-like contexts, outcome dicts,
-and :class:`~rlm_async.BudgetExceeded` whose ``results`` are outcome dicts too.
+A REPL session (a confined worker process by default, a thread with ``sandbox="none"``) reaches the engine
+only through a :class:`Host`. Everything crossing the seam is plain data: lists of str, JSON-like contexts,
+outcome dicts, and :class:`~rlm_async.BudgetExceeded` whose ``results`` are outcome dicts too.
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ class CellResult:
 class ReplSession(Protocol):
     """A persistent REPL for one agent. Used as an async context manager around the agent's life."""
 
+    async def __aenter__(self) -> ReplSession: ...
+
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> bool | None: ...
+
     async def run_cell(self, code: str) -> CellResult:
         """Run one cell to completion (or to its time limit). Model errors become ``CellResult.error``."""
         ...
@@ -80,6 +84,6 @@ class ReplSession(Protocol):
         """``(answer["content"], answer["ready"])`` as it stands, content coerced to str."""
         ...
 
-    def final_var(self, name: str) -> str | None:
+    async def final_var(self, name: str) -> str | None:
         """``str()`` of the REPL variable ``name``, or None when it does not exist."""
         ...

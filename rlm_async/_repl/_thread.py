@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import builtins
 import contextlib
@@ -30,13 +29,13 @@ from typing import Any
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from .._errors import RLMError
+from .._errors import BudgetExceeded, RLMError
+from ._cell import SHOW, CappedText, compile_cell, format_traceback, show_value
 from ._functions import ReplFunctions
 from ._protocol import CellResult, Host
 
 __all__ = ["CellInterrupted", "ThreadRepl"]
 
-_SHOW = "__rlm_show__"
 #: Real seconds an interrupted cell gets to unwind by itself (its sub-calls cancelled) before it is forced.
 _SETTLE_S = 0.5
 _cell_numbers = itertools.count(1)
@@ -51,41 +50,6 @@ class CellInterrupted(BaseException):
 
 class SubcallCancelled(RLMError):
     """A sub-call of a cell that is being stopped (timeout or cancellation) was cancelled."""
-
-
-class _CappedText:
-    """Collects printed text, keeping the head and the tail within ``limit`` characters in all."""
-
-    def __init__(self, limit: int) -> None:
-        self._head_cap = limit * 2 // 3
-        self._tail_cap = limit - self._head_cap
-        self._head: list[str] = []
-        self._head_len = 0
-        self._tail = ""
-        self.total = 0
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> None:
-        with self._lock:
-            self.total += len(text)
-            room = self._head_cap - self._head_len
-            if room > 0:
-                self._head.append(text[:room])
-                self._head_len += min(room, len(text))
-                text = text[room:]
-            if text and self._tail_cap:
-                self._tail = (self._tail + text)[-self._tail_cap :]
-
-    def render(self) -> str:
-        head = "".join(self._head)
-        shown = len(head) + len(self._tail)
-        if self.total <= shown:
-            return head + self._tail
-        cut = self.total - shown
-        return (
-            f"{head}\n[... output cut: {cut:,} of {self.total:,} characters not shown; keep large results in "
-            f"variables and print slices or summaries ...]\n{self._tail}"
-        )
 
 
 class ThreadRepl:
@@ -117,10 +81,9 @@ class ThreadRepl:
         self._grace_s = interrupt_grace_s
         self._name = name
         self._portal: BlockingPortal | None = None
-        self._out = _CappedText(max_output_chars)
+        self._out = CappedText(max_output_chars)
         self._ns: dict[str, Any] = {}
-        self._fns = ReplFunctions(self._submit, self._call, self._ns)
-        self._reserved: dict[str, Any] = {}
+        self._fns = ReplFunctions(self._submit, self._call, self._ns, BudgetExceeded)
         self._filenames: list[str] = []
         self._cell_scopes: set[anyio.CancelScope] = set()
         self._stopping = False  # set while a cell is being stopped: its late sub-calls are refused
@@ -131,9 +94,8 @@ class ThreadRepl:
         await self._portal.__aenter__()
         own_builtins = dict(vars(builtins))
         own_builtins["print"] = self._print
-        self._reserved = self._fns.build(self._context)
-        self._ns.update(self._reserved)
-        self._ns.update({"__name__": "__rlm_repl__", "__builtins__": own_builtins, _SHOW: self._show})
+        self._ns.update(self._fns.build(self._context))
+        self._ns.update({"__name__": "__rlm_repl__", "__builtins__": own_builtins, SHOW: self._show})
         return self
 
     async def __aexit__(
@@ -178,7 +140,7 @@ class ThreadRepl:
         content = self._fns.answer.get("content", "")
         return ("" if content is None else str(content)), bool(self._fns.answer.get("ready"))
 
-    def final_var(self, name: str) -> str | None:
+    async def final_var(self, name: str) -> str | None:
         return str(self._ns[name]) if name in self._ns else None
 
     # -- running cells --------------------------------------------------------------------------------
@@ -188,16 +150,16 @@ class ThreadRepl:
         Model errors (syntax errors included) are returned in ``CellResult.error``; cancellation of the
         caller interrupts the cell's thread and propagates.
         """
-        self._out = _CappedText(self._max_output_chars)
+        self._out = CappedText(self._max_output_chars)
         self._stopping = False
         filename = f"<cell {self._name}#{next(_cell_numbers)}>"
         self._filenames.append(filename)
         try:
-            compiled = _compile(code, filename)
+            compiled = compile_cell(code, filename)
         except SyntaxError as exc:
             return CellResult(self._out.render(), "".join(traceback.format_exception_only(exc)))
         error, timed_out = await self._run_in_thread(compiled, filename)
-        notes = [*self._restore_reserved(), *self._unawaited_note()]
+        notes = [*self._fns.restore_reserved(), *self._unawaited_note()]
         if timed_out:
             notes.append(f"the cell ran past its time limit of {self._cell_timeout_s:g} s and was interrupted")
         return CellResult(self._out.render(), error, tuple(notes), timed_out)
@@ -239,7 +201,7 @@ class ThreadRepl:
         exc = box.get("error")
         if exc is None or (timed_out and isinstance(exc, CellInterrupted)):
             return None, timed_out
-        return _format_traceback(exc, filename), timed_out
+        return format_traceback(exc, filename), timed_out
 
     async def _interrupt(self, thread: threading.Thread, done: anyio.Event) -> None:
         """Stop a cell's thread: first cancel the sub-calls it waits on and let it unwind by itself; only a
@@ -255,24 +217,9 @@ class ThreadRepl:
         if thread.is_alive():
             self.abandoned_threads += 1
 
-    def _restore_reserved(self) -> list[str]:
-        notes = []
-        for name, original in self._reserved.items():
-            if self._ns.get(name) is not original:
-                self._ns[name] = original
-                hint = ' (set answer["content"] and answer["ready"] instead)' if name == "answer" else ""
-                notes.append(f"`{name}` is reserved by the engine and was restored{hint}")
-        return notes
-
     def _unawaited_note(self) -> list[str]:
-        if not self._fns.unawaited:
-            return []
-        labels = sorted({repr(p) for p in self._fns.unawaited})
-        self._fns.unawaited.clear()
-        return [
-            f"{len(labels)} kind(s) of sub-call were created inside async code but never awaited, so they did "
-            f"not run: {'; '.join(labels)}"
-        ]
+        note = self._fns.unawaited_note()
+        return [note] if note else []
 
     # -- namespace helpers ---------------------------------------------------------------------------
     def _print(
@@ -284,8 +231,7 @@ class ThreadRepl:
         self._out.write((" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end))
 
     def _show(self, value: Any) -> None:
-        if value is not None:
-            self._out.write(repr(value) + "\n")
+        show_value(self._out, value)
 
 
 def _run_coroutine_cell(compiled: CodeType, namespace: dict[str, Any]) -> None:
@@ -302,28 +248,3 @@ def _run_coroutine_cell(compiled: CodeType, namespace: dict[str, Any]) -> None:
         except CellInterrupted:
             runner.close()
             raise
-
-
-def _compile(code: str, filename: str) -> CodeType:
-    """Parse, show a trailing bare expression, and compile with top-level await allowed."""
-    tree = ast.parse(code, filename=filename, mode="exec")
-    if tree.body and isinstance(tree.body[-1], ast.Expr) and not _is_print_call(tree.body[-1].value):
-        last = tree.body[-1]
-        call = ast.Call(func=ast.Name(_SHOW, ast.Load()), args=[last.value], keywords=[])
-        tree.body[-1] = ast.Expr(ast.copy_location(call, last.value))
-        ast.fix_missing_locations(tree)
-    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
-    code_obj: CodeType = compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
-    return code_obj
-
-
-def _is_print_call(node: ast.expr) -> bool:
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
-
-
-def _format_traceback(exc: BaseException, filename: str) -> str:
-    """The traceback from the cell's own frames on: engine frames above the cell are dropped."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))

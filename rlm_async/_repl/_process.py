@@ -1,0 +1,362 @@
+"""The worker-process REPL, engine side: one confined worker process per agent, spoken to over a socketpair.
+
+:class:`ProcessRepl` starts the worker (``_worker.py``, a fresh ``python -I`` interpreter, under bubblewrap
+in the strict sandbox), hands it the context once through a file in its own workdir, and then sends cells and
+answers the worker's sub-calls through the agent's :class:`~rlm_async._repl.Host`, on the engine's loop, so
+they pass the same scheduler and budgets as every other call. Everything the engine decides with stays here:
+the ``answer`` state (the worker reports it with each cell's result), the budgets, the client and its keys.
+
+A worker that runs past ``cell_timeout_s``, dies (``os._exit``, a segfault, the memory limit, the CPU limit)
+or breaks the protocol is killed with its whole process group (SIGKILL) and replaced by a fresh one with the
+context reloaded and the answer draft kept; the model is told that its variables are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from .._errors import BudgetExceeded, ConfigError, WorkerError
+from .._sandbox._layers import WorkerPlan, bwrap_argv, read_only_roots, worker_env
+from . import _wire
+from ._protocol import CellResult, Host
+
+__all__ = ["ProcessRepl"]
+
+_WORKER = Path(__file__).resolve().parent / "_worker.py"
+_CONTEXT_FILE = ".rlm_context.pkl"
+#: Bytes of a dead worker's stderr shown to the model (the tail holds the fatal error).
+_STDERR_TAIL = 1500
+#: Seconds a worker that closed its channel gets to exit by itself, so its own exit status can be reported.
+_EXIT_GRACE_S = 0.5
+
+
+class _WorkerGone(Exception):
+    """The worker died, timed out or broke the protocol while the engine waited on it."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(note)
+        self.note = note
+
+
+class _Worker:
+    """One live worker process and its channel."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader, writer: Any, spool: Path):
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.spool = spool
+        self.layers: tuple[str, ...] = ()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(_wire.frame(message))
+        await self.writer.drain()
+
+    async def receive(self) -> dict[str, Any]:
+        """The next message, checked against the protocol.
+
+        Raises:
+            _wire.ProtocolError: a malformed message.
+            asyncio.IncompleteReadError: the worker closed the channel (it died).
+        """
+        n = _wire.frame_length(await self.reader.readexactly(4))
+        return _wire.check_worker_message(_wire.parse_frame(await self.reader.readexactly(n)))
+
+    async def kill(self) -> None:
+        """SIGKILL the worker's process group and reap it; close the channel. Idempotent, and quick: the
+        process is gone when this returns (bubblewrap's --die-with-parent takes the sandbox down with it)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.writer.close()
+        with anyio.CancelScope(shield=True):
+            await self.proc.wait()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self.writer.wait_closed()
+
+    def stderr_tail(self) -> str:
+        try:
+            data = (self.spool / "stderr.log").read_bytes()[-_STDERR_TAIL:]
+        except OSError:
+            return ""
+        return data.decode("utf-8", "replace").strip()
+
+    def crash_reason(self) -> str:
+        """The line of the worker's stderr that says why it died (faulthandler's "Fatal Python error: ..."),
+        else its last line, else ""."""
+        lines = [line.strip() for line in self.stderr_tail().splitlines() if line.strip()]
+        fatal = [line for line in lines if line.startswith("Fatal Python error")]
+        return (fatal or lines or [""])[-1][:300]
+
+    def exit_description(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            return "it stopped answering"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit status {code}"
+
+
+class ProcessRepl:
+    """A persistent REPL for one agent in a confined worker process. Use as ``async with ProcessRepl(...)``.
+
+    Args:
+        context: the agent's ``context`` (pickled once into the worker's workdir; keeps its type).
+        host: the engine side of the seam (the agent).
+        plan: the sandbox layers to apply (:func:`rlm_async._sandbox.plan_for`).
+        max_output_chars: characters of output shown per cell (``Limits.max_output_chars``).
+        cell_timeout_s: seconds one cell may run before its worker is killed and replaced; None: no limit.
+        name: a label for cell file names and the workdir (the agent id).
+
+    Raises:
+        WorkerError: from ``__aenter__`` (and from ``run_cell`` when a replacement cannot start): the worker
+            did not start within ``Sandbox.start_timeout_s`` or applied fewer layers than the plan requires.
+        ConfigError: the context cannot be pickled.
+    """
+
+    def __init__(
+        self,
+        *,
+        context: Any,
+        host: Host,
+        plan: WorkerPlan,
+        max_output_chars: int,
+        cell_timeout_s: float | None = None,
+        name: str = "repl",
+    ) -> None:
+        self._host = host
+        self._plan = plan
+        self._max_output_chars = max_output_chars
+        self._cell_timeout_s = cell_timeout_s
+        self._name = name
+        try:
+            self._context_bytes = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise ConfigError(f"the context cannot be sent to a REPL worker: {type(exc).__name__}: {exc}") from exc
+        self._answer: tuple[str, bool] = ("", False)
+        self._worker: _Worker | None = None
+        self._ids = itertools.count(1)
+        self.restarts = 0
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The confinement layers the live worker reported as applied."""
+        return self._worker.layers if self._worker else ()
+
+    @property
+    def pid(self) -> int | None:
+        """The live worker's process id as the engine sees it (bubblewrap's, under bwrap), or None."""
+        return self._worker.proc.pid if self._worker else None
+
+    async def __aenter__(self) -> ProcessRepl:
+        self._worker = await self._start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await _discard(worker)
+
+    # -- starting ---------------------------------------------------------------------------------------
+    async def _start(self) -> _Worker:
+        sandbox = self._plan.sandbox
+        spool = Path(tempfile.mkdtemp(prefix="rlm-repl-"))
+        workdir = spool / "work"
+        workdir.mkdir(mode=0o700)
+        (workdir / _CONTEXT_FILE).write_bytes(self._context_bytes)
+        parent, child = socket.socketpair()
+        config: dict[str, Any] = {
+            "fd": child.fileno(),
+            "workdir": str(workdir),
+            "context_file": _CONTEXT_FILE,
+            "max_output_chars": self._max_output_chars,
+            "name": self._name,
+            "answer": self._answer[0],
+            "rlimits": {
+                "as": sandbox.memory_bytes,
+                "cpu": sandbox.cpu_s,
+                "fsize": sandbox.file_size_bytes,
+                "nofile": sandbox.open_files,
+                "nproc": sandbox.processes if self._plan.bwrap else None,
+                "core": 0,
+            },
+            "bwrap": bool(self._plan.bwrap),
+            "landlock": self._plan.landlock,
+            "read_paths": read_only_roots() if self._plan.landlock else [],
+            "seccomp_bpf": self._plan.seccomp_bpf.hex() if self._plan.seccomp_bpf is not None else None,
+        }
+        argv = [sys.executable, "-I", "-B", str(_WORKER)]
+        if self._plan.bwrap:
+            argv = [*bwrap_argv(self._plan.bwrap, str(workdir)), "--", *argv]
+        stderr = open(spool / "stderr.log", "wb")  # noqa: SIM115, ASYNC230 - a local file for the child, closed below
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                json.dumps(config),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                pass_fds=[child.fileno()],
+                env=worker_env(str(workdir)),
+                cwd=workdir,
+                start_new_session=True,
+            )
+        except BaseException:
+            parent.close()
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
+        finally:
+            stderr.close()
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        worker = _Worker(proc, reader, writer, spool)
+        try:
+            with anyio.fail_after(sandbox.start_timeout_s):
+                ready = await worker.receive()
+        except BaseException as exc:
+            await worker.kill()
+            why = f"the REPL worker did not start ({worker.exit_description()}): {worker.stderr_tail()}"
+            await _discard(worker)
+            if isinstance(exc, TimeoutError | asyncio.IncompleteReadError | _wire.ProtocolError):
+                raise WorkerError(why) from None
+            raise
+        if ready["op"] != "ready":
+            await _discard(worker)
+            raise WorkerError(f"the REPL worker sent {ready['op']!r} before 'ready'")
+        missing = [layer for layer in self._plan.layers if layer not in ready["layers"]]
+        if missing:
+            await _discard(worker)
+            raise WorkerError(f"the REPL worker did not apply {missing}; it reported {ready['layers']}")
+        worker.layers = tuple(ready["layers"])
+        return worker
+
+    async def _restart(self, note: str) -> str:
+        """Replace a dead or killed worker; the note for the model says what happened."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await _discard(worker)
+        self.restarts += 1
+        self._worker = await self._start()
+        return note + "; the REPL was restarted and its variables are lost (`context` was reloaded)"
+
+    # -- state the agent reads ------------------------------------------------------------------------
+    def answer(self) -> tuple[str, bool]:
+        return self._answer
+
+    async def final_var(self, name: str) -> str | None:
+        """``str()`` of the REPL variable ``name`` in the worker, or None (also when the worker cannot say)."""
+        try:
+            reply = await self._exchange({"op": "get_var", "name": name}, "var")
+        except _WorkerGone as gone:
+            await self._restart(gone.note)
+            return None
+        text: str | None = reply["text"]
+        return text
+
+    # -- running cells --------------------------------------------------------------------------------
+    async def run_cell(self, code: str) -> CellResult:
+        """Run one cell in the worker. Model errors come back in ``CellResult.error``; a timeout or a crash
+        comes back as a note (the worker is replaced); cancellation kills the worker and propagates."""
+        try:
+            done = await self._exchange({"op": "cell", "code": code}, "done")
+        except _WorkerGone as gone:
+            note = await self._restart(gone.note)
+            return CellResult("", None, (note,), timed_out=gone.note.startswith("the cell was killed after"))
+        self._answer = (done["answer"]["content"], done["answer"]["ready"])
+        return CellResult(done["output"], done["error"], tuple(done["notes"]))
+
+    async def _exchange(self, request: dict[str, Any], reply_op: str) -> dict[str, Any]:
+        """Send one request and serve the worker's sub-calls until its reply arrives.
+
+        Raises:
+            _WorkerGone: the worker died, broke the protocol or ran past ``cell_timeout_s`` (it is killed).
+        """
+        worker = self._worker
+        if worker is None:
+            raise RuntimeError("this REPL's agent has finished")
+        request_id = next(self._ids)
+        reply: dict[str, Any] | None = None
+        broken: BaseException | None = None
+        try:
+            with anyio.move_on_after(self._cell_timeout_s):
+                async with anyio.create_task_group() as tg:
+                    try:
+                        await worker.send({**request, "id": request_id})
+                        while reply is None:
+                            message = await worker.receive()
+                            if message["op"] == "call":
+                                tg.start_soon(self._serve_call, worker, message)
+                            elif message["op"] == "answer":
+                                self._answer = (message["content"], message["ready"])
+                            elif message["op"] == reply_op and message["id"] == request_id:
+                                reply = message
+                    except (asyncio.IncompleteReadError, ConnectionError, _wire.ProtocolError) as exc:
+                        broken = exc
+                    tg.cancel_scope.cancel()  # sub-calls still running belong to the finished cell
+        except BaseException:
+            await worker.kill()  # cancelled: the cell and its worker end now
+            raise
+        if broken is not None:
+            if isinstance(broken, _wire.ProtocolError):
+                await worker.kill()
+                raise _WorkerGone(f"the REPL worker broke the message protocol ({broken}) and was killed")
+            with anyio.move_on_after(_EXIT_GRACE_S):  # it closed the channel: let it report its own exit status
+                await worker.proc.wait()
+            await worker.kill()
+            reason = worker.crash_reason()
+            raise _WorkerGone(f"the REPL worker died ({worker.exit_description()})" + (f": {reason}" if reason else ""))
+        if reply is None:
+            await worker.kill()
+            raise _WorkerGone(f"the cell was killed after {self._cell_timeout_s:g} s")
+        return reply
+
+    async def _serve_call(self, worker: _Worker, message: dict[str, Any]) -> None:
+        """Run one sub-call from the worker through the host and send the reply. Budget refusals and engine
+        errors go back as typed errors; cancellation (the cell ended) sends nothing."""
+        method, args = message["method"], message["args"]
+        reply: dict[str, Any]
+        try:
+            if method == "budget":
+                value: Any = self._host.budget()
+            elif method == "rlm_batch":
+                contexts = [_wire.decode_value(c) for c in args[1]]
+                value = await self._host.rlm_batch(args[0], contexts)
+            else:
+                value = await self._host.llm_batch(*args)
+            reply = {"op": "reply", "id": message["id"], "ok": True, "value": value}
+        except BudgetExceeded as exc:
+            error = {
+                "type": "BudgetExceeded", "message": str(exc), "limit": exc.limit, "cap": exc.cap,
+                "used": exc.used, "results": list(exc.results),
+            }  # fmt: skip
+            reply = {"op": "reply", "id": message["id"], "ok": False, "error": error}
+        except (ConfigError, _wire.ProtocolError) as exc:
+            reply = {"op": "reply", "id": message["id"], "ok": False, "error": {"type": "Error", "message": str(exc)}}
+        with contextlib.suppress(ConnectionError, _wire.ProtocolError):
+            await worker.send(reply)
+
+
+async def _discard(worker: _Worker) -> None:
+    """Kill a worker and delete its spool (workdir and stderr log) off the event loop."""
+    await worker.kill()
+    await anyio.to_thread.run_sync(shutil.rmtree, worker.spool, True)

@@ -1,0 +1,218 @@
+"""The message protocol between the engine and a REPL worker process (version 1).
+
+Standard library only: the worker loads this file by path and never imports the engine.
+
+**Framing.** Each message is one frame on a Unix socketpair: a 4-byte big-endian length, then that many bytes
+of UTF-8 JSON holding one object with an ``"op"`` field. A frame longer than :data:`MAX_FRAME_BYTES` is a
+protocol violation. The engine never unpickles anything the worker sends; the worker is untrusted once
+model code has run, so the engine checks the shape of every message it reads (:func:`check_worker_message`).
+
+**Engine -> worker** (the worker trusts these):
+
+=============  ==================================================================================
+``cell``       ``{"op": "cell", "id": int, "code": str}``: run one cell
+``reply``      ``{"op": "reply", "id": int, "ok": true, "value": ...}`` or ``{"op": "reply", "id": int,
+               "ok": false, "error": {"type": "BudgetExceeded" | "Error", "message": str, ...}}``: the
+               answer to a worker's ``call``
+``get_var``    ``{"op": "get_var", "id": int, "name": str}``: ``str()`` of one REPL variable
+=============  ==================================================================================
+
+**Worker -> engine** (checked by the engine):
+
+=============  ==================================================================================
+``ready``      ``{"op": "ready", "version": 1, "pid": int, "layers": [str, ...]}``: sent once, after the
+               worker confined itself and loaded ``context``
+``call``       ``{"op": "call", "id": int, "method": "llm_batch" | "rlm_batch" | "budget", "args": [...]}``
+``answer``     ``{"op": "answer", "content": str, "ready": bool}``: model code changed ``answer`` (sent at
+               once, so a draft outlives a cell that is killed or cancelled)
+``done``       ``{"op": "done", "id": int, "output": str, "error": str | null, "notes": [str, ...],
+               "answer": {"content": str, "ready": bool}}``: a cell finished
+``var``        ``{"op": "var", "id": int, "text": str | null}``: the answer to ``get_var``
+=============  ==================================================================================
+
+**Values** that are not JSON types (a child agent's ``context`` may be bytes, a tuple or a dict with
+non-str keys) travel tagged: ``{"\\u0000b": base64}`` for bytes, ``{"\\u0000t": [...]}`` for a tuple and
+``{"\\u0000d": [[key, value], ...]}`` for a dict. Anything else is refused with ``TypeError`` in the cell.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from typing import Any
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "ProtocolError",
+    "check_worker_message",
+    "decode_value",
+    "encode_value",
+    "frame",
+    "parse_frame",
+]
+
+PROTOCOL_VERSION = 1
+#: The largest frame either side accepts (64 MiB): bounds what one worker can make the engine buffer.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+_BYTES, _TUPLE, _DICT = "\x00b", "\x00t", "\x00d"
+_METHODS = {"llm_batch": 3, "rlm_batch": 2, "budget": 0}
+
+
+class ProtocolError(Exception):
+    """A frame or message that breaks the protocol (too long, not JSON, wrong shape)."""
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    """One message as a frame: length header plus JSON.
+
+    Raises:
+        ProtocolError: the encoded message is longer than :data:`MAX_FRAME_BYTES`.
+    """
+    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"message of {len(body):,} bytes is over the {MAX_FRAME_BYTES:,}-byte frame limit")
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length a 4-byte header announces.
+
+    Raises:
+        ProtocolError: over :data:`MAX_FRAME_BYTES`.
+    """
+    (n,) = HEADER.unpack(header)
+    if n > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {n:,} bytes announced; the limit is {MAX_FRAME_BYTES:,}")
+    return int(n)
+
+
+def parse_frame(body: bytes) -> dict[str, Any]:
+    """A frame's body as a message dict.
+
+    Raises:
+        ProtocolError: not UTF-8 JSON, or not an object with a str ``op``.
+    """
+    try:
+        message = json.loads(body.decode("utf-8", "surrogatepass"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame is not UTF-8 JSON: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ProtocolError("a message must be a JSON object with a str 'op'")
+    return message
+
+
+def encode_value(value: Any, _depth: int = 0) -> Any:
+    """``value`` as JSON data, tagging bytes, tuples and dicts (see the module docstring).
+
+    Raises:
+        TypeError: a type other than None, bool, int, float, str, bytes, list, tuple and dict, or nesting
+            deeper than 100 levels.
+    """
+    if _depth > 100:
+        raise TypeError("a context nested more than 100 levels deep cannot be sent")
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {_BYTES: base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, list):
+        return [encode_value(v, _depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return {_TUPLE: [encode_value(v, _depth + 1) for v in value]}
+    if isinstance(value, dict):
+        return {_DICT: [[encode_value(k, _depth + 1), encode_value(v, _depth + 1)] for k, v in value.items()]}
+    raise TypeError(
+        f"a {type(value).__name__} cannot be passed to a child agent: use str, bytes, numbers, lists, tuples "
+        "or dicts of those"
+    )
+
+
+def decode_value(data: Any, _depth: int = 0) -> Any:
+    """The inverse of :func:`encode_value`.
+
+    Raises:
+        ProtocolError: malformed tags, unhashable dict keys, or nesting deeper than 100 levels.
+    """
+    if _depth > 100:
+        raise ProtocolError("value nested too deeply")
+    if data is None or isinstance(data, bool | int | float | str):
+        return data
+    if isinstance(data, list):
+        return [decode_value(v, _depth + 1) for v in data]
+    if isinstance(data, dict) and len(data) == 1:
+        ((tag, inner),) = data.items()
+        if tag == _BYTES and isinstance(inner, str):
+            try:
+                return base64.b64decode(inner, validate=True)
+            except ValueError:
+                raise ProtocolError("bad base64 in a bytes value") from None
+        if tag == _TUPLE and isinstance(inner, list):
+            return tuple(decode_value(v, _depth + 1) for v in inner)
+        if tag == _DICT and isinstance(inner, list):
+            out: dict[Any, Any] = {}
+            for pair in inner:
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise ProtocolError("a dict value must be a list of [key, value] pairs")
+                key = decode_value(pair[0], _depth + 1)
+                try:
+                    out[key] = decode_value(pair[1], _depth + 1)
+                except TypeError:
+                    raise ProtocolError("unhashable dict key") from None
+            return out
+    raise ProtocolError(f"not an encoded value: {type(data).__name__}")
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_worker_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Check one message from a worker against the protocol; return it unchanged.
+
+    Raises:
+        ProtocolError: an unknown ``op`` or method, or a field of the wrong type.
+    """
+    op = message["op"]
+    ok = False
+    if op == "ready":
+        ok = message.get("version") == PROTOCOL_VERSION and _is_id(message.get("pid"))
+        ok = ok and _is_str_list(message.get("layers"))
+    elif op == "call":
+        method, args = message.get("method"), message.get("args")
+        ok = _is_id(message.get("id")) and method in _METHODS and isinstance(args, list)
+        ok = ok and isinstance(args, list) and len(args) == _METHODS[str(method)] and _call_args_ok(str(method), args)
+    elif op == "done":
+        answer = message.get("answer")
+        ok = _is_id(message.get("id")) and isinstance(message.get("output"), str)
+        ok = ok and (message.get("error") is None or isinstance(message.get("error"), str))
+        ok = ok and _is_str_list(message.get("notes"))
+        ok = ok and isinstance(answer, dict) and isinstance(answer.get("content"), str)
+        ok = ok and isinstance(answer, dict) and isinstance(answer.get("ready"), bool)
+    elif op == "answer":
+        ok = isinstance(message.get("content"), str) and isinstance(message.get("ready"), bool)
+    elif op == "var":
+        ok = _is_id(message.get("id")) and (message.get("text") is None or isinstance(message.get("text"), str))
+    if not ok:
+        raise ProtocolError(f"malformed {op!r} message from the worker")
+    return message
+
+
+def _call_args_ok(method: str, args: list[Any]) -> bool:
+    if method == "llm_batch":
+        prompts, model, max_tokens = args
+        return (
+            _is_str_list(prompts)
+            and (model is None or isinstance(model, str))
+            and (max_tokens is None or (_is_id(max_tokens) and max_tokens >= 1))
+        )
+    if method == "rlm_batch":
+        queries, contexts = args
+        return _is_str_list(queries) and isinstance(contexts, list) and len(contexts) == len(queries)
+    return True

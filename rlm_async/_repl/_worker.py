@@ -1,0 +1,268 @@
+"""The REPL worker process: one per agent, started by the engine as ``python -I -B _worker.py CONFIG``.
+
+It never imports the engine: it loads its sibling files (``_wire``, ``_cell``, ``_functions``) and the
+confinement code (``../_sandbox/_confine.py``) by path, so neither the engine's client nor a key ever exists
+in this process. Start-up, before any model code:
+
+1. read CONFIG (JSON: the socket fd, the workdir, the context file, the layers to apply, the rlimits);
+2. ask to be killed with the engine (PR_SET_PDEATHSIG), load ``context`` from the workdir and delete the file;
+3. confine itself: rlimits, then Landlock, then the seccomp filter the engine compiled (last: it forbids
+   ``execve``, so it cannot be loaded before the interpreter starts);
+4. send ``ready`` with the layers applied; the engine refuses a worker that applied fewer than it asked for.
+
+Then it serves the engine: a reader thread takes replies to sub-calls (they complete futures that model code
+waits on) and queues ``cell`` and ``get_var`` requests for the main thread, which runs them one at a time.
+``sys.stdout`` and ``sys.stderr`` are captured while a cell runs, so ``print``, ``pprint``,
+``sys.stdout.write``, warnings and tracebacks all reach the model, cut to ``max_output_chars``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import faulthandler
+import importlib.util
+import inspect
+import itertools
+import json
+import os
+import pickle
+import queue
+import socket
+import sys
+import threading
+import traceback
+from concurrent.futures import Future
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickle look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+class BudgetExceeded(Exception):
+    """A cap of the run refused work. ``limit``: the Limits field; ``results``: a cut batch's outcomes."""
+
+    def __init__(self, message: str, limit: str, cap: Any, used: Any, results: list[Any]) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.cap = cap
+        self.used = used
+        self.results = results
+
+
+class SubcallError(Exception):
+    """The engine refused or could not run a request from this REPL (not a model answer)."""
+
+
+class AnswerDict(dict[str, Any]):
+    """The ``answer`` dict of model code: each change is reported to the engine at once, so a draft survives
+    a cell that is killed or cancelled after writing it."""
+
+    def __init__(self, on_change: Any, content: str) -> None:
+        super().__init__(content=content, ready=False)
+        self._on_change = on_change
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._on_change()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._on_change()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._on_change()
+
+
+class Worker:
+    """The worker's state: the channel, the namespace and the pending sub-calls."""
+
+    def __init__(self, sock: socket.socket, context: Any, config: dict[str, Any], mods: dict[str, ModuleType]):
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._wire, self._cell = mods["wire"], mods["cell"]
+        self._pending: dict[int, Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._max_output_chars = int(config["max_output_chars"])
+        self._name = str(config["name"])
+        self._cells = itertools.count(1)
+        self._out = self._cell.CappedText(self._max_output_chars)
+        self._real_streams = (sys.stdout, sys.stderr)
+        self.ns: dict[str, Any] = {}
+        self._answer = AnswerDict(self._answer_changed, str(config.get("answer", "")))
+        self._fns = mods["functions"].ReplFunctions(self._submit, self._call, self.ns, BudgetExceeded, self._answer)
+        self.ns.update(self._fns.build(context))
+        self.ns.update({"__name__": "__main__", "__builtins__": builtins, self._cell.SHOW: self._show})
+
+    # -- the channel ----------------------------------------------------------------------------------
+    def send(self, message: dict[str, Any]) -> None:
+        data = self._wire.frame(message)
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def _recv_exact(self, n: int) -> bytes:
+        chunks, left = [], n
+        while left:
+            chunk = self._sock.recv(min(left, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def reader(self) -> None:
+        """Read the engine's messages until the channel closes; then end the process."""
+        try:
+            while True:
+                n = self._wire.frame_length(self._recv_exact(4))
+                message = self._wire.parse_frame(self._recv_exact(n))
+                if message["op"] == "reply":
+                    self._resolve(message)
+                else:
+                    self._inbox.put(message)
+        except BaseException:  # EOF, a broken channel or a bad frame: the engine is gone or done with us
+            pass
+        os._exit(0)
+
+    def _resolve(self, message: dict[str, Any]) -> None:
+        future = self._pending.pop(message["id"], None)
+        if future is None or future.done():
+            return
+        if message.get("ok"):
+            future.set_result(message.get("value"))
+            return
+        error = message.get("error") or {}
+        if error.get("type") == "BudgetExceeded":
+            future.set_exception(
+                BudgetExceeded(
+                    error.get("message", ""),
+                    error.get("limit", ""),
+                    error.get("cap"),
+                    error.get("used"),
+                    list(error.get("results") or []),
+                )
+            )
+        else:
+            future.set_exception(SubcallError(error.get("message", "the engine refused the request")))
+
+    def _submit(self, method: str, *args: Any) -> Future[Any]:
+        if method == "rlm_batch":
+            queries, contexts = args
+            args = (queries, [self._wire.encode_value(c) for c in contexts])
+        future: Future[Any] = Future()
+        call_id = next(self._ids)
+        self._pending[call_id] = future
+        self.send({"op": "call", "id": call_id, "method": method, "args": list(args)})
+        return future
+
+    def _call(self, method: str) -> Any:
+        return self._submit(method).result()
+
+    # -- serving ---------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        while (message := self._inbox.get()) is not None:
+            if message["op"] == "cell":
+                self.send(self._run_cell(message["id"], message["code"]))
+            elif message["op"] == "get_var":
+                self.send({"op": "var", "id": message["id"], "text": self._var_text(message["name"])})
+
+    def _var_text(self, name: str) -> str | None:
+        if name not in self.ns:
+            return None
+        try:
+            return str(self.ns[name])
+        except Exception as exc:
+            return f"<str() of {name} failed: {type(exc).__name__}: {exc}>"
+
+    def _run_cell(self, cell_id: int, code: str) -> dict[str, Any]:
+        self._out = out = self._cell.CappedText(self._max_output_chars)
+        filename = f"<cell {self._name}#{next(self._cells)}>"
+        error: str | None = None
+        sys.stdout = sys.stderr = out
+        try:
+            try:
+                compiled = self._cell.compile_cell(code, filename)
+            except SyntaxError as exc:
+                error = "".join(traceback.format_exception_only(exc))
+            else:
+                try:
+                    if compiled.co_flags & inspect.CO_COROUTINE:
+                        with asyncio.Runner() as runner:
+                            runner.run(eval(compiled, self.ns))
+                    else:
+                        exec(compiled, self.ns)
+                except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the REPL lives on
+                    error = self._cell.format_traceback(exc, filename)
+        finally:
+            sys.stdout, sys.stderr = self._real_streams
+        notes = list(self._fns.restore_reserved())
+        if note := self._fns.unawaited_note():
+            notes.append(note)
+        answer = self._answer_state(notes)
+        return {"op": "done", "id": cell_id, "output": out.render(), "error": error, "notes": notes, "answer": answer}
+
+    def _answer_state(self, notes: list[str]) -> dict[str, Any]:
+        """``answer`` as plain data: content coerced to str (cut to an eighth of a frame), ready to bool."""
+        content = self._answer.get("content", "")
+        try:
+            content = "" if content is None else str(content)
+        except Exception as exc:
+            notes.append(f'str() of answer["content"] failed: {type(exc).__name__}: {exc}')
+            content = ""
+        cap = self._wire.MAX_FRAME_BYTES // 8
+        if len(content) > cap:
+            content = content[:cap]
+            notes.append(f'answer["content"] was cut to {cap:,} characters')
+        return {"content": content, "ready": bool(self._answer.get("ready"))}
+
+    def _answer_changed(self) -> None:
+        self.send({"op": "answer", **self._answer_state([])})
+
+    def _show(self, value: Any) -> None:
+        self._cell.show_value(self._out, value)
+
+
+def main(argv: list[str]) -> None:
+    config = json.loads(argv[1])
+    faulthandler.enable()  # a crash (segfault, abort) leaves its reason on stderr for the engine to show
+    confine = _load("_rlm_confine", _HERE.parent / "_sandbox" / "_confine.py")
+    confine.set_parent_death_signal()
+    mods = {
+        "wire": _load("_rlm_wire", _HERE / "_wire.py"),
+        "cell": _load("_rlm_cell", _HERE / "_cell.py"),
+        "functions": _load("_rlm_functions", _HERE / "_functions.py"),
+    }
+    context_path = Path(config["workdir"]) / config["context_file"]
+    with open(context_path, "rb") as f:
+        context = pickle.load(f)  # written by the engine (trusted), before any model code ran here
+    context_path.unlink()
+    sock = socket.socket(fileno=int(config["fd"]))
+    layers = ["env", *confine.apply_rlimits(config["rlimits"])]
+    if config.get("bwrap"):
+        layers.append("bwrap")
+    if config.get("landlock"):
+        layers += confine.apply_landlock(config["read_paths"], [config["workdir"]])
+    if config.get("seccomp_bpf"):
+        layers += confine.load_seccomp(bytes.fromhex(config["seccomp_bpf"]))
+    if "as" in layers:
+        layers.append("rlimits")
+    worker = Worker(sock, context, config, mods)
+    worker.send({"op": "ready", "version": mods["wire"].PROTOCOL_VERSION, "pid": os.getpid(), "layers": layers})
+    threading.Thread(target=worker.reader, name="rlm-worker-reader", daemon=True).start()
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
