@@ -20,6 +20,7 @@ from . import local
 from ._budget import Limits
 from ._engine import RLM, RLMResult
 from ._errors import ConfigError
+from ._sandbox import describe as describe_sandbox
 from ._trace import Event
 from .local import MODELS, LocalSetupError
 from .sim import FAULT_KINDS, PROFILES, FaultPlan, SimConfig, SimServer
@@ -32,6 +33,8 @@ LOCAL_LIMITS = {"max_tokens_per_turn": 512, "max_iterations": 8, "max_output_cha
 
 #: Exit codes a shell user can act on.
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_BUDGET, EXIT_ENDPOINT = 0, 1, 2, 3, 4
+#: ``run``'s wall-clock bound unless --timeout says otherwise: a CLI run never hangs for ever.
+DEFAULT_RUN_TIMEOUT_S = 1800.0
 
 _EPILOG = """\
 examples:
@@ -69,7 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-depth", type=int, default=3)
     run.add_argument("--max-calls", type=int, default=1000)
     run.add_argument("--max-cost-usd", type=float, default=None)
-    run.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_RUN_TIMEOUT_S,
+        help=f"seconds for the whole run (default {DEFAULT_RUN_TIMEOUT_S:g})",
+    )
+    run.add_argument("--cell-timeout", type=float, default=120.0, help="seconds one REPL cell may run (default 120)")
+    run.add_argument(
+        "--sandbox",
+        choices=["strict", "process", "none"],
+        default="strict",
+        help="where model code runs (default strict; see rlm-async doctor and docs/security.md)",
+    )
     run.add_argument("--trace", type=Path, default=None, help="write every event as JSON lines")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.add_argument("--local", action="store_true", help="run on a local llama.cpp server (started or reused)")
@@ -79,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-output-chars", type=int, default=None, help="default 20,000; 2,000 with --local")
     run.add_argument("--max-tokens-per-turn", type=int, default=None, help="default: 512 with --local")
     run.add_argument("--temperature", type=float, default=None, help="default: 0 with --local")
+
+    doctor = sub.add_parser("doctor", help="which sandbox layers this machine supports, and the level used")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
 
     local_cmd = sub.add_parser("local", help="the local llama.cpp server: setup, start, stop, status")
     local_cmd.add_argument("action", choices=["setup", "start", "stop", "status"])
@@ -122,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "bench": _bench,
         "local": _local,
+        "doctor": _doctor,
     }
     try:
         return handlers[args.command](args)
@@ -133,6 +152,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ENDPOINT
     except KeyboardInterrupt:
         return 130
+
+
+# -- doctor ----------------------------------------------------------------------------------------------
+def _doctor(args: argparse.Namespace) -> int:
+    """Print the sandbox layers this machine supports; exit 0 when ``sandbox="strict"`` can start, else 1."""
+    report = describe_sandbox()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        table = Table(title="REPL sandbox layers on this machine")
+        table.add_column("layer")
+        table.add_column("available")
+        table.add_column("why not")
+        for name, row in report["layers"].items():
+            table.add_row(name, "[green]yes[/green]" if row["available"] else "[red]no[/red]", row["why_not"])
+        console = Console()
+        console.print(table)
+        level = report["default_level"]
+        if level:
+            console.print("default level: [green]strict[/green] (filesystem and network confinement available)")
+        else:
+            console.print(
+                "default level: [red]strict would refuse to start[/red]; pass sandbox='process' (rlimits and a "
+                "scrubbed environment only) or fix the missing layers"
+            )
+    return EXIT_OK if report["default_level"] else EXIT_NO_ANSWER
 
 
 # -- run -------------------------------------------------------------------------------------------------
@@ -155,6 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         max_calls=args.max_calls,
         max_cost_usd=args.max_cost_usd,
         timeout_s=args.timeout,
+        cell_timeout_s=args.cell_timeout,
         **({**LOCAL_LIMITS, **given} if args.local else given),
     )
     if args.local:
@@ -209,6 +255,7 @@ async def _run_async(args: argparse.Namespace, context: str, limits: Limits) -> 
             trace_path=args.trace,
             on_event=progress.on_event if progress else None,
             temperature=args.temperature,
+            sandbox=args.sandbox,
         ) as rlm:
             if progress is None:
                 return await rlm.completion(args.query, context)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import textwrap
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -91,8 +93,32 @@ def cell_threads(grace_s: float = 1.0) -> list[threading.Thread]:
     return [t for t in threads if t.is_alive()]
 
 
+def worker_processes(grace_s: float = 0.0) -> list[int]:
+    """Pids of REPL worker processes (bwrap or python running ``_worker.py``) that are children of this
+    process, after waiting up to ``grace_s`` for them to go."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid() and b"_worker.py" in cmdline:
+                found.append(int(entry))
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def no_leaks():
-    """After the test: no REPL thread alive and no task left on the loop but the test's own."""
+    """After the test: no REPL thread or worker process alive."""
     yield
     assert cell_threads(grace_s=5) == []
+    assert worker_processes(grace_s=5) == []

@@ -108,3 +108,17 @@ def test_the_main_job_matches_the_independent_count(capsys):
     assert report["expected"]["John"] == 5 and sum(report["expected"].values()) == 42
     run = report["runs"][0]
     assert run["sub_calls"] >= 100 and run["peak_in_flight"] > 1
+
+
+def test_doctor_reports_every_layer_and_the_level(capsys, monkeypatch):
+    from rlm_async._sandbox import _layers
+
+    code = main(["doctor", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert {"rlimits", "seccomp"} <= set(report["layers"])
+    assert code == (EXIT_OK if report["default_level"] == "strict" else 1)
+    nothing = _layers.LayerSupport(None, "no user namespaces", 0, "no Landlock", None, "no libseccomp")
+    monkeypatch.setattr(_layers, "probe", lambda: nothing)
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "strict would refuse to start" in out and "no libseccomp" in out

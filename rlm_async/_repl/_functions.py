@@ -161,7 +161,7 @@ class ReplFunctions:
         if _caller_is_async(frame):
             coro = self._awaitable(start, convert)
             # What print(coro) shows when the model forgot the await:
-            coro.__qualname__ = f"{label}(...): not awaited yet; write `await {label}(...)`"
+            coro.__qualname__ = f"{label}(...): not awaited yet; write `await {label}(...)`"  # type: ignore[attr-defined]
             self._handed_out[coro] = label
             return coro
         try:

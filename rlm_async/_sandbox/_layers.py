@@ -293,16 +293,19 @@ def describe(support: LayerSupport | None = None) -> dict[str, Any]:
     """A report for ``rlm-async doctor``: each layer, whether it works here and why not, and the level
     ``RLM()`` would use (``"strict"``, or None when strict would refuse to start)."""
     s = support or probe()
+
+    def landlock(abi: int) -> tuple[bool, str]:
+        return s.landlock_abi >= abi, s.landlock_why or (
+            "" if s.landlock_abi >= abi else f"ABI {s.landlock_abi} < {abi}"
+        )
+
     rows = {
         "rlimits": (True, ""),
-        "env": (True, ""),
+        "env (allowlist)": (True, ""),
         "bwrap (user, pid, net, mount namespaces)": (s.bwrap is not None, s.bwrap_why),
-        f"landlock-fs (ABI {s.landlock_abi})": (s.landlock_abi >= 1, s.landlock_why),
-        "landlock-net (ABI >= 4)": (s.landlock_abi >= 4, s.landlock_why or ("" if s.landlock_abi >= 4 else "ABI < 4")),
-        "landlock-scope (ABI >= 6)": (
-            s.landlock_abi >= 6,
-            s.landlock_why or ("" if s.landlock_abi >= 6 else "ABI < 6"),
-        ),
+        f"landlock-fs (kernel ABI {s.landlock_abi})": landlock(1),
+        "landlock-net (ABI 4)": landlock(4),
+        "landlock-scope (ABI 6)": landlock(6),
         "seccomp": (s.seccomp_bpf is not None, s.seccomp_why),
     }
     return {

@@ -1,0 +1,382 @@
+"""The hostile-code suite: model code tries what an attacker would, through the whole engine, and is stopped.
+
+Each case runs model code in the default sandbox (``"strict"``) and checks three things: the attempt is
+blocked, the outcome is typed and visible to the model (a Python error in the cell's output, or an engine
+note), and the host is unaffected afterwards (a second completion in the same process works, the host's cwd
+and streams are its own). docs/security.md names, for each layer, the test that tries to break it.
+
+A case that needs a layer this machine lacks is skipped with the reason, unless ``RLM_ASYNC_REQUIRE_SANDBOX``
+is set (``scripts/test`` sets it where ``rlm-async doctor`` finds every layer), where a missing layer fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlm_async import RLM, ConfigError, FakeClient, Limits, Sandbox
+from rlm_async._sandbox import probe
+from rlm_async._sandbox._layers import LayerSupport, plan_for
+
+from .conftest import Script, repl, worker_processes
+
+SECRET = "sk-test-DO-NOT-LEAK-5f1c2a9e"
+SUPPORT = probe()
+REQUIRED = bool(os.environ.get("RLM_ASYNC_REQUIRE_SANDBOX"))
+
+
+def needs(available: bool, why: str) -> pytest.MarkDecorator:
+    """Skip with the reason where a layer is missing, unless the run requires every layer."""
+    return pytest.mark.skipif(not available and not REQUIRED, reason=f"sandbox layer unavailable: {why}")
+
+
+strict_only = needs(SUPPORT.filesystem and SUPPORT.network, "strict cannot start here (rlm-async doctor)")
+with_bwrap = needs(SUPPORT.bwrap is not None, SUPPORT.bwrap_why)
+with_seccomp = needs(SUPPORT.seccomp_bpf is not None, SUPPORT.seccomp_why)
+with_landlock_scope = needs(SUPPORT.landlock_abi >= 6, SUPPORT.landlock_why or "Landlock ABI < 6")
+
+
+async def run_code(code: str, *, context: object = "ctx", sandbox: str = "strict", **limits: object):
+    """Run ``code`` as the root's first cell; return (result, the cell's output as the model saw it, without
+    its last newline)."""
+    script = Script({"q": [repl(code), repl("answer['ready'] = True")]})
+    outputs: list[str] = []
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "output":
+            outputs.append(event["output"])
+
+    limits.setdefault("cell_timeout_s", 20)
+    rlm = RLM(
+        "root-model",
+        sub_model="sub-model",
+        client=FakeClient(script),
+        api_key=SECRET,
+        limits=Limits(**limits),  # type: ignore[arg-type]
+        sandbox=sandbox,
+        on_event=on_event,
+    )
+    result = await rlm.completion("q", context)
+    return result, outputs[0] if outputs else ""
+
+
+async def assert_host_unaffected() -> None:
+    """A second completion in the same process works, and the process state is the host's own."""
+    cwd, stdout = os.getcwd(), sys.stdout
+    result, output = await run_code("print(sorted({1, 2}), context)", context="fine")
+    assert result.ok and output == "[1, 2] fine"
+    assert (os.getcwd(), sys.stdout) == (cwd, stdout)
+    assert worker_processes(grace_s=5) == []
+
+
+@pytest.fixture(autouse=True)
+def _secret_in_the_environment(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("MY_SERVICE_TOKEN", SECRET)
+
+
+# -- secrets ---------------------------------------------------------------------------------------------
+@strict_only
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd", "/etc/shadow", "~/.ssh/id_rsa", "/root/.bashrc", "/proc/1/environ", "HOST_SECRET"]
+)
+async def test_host_files_cannot_be_read(path, tmp_path, no_leaks):
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_text(SECRET)
+    target = str(secret_file) if path == "HOST_SECRET" else path
+    code = f"import os\ntry:\n    print(open(os.path.expanduser({target!r})).read())\nexcept OSError as e:\n"
+    code += "    print('blocked', type(e).__name__)"
+    _, output = await run_code(code)
+    assert output.startswith("blocked") and SECRET not in output
+    await assert_host_unaffected()
+
+
+@strict_only
+async def test_the_key_is_nowhere_in_the_worker(no_leaks):
+    """The environment, /proc/self/environ and every object the worker's garbage collector knows."""
+    code = f"""
+import gc, os
+needle = {SECRET[:12]!r} + {SECRET[12:]!r}
+hits = [k for k, v in os.environ.items() if needle in v]
+try:
+    hits += ['proc'] if needle.encode() in open('/proc/self/environ', 'rb').read() else []
+except OSError:
+    pass
+for obj in gc.get_objects():
+    try:
+        if isinstance(obj, dict) and any(isinstance(v, str) and needle in v and v is not needle for v in obj.values()):
+            hits.append(type(obj).__name__)
+        elif isinstance(obj, str) and needle in obj and obj is not needle:
+            hits.append('str')
+    except Exception:
+        pass
+print('hits', hits, sorted(os.environ))
+"""
+    _, output = await run_code(code)
+    assert output.startswith("hits []"), output
+    assert "OPENAI_API_KEY" not in output and "MY_SERVICE_TOKEN" not in output
+    await assert_host_unaffected()
+
+
+# -- writes ----------------------------------------------------------------------------------------------
+@strict_only
+async def test_writes_land_only_in_the_workdir(tmp_path, no_leaks):
+    outside = tmp_path / "planted.txt"
+    code = f"""
+import os
+blocked = []
+for path in [{str(outside)!r}, '/tmp/planted.txt', os.path.expanduser('~/../planted.txt'), '/root/.bashrc']:
+    try:
+        open(path, 'a').write('x')
+    except OSError as e:
+        blocked.append(type(e).__name__)
+open('mine.txt', 'w').write('kept')
+print(len(blocked), open('mine.txt').read(), os.getcwd() != {os.getcwd()!r})
+"""
+    _, output = await run_code(code)
+    assert output == "4 kept True"
+    assert not outside.exists() and not Path("/tmp/planted.txt").exists()  # noqa: ASYNC240
+    await assert_host_unaffected()
+
+
+# -- network ---------------------------------------------------------------------------------------------
+@strict_only
+async def test_no_tcp_udp_or_dns_to_the_host(no_leaks):
+    accepted = asyncio.Event()
+
+    async def on_connect(reader, writer):
+        accepted.set()
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    code = f"""
+import socket
+outcomes = []
+for attempt in [
+    lambda: socket.create_connection(('127.0.0.1', {port}), timeout=2),
+    lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'{SECRET}', ('127.0.0.1', {port})),
+    lambda: socket.getaddrinfo('localhost', {port}),
+    lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM),
+    lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+]:
+    try:
+        attempt()
+        outcomes.append('CONNECTED')
+    except OSError as e:
+        outcomes.append(type(e).__name__)
+print(outcomes)
+"""
+    async with server:
+        _, output = await run_code(code)
+    assert "CONNECTED" not in output and output.startswith("["), output
+    assert not accepted.is_set()
+    await assert_host_unaffected()
+
+
+# -- other programs and processes -----------------------------------------------------------------------
+@strict_only
+async def test_no_other_programs(no_leaks):
+    code = """
+import ctypes, os, subprocess
+outcomes = []
+try:
+    subprocess.run(['id'], check=True)
+    outcomes.append('RAN')
+except OSError as e:
+    outcomes.append(type(e).__name__)
+status = ctypes.CDLL(None).system(b'echo pwned > pwned.txt')
+outcomes.append(os.path.exists('pwned.txt'))
+try:
+    os.execv('/bin/true', ['true'])
+except OSError as e:
+    outcomes.append(type(e).__name__)
+print(outcomes)
+"""
+    _, output = await run_code(code)
+    assert output == "['PermissionError', False, 'PermissionError']", output
+    await assert_host_unaffected()
+
+
+@with_seccomp
+async def test_a_fork_bomb_is_bounded(no_leaks):
+    code = "import os\nn = 0\ntry:\n    while n < 10_000:\n        os.fork() or os._exit(0)\n        n += 1\n"
+    code += "except OSError as e:\n    print('stopped after', n, type(e).__name__)"
+    _, output = await run_code(code)
+    assert output == "stopped after 0 PermissionError", output
+    await assert_host_unaffected()
+
+
+async def test_a_4_gib_allocation_is_refused(no_leaks):
+    code = "try:\n    x = bytearray(4 * 1024**3)\n    print('GOT', len(x))\nexcept MemoryError:\n    print('refused')"
+    _, output = await run_code(code, sandbox="process")
+    assert output == "refused"
+    await assert_host_unaffected()
+
+
+@with_landlock_scope
+async def test_the_host_process_cannot_be_signalled(no_leaks):
+    code = f"""
+import os, signal
+outcomes = []
+for pid in (os.getppid(), {os.getpid()}):
+    try:
+        os.kill(pid, signal.SIGKILL)
+        outcomes.append('SENT')
+    except OSError as e:
+        outcomes.append(type(e).__name__)
+print(outcomes)
+"""
+    _, output = await run_code(code)
+    assert "SENT" not in output and output.startswith("["), output
+    await assert_host_unaffected()
+
+
+# -- hangs and crashes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "code", ["while True:\n    pass", "print(sum(range(3 * 10**9)))", "import time\ntime.sleep(60)"]
+)
+async def test_a_hang_is_killed_at_the_cell_timeout_and_the_agent_goes_on(code, no_leaks):
+    script = Script({"q": [repl("x = 1\n" + code), repl("print('x' in globals(), len(context))"), repl("FINAL('ok')")]})
+    outputs: list[str] = []
+    rlm = RLM(
+        "m",
+        client=FakeClient(script),
+        limits=Limits(cell_timeout_s=0.5),
+        on_event=lambda e: outputs.append(e.get("output", "")) if e["event"] == "output" else None,
+    )
+    started = time.perf_counter()
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "ok"
+    assert "the cell was killed after 0.5 s; the REPL was restarted and its variables are lost" in outputs[0]
+    assert outputs[1] == "False 3"  # a fresh worker, context reloaded
+    assert time.perf_counter() - started < 10
+    await assert_host_unaffected()
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        ("import os\nos._exit(0)", "exit status 0"),
+        ("import ctypes\nctypes.string_at(0)", "Segmentation fault"),
+        ("import os\nos.abort()", "Fatal Python error: Aborted"),
+    ],
+)
+async def test_a_crashing_worker_is_replaced_and_the_model_told(code, why, no_leaks):
+    result, output = await run_code(code, sandbox="process")
+    assert result.ok
+    assert why in output, output
+    await assert_host_unaffected()
+
+
+# -- tampering -------------------------------------------------------------------------------------------
+async def test_tampering_with_builtins_modules_and_cwd_stays_in_the_worker(no_leaks):
+    code = "import builtins, os, sys\ndel builtins.print\nsys.modules['asyncio'] = None\nos.chdir('/')"
+    result, _ = await run_code(code)
+    assert result.ok
+    await assert_host_unaffected()
+
+
+async def test_a_child_cannot_write_its_parents_answer_or_the_budget(no_leaks):
+    kid = """
+import gc
+found = [type(o).__name__ for o in gc.get_objects() if type(o).__name__ in ('Ledger', 'Agent', 'Scheduler')]
+answer['content'] = 'kid took over: ' + str(found)
+answer['ready'] = True
+b = budget()
+b['calls'] = 10**9
+"""
+    root = """
+r = await rlm_agent('kid', 'c')
+refused = 0
+for i in range(6):
+    try:
+        await llm_query(str(i))
+    except BudgetExceeded:
+        refused += 1
+answer['content'] = f'root: {r} | refused {refused}'
+answer['ready'] = True
+"""
+    script = Script({"q": [repl(root)], "kid": [repl(kid)]})
+    rlm = RLM("m", client=FakeClient(script), limits=Limits(max_calls=5))
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "root: kid took over: [] | refused 3"  # 2 turns + 3 sub-calls = max_calls
+    assert result.usage.total.calls == 5
+    await assert_host_unaffected()
+
+
+# -- cancellation ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", ["import time\ntime.sleep(60)", "import asyncio\nawait asyncio.sleep(60)"])
+async def test_cancelling_a_completion_kills_its_workers_within_half_a_second(code, no_leaks):
+    cell_sent = asyncio.Event()
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "code":
+            cell_sent.set()  # the worker is up and the cell is on its way to it
+
+    rlm = RLM("m", client=FakeClient(lambda r: repl(code)), limits=Limits(cell_timeout_s=None), on_event=on_event)
+    task = asyncio.ensure_future(rlm.completion("q", "ctx"))
+    await cell_sent.wait()
+    assert len(worker_processes()) == 1
+    cancelled_at = time.perf_counter()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.perf_counter() - cancelled_at < 0.5
+    assert worker_processes() == []
+
+
+# -- levels ----------------------------------------------------------------------------------------------
+def test_strict_refuses_to_start_without_filesystem_and_network_confinement(monkeypatch):
+    nothing = LayerSupport(None, "no userns", 0, "no Landlock", None, "no libseccomp")
+    monkeypatch.setattr("rlm_async._sandbox._layers.probe", lambda: nothing)
+    with pytest.raises(ConfigError, match="sandbox='process'"):
+        plan_for(Sandbox("strict"))
+    assert plan_for(Sandbox("process")).layers == ("rlimits", "env")
+
+
+def test_sandbox_settings_are_checked():
+    with pytest.raises(ConfigError):
+        Sandbox("lenient")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        Sandbox(memory_bytes=0)
+    with pytest.raises(ConfigError):
+        RLM("m", client=FakeClient(lambda r: "x"), sandbox=3)  # type: ignore[arg-type]
+
+
+@strict_only
+async def test_strict_applies_every_layer_this_machine_has(no_leaks):
+    expected = {"rlimits", "env"}
+    expected |= {"bwrap"} if SUPPORT.bwrap else set()
+    expected |= {"landlock-fs"} if SUPPORT.landlock_abi >= 1 else set()
+    expected |= {"seccomp"} if SUPPORT.seccomp_bpf else set()
+    plan = plan_for(Sandbox())
+    assert set(plan.layers) == expected
+    if REQUIRED:
+        assert expected == {"rlimits", "env", "bwrap", "landlock-fs", "seccomp"}
+
+
+async def test_sibling_agents_run_their_cpu_loops_at_the_same_time(no_leaks):
+    """Each child's busy loop records when it ran (CLOCK_MONOTONIC is one clock for every process): in
+    worker processes the two intervals overlap; in threads they could only take turns holding the GIL."""
+    kid = "import time\nt0 = time.monotonic()\nn = 0\nwhile time.monotonic() - t0 < 0.6:\n    n += 1\n"
+    kid += "FINAL(f'{t0} {time.monotonic()}')"
+    root = "r = await rlm_batch(['kid a', 'kid b'], ['a', 'b'])\nFINAL(' '.join(r))"
+    rlm = RLM("m", client=FakeClient(Script({"q": [repl(root)], "kid": [repl(kid)]})))
+    result = await rlm.completion("q", "ctx")
+    a0, a1, b0, b1 = map(float, result.answer.split())
+    assert max(a0, b0) < min(a1, b1), "the two CPU loops did not overlap"
+
+
+async def test_os_exit_in_a_plain_process_sandbox_does_not_kill_the_host(no_leaks):
+    pid = os.getpid()
+    result, output = await run_code("import os\nos.kill(os.getpid(), 9)", sandbox="process")
+    assert os.getpid() == pid and result.ok and "killed by SIGKILL" in output
+    assert signal.getsignal(signal.SIGTERM) is not None
+    await assert_host_unaffected()
