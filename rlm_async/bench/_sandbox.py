@@ -1,0 +1,137 @@
+"""What the REPL sandbox costs: worker start latency, memory per worker, a sub-call's round trip through the
+channel, a large context, and sibling agents' CPU-heavy cells on separate cores (docs/security.md).
+
+Each figure is measured against the in-thread REPL (``sandbox="none"``) in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .._engine import RLM
+from .._repl import ProcessRepl, ThreadRepl
+from .._sandbox import Sandbox, plan_for
+from .._sandbox._layers import probe
+
+__all__ = ["sandbox_costs"]
+
+_CONTEXT_CHARS = 4_500_000  # the KJV's size: the main job's context
+
+
+class _EchoHost:
+    """A Host that answers at once, so only the REPL's own cost is measured."""
+
+    async def llm_batch(self, prompts: list[str], model: str | None, max_tokens: int | None) -> list[Any]:
+        return [{"ok": True, "text": p} for p in prompts]
+
+    async def rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Any]:
+        return [{"ok": True, "text": q} for q in queries]
+
+    def budget(self) -> dict[str, Any]:
+        return {}
+
+
+def _repl(level: str, context: Any) -> Any:
+    if level == "none":
+        return ThreadRepl(context=context, host=_EchoHost(), max_output_chars=2000)
+    return ProcessRepl(context=context, host=_EchoHost(), plan=plan_for(Sandbox(level)), max_output_chars=2000)  # type: ignore[arg-type]
+
+
+def _tree_rss_kib(root_pid: int) -> dict[str, int]:
+    """VmRSS (KiB) of ``root_pid`` and every descendant, by command name (bwrap, python)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+                parents[int(entry)] = int(stat.rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    rss: dict[str, int] = {}
+    for pid in tree:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        name = next(line.split()[1] for line in status if line.startswith("Name:"))
+        kib = next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+        rss[name] = rss.get(name, 0) + kib
+    return rss
+
+
+async def _start_latency(level: str, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        async with _repl(level, "x") as repl:
+            await repl.run_cell("pass")
+            times.append(time.perf_counter() - started)
+    return times
+
+
+async def _round_trip_us(level: str, n: int) -> float:
+    async with _repl(level, "x") as repl:
+        started = time.perf_counter()
+        result = await repl.run_cell(f"for _ in range({n}):\n    llm_query('a')")
+        assert result.error is None, result.error
+        return (time.perf_counter() - started) / n * 1e6
+
+
+async def _parallel_cpu_s(level: str, loop_s: float) -> float:
+    """Wall seconds for two sibling child agents that each busy-loop ``loop_s`` of CPU time."""
+    kid = f"import time\nt = time.process_time()\nwhile time.process_time() - t < {loop_s}:\n    pass\nFINAL('ok')"
+    root = "r = await rlm_batch(['kid a', 'kid b'], ['a', 'b'])\nFINAL(' '.join(r))"
+
+    async def model(request: Any) -> str:
+        first = request.messages[1]["content"]
+        code = kid if "Query: kid" in first else root
+        return f"```repl\n{code}\n```"
+
+    from .._clients import FakeClient
+
+    async with RLM("m", client=FakeClient(model), sandbox=level) as rlm:  # type: ignore[arg-type]
+        started = time.perf_counter()
+        result = await rlm.completion("q", "ctx")
+        assert result.answer == "ok ok", result
+        return time.perf_counter() - started
+
+
+async def sandbox_costs(quick: bool = False) -> dict[str, Any]:
+    """Every figure, as a plain dict (seconds, microseconds, MiB), with the layers strict used here."""
+    levels = ["strict", "process", "none"] if probe().filesystem and probe().network else ["process", "none"]
+    n_start, n_calls = (5, 200) if quick else (20, 2000)
+    out: dict[str, Any] = {"layers": list(plan_for(Sandbox(levels[0])).layers), "levels": {}}
+    big = "x" * _CONTEXT_CHARS
+    for level in levels:
+        starts = await _start_latency(level, n_start)
+        row: dict[str, Any] = {
+            "start_median_ms": statistics.median(starts) * 1000,
+            "start_max_ms": max(starts) * 1000,
+            "call_round_trip_us": await _round_trip_us(level, n_calls),
+        }
+        big_starts = []
+        for _ in range(3):
+            started = time.perf_counter()
+            async with _repl(level, big) as repl:
+                await repl.run_cell("len(context)")
+            big_starts.append(time.perf_counter() - started)
+        row["context_4_5mb_start_ms"] = statistics.median(big_starts) * 1000
+        if level != "none":
+            async with _repl(level, "x") as repl:
+                await repl.run_cell("import asyncio, json, re")
+                row["rss_kib"] = _tree_rss_kib(repl.pid)
+        row["cpu_loop_s"] = loop_s = 0.5 if quick else 1.0
+        row["two_cpu_children_wall_s"] = await _parallel_cpu_s(level, loop_s)
+        out["levels"][level] = row
+    return out
