@@ -94,23 +94,31 @@ def cell_threads(grace_s: float = 1.0) -> list[threading.Thread]:
 
 
 def worker_processes(grace_s: float = 0.0) -> list[int]:
-    """Pids of REPL worker processes (bwrap or python running ``_worker.py``) that are children of this
-    process, after waiting up to ``grace_s`` for them to go."""
+    """Pids of live REPL worker processes (named ``rlm-worker``; the zygote they fork from is ``rlm-zygote``
+    and is kept) descended from this process, after waiting up to ``grace_s`` for them to go."""
     deadline = time.monotonic() + grace_s
     while True:
-        found = []
+        parents, names = {}, {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             try:
                 with open(f"/proc/{entry}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except (OSError, ValueError, IndexError):
+                    stat = f.read()
+            except OSError:
                 continue
-            if ppid == os.getpid() and b"_worker.py" in cmdline:
-                found.append(int(entry))
+            head, _, tail = stat.rpartition(b")")
+            parents[int(entry)] = int(tail.split()[1])
+            names[int(entry)] = head.partition(b"(")[2]
+            if tail.split()[0] == b"Z":
+                names[int(entry)] = b"<zombie>"
+        mine, frontier = set(), [os.getpid()]
+        while frontier:
+            pid = frontier.pop()
+            children = [c for c, p in parents.items() if p == pid and c not in mine]
+            mine.update(children)
+            frontier.extend(children)
+        found = sorted(pid for pid in mine if names.get(pid) == b"rlm-worker")
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -380,3 +382,20 @@ async def test_os_exit_in_a_plain_process_sandbox_does_not_kill_the_host(no_leak
     assert os.getpid() == pid and result.ok and "killed by SIGKILL" in output
     assert signal.getsignal(signal.SIGTERM) is not None
     await assert_host_unaffected()
+
+
+def test_the_zygote_outlives_the_thread_that_first_asked_for_it():
+    """Regression: the zygote was started from a pool thread, and the kernel's parent-death signal (the
+    zygote's, and bwrap's --die-with-parent) fires when that *thread* ends: idle pool threads retire, so the
+    zygote and every worker forked from it died mid-run ("the REPL worker did not start")."""
+    from rlm_async._repl import _zygote
+
+    plan = plan_for(Sandbox("process"))
+    _zygote._close_zygotes()
+    box = {}
+    asker = threading.Thread(target=lambda: box.setdefault("zygote", _zygote._zygote_for(plan)))
+    asker.start()
+    asker.join()
+    with pytest.raises(subprocess.TimeoutExpired):
+        box["zygote"]._proc.wait(timeout=1)  # still alive a second after the asking thread ended
+    assert box["zygote"].alive()

@@ -16,15 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
-import os
 import pickle
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,13 +27,13 @@ from typing import Any
 import anyio
 
 from .._errors import BudgetExceeded, ConfigError, WorkerError
-from .._sandbox._layers import WorkerPlan, bwrap_argv, read_only_roots, worker_env
+from .._sandbox._layers import WorkerPlan, read_only_roots
 from . import _wire
 from ._protocol import CellResult, Host
+from ._zygote import WorkerProcess, new_spool, start_worker
 
 __all__ = ["ProcessRepl"]
 
-_WORKER = Path(__file__).resolve().parent / "_worker.py"
 _CONTEXT_FILE = ".rlm_context.pkl"
 #: Bytes of a dead worker's stderr shown to the model (the tail holds the fatal error).
 _STDERR_TAIL = 1500
@@ -57,7 +52,7 @@ class _WorkerGone(Exception):
 class _Worker:
     """One live worker process and its channel."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader, writer: Any, spool: Path):
+    def __init__(self, proc: WorkerProcess, reader: asyncio.StreamReader, writer: Any, spool: Path):
         self.proc = proc
         self.reader = reader
         self.writer = writer
@@ -79,10 +74,9 @@ class _Worker:
         return _wire.check_worker_message(_wire.parse_frame(await self.reader.readexactly(n)))
 
     async def kill(self) -> None:
-        """SIGKILL the worker's process group and reap it; close the channel. Idempotent, and quick: the
-        process is gone when this returns (bubblewrap's --die-with-parent takes the sandbox down with it)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL the worker (its process group, where it has one) and wait for it; close the channel.
+        Idempotent, and quick: the process is gone when this returns."""
+        self.proc.kill()
         self.writer.close()
         with anyio.CancelScope(shield=True):
             await self.proc.wait()
@@ -163,8 +157,9 @@ class ProcessRepl:
 
     @property
     def pid(self) -> int | None:
-        """The live worker's process id as the engine sees it (bubblewrap's, under bwrap), or None."""
-        return self._worker.proc.pid if self._worker else None
+        """The live worker's process id as the engine sees it (bubblewrap's when spawned under bwrap), or
+        None."""
+        return self._worker.proc.host_pid if self._worker else None
 
     async def __aenter__(self) -> ProcessRepl:
         self._worker = await self._start()
@@ -180,13 +175,12 @@ class ProcessRepl:
     # -- starting ---------------------------------------------------------------------------------------
     async def _start(self) -> _Worker:
         sandbox = self._plan.sandbox
-        spool = Path(tempfile.mkdtemp(prefix="rlm-repl-"))
+        spool = await new_spool(self._plan)
         workdir = spool / "work"
         workdir.mkdir(mode=0o700)
         (workdir / _CONTEXT_FILE).write_bytes(self._context_bytes)
-        parent, child = socket.socketpair()
         config: dict[str, Any] = {
-            "fd": child.fileno(),
+            "spool": str(spool),
             "workdir": str(workdir),
             "context_file": _CONTEXT_FILE,
             "max_output_chars": self._max_output_chars,
@@ -197,7 +191,6 @@ class ProcessRepl:
                 "cpu": sandbox.cpu_s,
                 "fsize": sandbox.file_size_bytes,
                 "nofile": sandbox.open_files,
-                "nproc": sandbox.processes if self._plan.bwrap else None,
                 "core": 0,
             },
             "bwrap": bool(self._plan.bwrap),
@@ -205,28 +198,14 @@ class ProcessRepl:
             "read_paths": read_only_roots() if self._plan.landlock else [],
             "seccomp_bpf": self._plan.seccomp_bpf.hex() if self._plan.seccomp_bpf is not None else None,
         }
-        argv = [sys.executable, "-I", "-B", str(_WORKER)]
-        if self._plan.bwrap:
-            argv = [*bwrap_argv(self._plan.bwrap, str(workdir)), "--", *argv]
-        stderr = open(spool / "stderr.log", "wb")  # noqa: SIM115, ASYNC230 - a local file for the child, closed below
+        parent, child = socket.socketpair()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                json.dumps(config),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                pass_fds=[child.fileno()],
-                env=worker_env(str(workdir)),
-                cwd=workdir,
-                start_new_session=True,
-            )
+            proc = await start_worker(self._plan, config, child)
         except BaseException:
             parent.close()
             shutil.rmtree(spool, ignore_errors=True)
             raise
         finally:
-            stderr.close()
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         worker = _Worker(proc, reader, writer, spool)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import faulthandler
 import importlib.util
 import inspect
@@ -28,6 +29,8 @@ import json
 import os
 import pickle
 import queue
+import random
+import signal
 import socket
 import sys
 import threading
@@ -234,21 +237,12 @@ class Worker:
         self._cell.show_value(self._out, value)
 
 
-def main(argv: list[str]) -> None:
-    config = json.loads(argv[1])
-    faulthandler.enable()  # a crash (segfault, abort) leaves its reason on stderr for the engine to show
-    confine = _load("_rlm_confine", _HERE.parent / "_sandbox" / "_confine.py")
-    confine.set_parent_death_signal()
-    mods = {
-        "wire": _load("_rlm_wire", _HERE / "_wire.py"),
-        "cell": _load("_rlm_cell", _HERE / "_cell.py"),
-        "functions": _load("_rlm_functions", _HERE / "_functions.py"),
-    }
+def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType, mods: dict[str, ModuleType]) -> None:
+    """Load the context, confine this process, say ``ready``, then serve cells until the engine hangs up."""
     context_path = Path(config["workdir"]) / config["context_file"]
     with open(context_path, "rb") as f:
         context = pickle.load(f)  # written by the engine (trusted), before any model code ran here
     context_path.unlink()
-    sock = socket.socket(fileno=int(config["fd"]))
     layers = ["env", *confine.apply_rlimits(config["rlimits"])]
     if config.get("bwrap"):
         layers.append("bwrap")
@@ -262,6 +256,114 @@ def main(argv: list[str]) -> None:
     worker.send({"op": "ready", "version": mods["wire"].PROTOCOL_VERSION, "pid": os.getpid(), "layers": layers})
     threading.Thread(target=worker.reader, name="rlm-worker-reader", daemon=True).start()
     worker.serve()
+
+
+class Zygote:
+    """The template process: everything a worker needs is imported once, and each worker is a fork of it.
+
+    It never runs model code and never sees a key (it was started like a worker, with the allowlisted
+    environment). It reads fork requests from its control socket (SOCK_SEQPACKET): one message of JSON
+    config with the new worker's channel fd attached (SCM_RIGHTS). It forks; the child confines itself and
+    becomes the worker (:func:`run_worker`); the zygote answers with the child's pid and a pidfd for it, so
+    the engine can kill the worker and see it exit. It reaps its children and writes each one's wait status
+    to ``<spool>/exit_status`` for the engine. The zygote is single-threaded, so forking is safe.
+    """
+
+    def __init__(self, config: dict[str, Any], confine: ModuleType, mods: dict[str, ModuleType]) -> None:
+        self._control = socket.socket(fileno=int(config["fd"]))
+        self._base = config
+        self._confine = confine
+        self._mods = mods
+        self._spools: dict[int, str] = {}
+        signal.signal(signal.SIGCHLD, self._reap)
+
+    def _reap(self, signum: int, frame: Any) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            spool = self._spools.pop(pid, None)
+            if spool is not None:
+                with contextlib.suppress(OSError):
+                    Path(spool, "exit_status").write_text(str(status))
+
+    def serve(self) -> None:
+        self._control.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
+        while True:
+            data, fds, _flags, _addr = socket.recv_fds(self._control, 1 << 20, 1)
+            if not data:
+                os._exit(0)  # the engine is gone
+            config = {**self._base, **json.loads(data)}
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # the child is reaped after pidfd_open
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(config, fds[0])
+            os.close(fds[0])
+            self._spools[pid] = config["spool"]
+            pidfd = os.pidfd_open(pid)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            socket.send_fds(self._control, [json.dumps({"pid": pid}).encode()], [pidfd])
+            os.close(pidfd)
+
+    def _become_worker(self, config: dict[str, Any], fd: int) -> None:
+        status = 1
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            self._control.close()
+            os.setsid()
+            _set_name(b"rlm-worker")
+            _redirect_output(Path(config["spool"]) / "stderr.log")
+            self._confine.set_parent_death_signal()
+            random.seed()  # not the zygote's state, shared by every fork
+            os.chdir(config["workdir"])
+            os.environ.update(HOME=config["workdir"], TMPDIR=config["workdir"], PWD=config["workdir"])
+            run_worker(config, socket.socket(fileno=fd), self._confine, self._mods)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+
+
+def _set_name(name: bytes) -> None:
+    """Name this process (``/proc/<pid>/comm``), so workers and the zygote can be told apart."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+
+
+def _redirect_output(stderr_path: Path) -> None:
+    """fd 1 to /dev/null and fd 2 to the worker's own log (faulthandler writes the crash reason there)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    log = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(null, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+
+
+def main(argv: list[str]) -> None:
+    config = json.loads(argv[1])
+    faulthandler.enable()  # a crash (segfault, abort) leaves its reason on stderr for the engine to show
+    confine = _load("_rlm_confine", _HERE.parent / "_sandbox" / "_confine.py")
+    confine.set_parent_death_signal()
+    mods = {
+        "wire": _load("_rlm_wire", _HERE / "_wire.py"),
+        "cell": _load("_rlm_cell", _HERE / "_cell.py"),
+        "functions": _load("_rlm_functions", _HERE / "_functions.py"),
+    }
+    if config.get("mode") == "zygote":
+        _set_name(b"rlm-zygote")
+        if config.get("landlock"):
+            import landlockpy  # noqa: F401 - imported once here instead of in every worker
+        Zygote(config, confine, mods).serve()
+    else:
+        _set_name(b"rlm-worker")
+        run_worker(config, socket.socket(fileno=int(config["fd"])), confine, mods)
 
 
 if __name__ == "__main__":

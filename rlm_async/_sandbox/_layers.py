@@ -274,19 +274,21 @@ def worker_env(workdir: str) -> dict[str, str]:
     return env
 
 
-def bwrap_argv(bwrap: str, workdir: str) -> list[str]:
-    """bubblewrap's arguments for one worker: new namespaces, the read-only roots at their own paths (merged-
-    /usr symlinks kept as symlinks), a fresh /proc, a minimal /dev, an empty /tmp, and the workdir read-write
-    as the cwd. (The seccomp filter is loaded by the worker itself: it forbids the ``execve`` that bwrap
-    needs to start the interpreter.)"""
+def bwrap_argv(bwrap: str, writable: list[str], chdir: str) -> list[str]:
+    """bubblewrap's arguments for a worker (or the zygote): new namespaces, the read-only roots at their own
+    paths (merged-/usr symlinks kept as symlinks), a fresh /proc, a minimal /dev, an empty /tmp, the
+    ``writable`` folders read-write at their own paths, and ``chdir`` as the cwd. (The seccomp filter is
+    loaded by the worker itself: it forbids the ``execve`` that bwrap needs to start the interpreter.)"""
     argv = [bwrap, *_NAMESPACES, "--disable-userns", "--uid", "65534", "--gid", "65534"]
     for root in read_only_roots():
         argv += ["--ro-bind", root, root]
     for link in ("/bin", "/lib", "/lib64", "/sbin"):
         if os.path.islink(link):
             argv += ["--symlink", os.readlink(link), link]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", workdir, workdir, "--chdir", workdir]
-    return argv
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for path in writable:
+        argv += ["--bind", path, path]
+    return [*argv, "--chdir", chdir]
 
 
 def describe(support: LayerSupport | None = None) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class _EchoHost:
 def _repl(level: str, context: Any) -> Any:
     if level == "none":
         return ThreadRepl(context=context, host=_EchoHost(), max_output_chars=2000)
-    return ProcessRepl(context=context, host=_EchoHost(), plan=plan_for(Sandbox(level)), max_output_chars=2000)  # type: ignore[arg-type]
+    return ProcessRepl(context=context, host=_EchoHost(), plan=plan_for(Sandbox.coerce(level)), max_output_chars=2000)
 
 
 def _tree_rss_kib(root_pid: int) -> dict[str, int]:
@@ -111,7 +111,7 @@ async def sandbox_costs(quick: bool = False) -> dict[str, Any]:
     """Every figure, as a plain dict (seconds, microseconds, MiB), with the layers strict used here."""
     levels = ["strict", "process", "none"] if probe().filesystem and probe().network else ["process", "none"]
     n_start, n_calls = (5, 200) if quick else (20, 2000)
-    out: dict[str, Any] = {"layers": list(plan_for(Sandbox(levels[0])).layers), "levels": {}}
+    out: dict[str, Any] = {"layers": list(plan_for(Sandbox.coerce(levels[0])).layers), "levels": {}}
     big = "x" * _CONTEXT_CHARS
     for level in levels:
         starts = await _start_latency(level, n_start)
