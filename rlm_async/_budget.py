@@ -58,8 +58,9 @@ class Limits:
             killed and replaced, so the cell's variables are lost; in-thread (``sandbox="none"``) its
             sub-calls are cancelled and its thread interrupted. Default 120; None: no limit (``timeout_s``
             then bounds the whole run).
-        max_workers: REPL worker processes running model code at once in the run (each is a Python
-            interpreter, about 15 MB). An agent waits for a slot before its worker starts; an agent whose
+        max_workers: REPL worker processes running model code at once in the run (each a fork of the
+            sandbox's zygote: about 3-4 MB of its own memory, 19 MB resident; docs/security.md). An agent
+            waits for a slot before its worker starts; an agent whose
             cell waits on child agents lends its slot to them meanwhile, so a tree wider than the cap queues
             instead of deadlocking. Default 32.
 

@@ -215,6 +215,15 @@ async def test_a_fork_bomb_is_bounded(no_leaks):
     await assert_host_unaffected()
 
 
+async def test_a_thread_bomb_is_bounded(no_leaks):
+    code = "import threading\nn = 0\ntry:\n    while n < 100_000:\n"
+    code += "        threading.Thread(target=threading.Event().wait, daemon=True).start()\n        n += 1\n"
+    code += "except (RuntimeError, MemoryError) as e:\n    print('stopped', n < 2000, type(e).__name__)"
+    _, output = await run_code(code)
+    assert output.startswith("stopped True"), output
+    await assert_host_unaffected()
+
+
 async def test_a_4_gib_allocation_is_refused(no_leaks):
     code = "try:\n    x = bytearray(4 * 1024**3)\n    print('GOT', len(x))\nexcept MemoryError:\n    print('refused')"
     _, output = await run_code(code, sandbox="process")
@@ -399,3 +408,71 @@ def test_the_zygote_outlives_the_thread_that_first_asked_for_it():
     with pytest.raises(subprocess.TimeoutExpired):
         box["zygote"]._proc.wait(timeout=1)  # still alive a second after the asking thread ended
     assert box["zygote"].alive()
+
+
+# -- the worker's REPL -----------------------------------------------------------------------------------
+async def test_output_written_any_way_reaches_the_model(no_leaks):
+    code = """
+import pprint, sys, warnings
+sys.stdout.write('written\\n')
+print('to stderr', file=sys.stderr)
+pprint.pprint({'k': [1, 2]})
+warnings.warn('careful')
+1 / 0
+"""
+    _, output = await run_code(code)
+    for expected in ("written", "to stderr", "{'k': [1, 2]}", "UserWarning: careful", "ZeroDivisionError"):
+        assert expected in output, output
+
+
+async def test_tasks_and_task_groups_of_sub_calls(no_leaks):
+    code = """
+import asyncio
+t = asyncio.create_task(llm_query('a'))
+async with asyncio.TaskGroup() as tg:
+    u = tg.create_task(llm_query('b'))
+many = await asyncio.gather(*map(lambda p: llm_query(p), ['c', 'd']))
+print(await t, u.result(), many)
+"""
+    _, output = await run_code(code)
+    assert output == "A B ['C', 'D']", output
+
+
+async def test_contexts_keep_their_type_for_the_root_and_for_children(no_leaks):
+    kid = "FINAL(type(context).__name__ + ' ' + repr(context))"
+    root = """
+kids = await rlm_batch(['kid 1', 'kid 2', 'kid 3'], [b'\\x00raw', ('a', 1), {1: 'one', 'two': [2.5, None]}])
+answer['content'] = type(context).__name__ + ' | ' + ' | '.join(kids)
+answer['ready'] = True
+"""
+    rlm = RLM("m", client=FakeClient(Script({"q": [repl(root)], "kid": [repl(kid)]})))
+    result = await rlm.completion("q", {"docs": [b"x", "y"]})
+    assert result.answer == ("dict | bytes b'\\x00raw' | tuple ('a', 1) | dict {1: 'one', 'two': [2.5, None]}"), (
+        result.answer
+    )
+
+
+async def test_a_context_model_code_cannot_send_is_a_type_error_in_its_cell(no_leaks):
+    _, output = await run_code("await rlm_agent('kid', object())")
+    assert "TypeError: a object cannot be passed to a child agent" in output
+
+
+async def test_max_workers_bounds_the_workers_running_model_code(no_leaks):
+    """Four children under max_workers=2: the root lends its slot while it waits, and two children run at a
+    time (their busy spans, on the one monotonic clock all processes share, never overlap three deep)."""
+    kid = "import time\nt0 = time.monotonic()\ntime.sleep(0.2)\nFINAL(f'{t0} {time.monotonic()}')"
+    root = "r = await rlm_batch([f'kid {i}' for i in range(4)], ['c'] * 4)\nFINAL('|'.join(r))"
+    rlm = RLM("m", client=FakeClient(Script({"q": [repl(root)], "kid": [repl(kid)]})), limits=Limits(max_workers=2))
+    result = await rlm.completion("q", "ctx")
+    spans = [tuple(map(float, part.split())) for part in result.answer.split("|")]
+    assert len(spans) == 4
+    assert max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans) == 2, spans
+
+
+async def test_a_tree_deeper_than_max_workers_does_not_deadlock(no_leaks):
+    kid = "g = await rlm_batch(['grandkid a', 'grandkid b'], ['x', 'y'])\nFINAL('+'.join(g))"
+    root = "r = await rlm_batch(['kid 1', 'kid 2'], ['c', 'd'])\nFINAL('|'.join(r))"
+    script = Script({"q": [repl(root)], "kid": [repl(kid)], "grandkid": [repl("FINAL(context)")]})
+    rlm = RLM("m", client=FakeClient(script), limits=Limits(max_workers=1, max_depth=3, cell_timeout_s=30))
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "x+y|x+y"

@@ -358,6 +358,7 @@ def main(argv: list[str]) -> None:
     }
     if config.get("mode") == "zygote":
         _set_name(b"rlm-zygote")
+        confine.apply_rlimits({"nproc": config.get("nproc")})  # shared by every fork (Sandbox.processes)
         if config.get("landlock"):
             import landlockpy  # noqa: F401 - imported once here instead of in every worker
         Zygote(config, confine, mods).serve()

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import anyio
 
 from .._errors import WorkerError
-from .._sandbox._layers import WorkerPlan, bwrap_argv, read_only_roots, worker_env
+from .._sandbox._layers import WorkerPlan, bwrap_argv, nproc_limit, read_only_roots, worker_env
 
 __all__ = ["WorkerProcess", "new_spool", "start_worker", "uses_zygote"]
 
@@ -95,6 +95,7 @@ async def spawn_worker(plan: WorkerPlan, config: dict[str, Any], spool: Path, ch
     argv = [sys.executable, "-I", "-B", str(WORKER_FILE)]
     if plan.bwrap:
         argv = [*bwrap_argv(plan.bwrap, [str(workdir)], chdir=str(workdir)), "--", *argv]
+    config = {**config, "rlimits": {**config["rlimits"], "nproc": nproc_limit(plan)}}
     with open(spool / "stderr.log", "wb") as stderr:  # noqa: ASYNC230 - a local file, handed to the child
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -192,6 +193,7 @@ class Zygote:
             "landlock": plan.landlock,
             "read_paths": read_only_roots() if plan.landlock else [],
             "seccomp_bpf": plan.seccomp_bpf.hex() if plan.seccomp_bpf is not None else None,
+            "nproc": nproc_limit(plan),
         }
         argv = [sys.executable, "-I", "-B", str(WORKER_FILE), json.dumps(config)]
         if plan.bwrap:

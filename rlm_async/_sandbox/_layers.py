@@ -74,8 +74,11 @@ class Sandbox:
             agent gets a fresh worker. Default 600.
         file_size_bytes: the largest file the worker may write (RLIMIT_FSIZE). Default 64 MiB.
         open_files: file descriptors open at once (RLIMIT_NOFILE). Default 256.
-        processes: processes and threads of the sandbox's user (RLIMIT_NPROC), set inside bubblewrap's user
-            namespace where the count starts at zero. Default 64.
+        processes: processes and threads that the workers of one sandbox layout may run together
+            (RLIMIT_NPROC, set on the zygote they are forked from): counted inside bubblewrap's user
+            namespace, or on top of the user's current count without one; the kernel does not apply it to
+            root. (New processes are refused outright by the seccomp layer; this bounds threads.) Default
+            1024.
         start_timeout_s: seconds a worker may take to start and confine itself. Default 30.
 
     Raises:
@@ -87,7 +90,7 @@ class Sandbox:
     cpu_s: int = 600
     file_size_bytes: int = 64 * _MIB
     open_files: int = 256
-    processes: int = 64
+    processes: int = 1024
     start_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -265,6 +268,26 @@ def read_only_roots() -> list[str]:
     paths = sorted({os.path.realpath(p) for p in candidates if p and os.path.exists(p)})
     # Drop paths inside another listed directory.
     return [p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths)]
+
+
+def nproc_limit(plan: WorkerPlan) -> int | None:
+    """RLIMIT_NPROC for a plan's workers (see :attr:`Sandbox.processes`), or None where it would not apply."""
+    if plan.bwrap:
+        return plan.sandbox.processes  # a new user namespace: its count starts at zero
+    if os.geteuid() == 0:
+        return None
+    uid, tasks = str(os.getuid()), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("Uid:") and line.split()[1] == uid:
+                    tasks += sum(1 for _ in os.scandir(f"/proc/{entry}/task"))
+                    break
+    return tasks + plan.sandbox.processes
 
 
 def worker_env(workdir: str) -> dict[str, str]:

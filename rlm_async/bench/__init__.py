@@ -399,6 +399,10 @@ async def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] = lam
     rows.append(await scheduler_overhead(10_000))
     progress("the main job")
     rows += await main_job(cfg)
+    progress("sandbox costs")
+    from ._sandbox import sandbox_costs
+
+    rows += await sandbox_costs(cfg.quick)
 
     from ._plots import plot_speedups, plot_timeline
 

@@ -16,6 +16,7 @@ from .._engine import RLM
 from .._repl import ProcessRepl, ThreadRepl
 from .._sandbox import Sandbox, plan_for
 from .._sandbox._layers import probe
+from . import Measurement
 
 __all__ = ["sandbox_costs"]
 
@@ -42,7 +43,9 @@ def _repl(level: str, context: Any) -> Any:
 
 
 def _tree_rss_kib(root_pid: int) -> dict[str, int]:
-    """VmRSS (KiB) of ``root_pid`` and every descendant, by command name (bwrap, python)."""
+    """Memory (KiB) of ``root_pid`` and every descendant, by process name: ``<name>`` its resident set
+    (VmRSS, pages shared with the zygote included) and ``<name>.private`` its own pages (Private_Clean +
+    Private_Dirty of /proc/PID/smaps_rollup), which is what one more worker costs."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -67,6 +70,12 @@ def _tree_rss_kib(root_pid: int) -> dict[str, int]:
         name = next(line.split()[1] for line in status if line.startswith("Name:"))
         kib = next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
         rss[name] = rss.get(name, 0) + kib
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        private = sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Clean:", "Private_Dirty:")))
+        rss[f"{name}.private"] = rss.get(f"{name}.private", 0) + private
     return rss
 
 
@@ -90,7 +99,7 @@ async def _round_trip_us(level: str, n: int) -> float:
 
 async def _parallel_cpu_s(level: str, loop_s: float) -> float:
     """Wall seconds for two sibling child agents that each busy-loop ``loop_s`` of CPU time."""
-    kid = f"import time\nt = time.process_time()\nwhile time.process_time() - t < {loop_s}:\n    pass\nFINAL('ok')"
+    kid = f"import time\nt = time.thread_time()\nwhile time.thread_time() - t < {loop_s}:\n    pass\nFINAL('ok')"
     root = "r = await rlm_batch(['kid a', 'kid b'], ['a', 'b'])\nFINAL(' '.join(r))"
 
     async def model(request: Any) -> str:
@@ -107,31 +116,38 @@ async def _parallel_cpu_s(level: str, loop_s: float) -> float:
         return time.perf_counter() - started
 
 
-async def sandbox_costs(quick: bool = False) -> dict[str, Any]:
-    """Every figure, as a plain dict (seconds, microseconds, MiB), with the layers strict used here."""
-    levels = ["strict", "process", "none"] if probe().filesystem and probe().network else ["process", "none"]
+async def sandbox_costs(quick: bool = False) -> list[Measurement]:
+    """One row per figure and sandbox level: ``sandbox_start`` (median seconds to a worker's first cell),
+    ``sandbox_call`` (seconds per blocking ``llm_query`` round trip), ``sandbox_context`` (start with a
+    4.5 MB context), ``sandbox_cpu_siblings`` (two children each busy for ``loop_s`` of CPU; ideal: one
+    ``loop_s``). ``extra`` has the worker's memory (VmRSS KiB by process name) and the layers applied."""
+    strict_ok = probe().filesystem and probe().network
+    levels = ["strict", "process", "none"] if strict_ok else ["process", "none"]
     n_start, n_calls = (5, 200) if quick else (20, 2000)
-    out: dict[str, Any] = {"layers": list(plan_for(Sandbox.coerce(levels[0])).layers), "levels": {}}
+    loop_s = 0.5 if quick else 1.0
     big = "x" * _CONTEXT_CHARS
+    rows = []
+
+    def row(scenario: str, level: str, wall_s: float, ideal: float | None = None, **extra: Any) -> Measurement:
+        params = {"sandbox": level}
+        return Measurement(scenario, "rlm_async", params, wall_s, ideal, 0, None, None, None, True, "", extra=extra)
+
     for level in levels:
         starts = await _start_latency(level, n_start)
-        row: dict[str, Any] = {
-            "start_median_ms": statistics.median(starts) * 1000,
-            "start_max_ms": max(starts) * 1000,
-            "call_round_trip_us": await _round_trip_us(level, n_calls),
-        }
+        extra: dict[str, Any] = {"max_s": max(starts)}
+        if level != "none":
+            async with _repl(level, "x") as repl:
+                await repl.run_cell("import asyncio, json, re")
+                extra["rss_kib"] = _tree_rss_kib(repl.pid)
+                extra["layers"] = list(repl.layers)
+        rows.append(row("sandbox_start", level, statistics.median(starts), **extra))
+        rows.append(row("sandbox_call", level, await _round_trip_us(level, n_calls) / 1e6, calls=n_calls))
         big_starts = []
         for _ in range(3):
             started = time.perf_counter()
             async with _repl(level, big) as repl:
                 await repl.run_cell("len(context)")
             big_starts.append(time.perf_counter() - started)
-        row["context_4_5mb_start_ms"] = statistics.median(big_starts) * 1000
-        if level != "none":
-            async with _repl(level, "x") as repl:
-                await repl.run_cell("import asyncio, json, re")
-                row["rss_kib"] = _tree_rss_kib(repl.pid)
-        row["cpu_loop_s"] = loop_s = 0.5 if quick else 1.0
-        row["two_cpu_children_wall_s"] = await _parallel_cpu_s(level, loop_s)
-        out["levels"][level] = row
-    return out
+        rows.append(row("sandbox_context", level, statistics.median(big_starts), chars=_CONTEXT_CHARS))
+        rows.append(row("sandbox_cpu_siblings", level, await _parallel_cpu_s(level, loop_s), loop_s, loop_s=loop_s))
+    return rows
