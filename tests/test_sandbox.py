@@ -482,3 +482,14 @@ async def test_a_tree_deeper_than_max_workers_does_not_deadlock(no_leaks):
     rlm = RLM("m", client=FakeClient(script), limits=Limits(max_workers=1, max_depth=3, cell_timeout_s=30))
     result = await rlm.completion("q", "ctx")
     assert result.answer == "x+y|x+y"
+
+
+def test_bwrap_mounts_tmp_before_the_read_only_roots_that_may_live_under_it():
+    """Regression: with the checkout and its virtual environment under /tmp (as a CI clone is), the empty /tmp
+    mounted after the read-only roots hid them, and no worker could start its interpreter."""
+    from rlm_async._sandbox._layers import bwrap_argv
+
+    argv = bwrap_argv("bwrap", ["/tmp/rlm-x/work"], chdir="/tmp/rlm-x/work")
+    tmpfs = argv.index("--tmpfs")
+    assert argv[tmpfs + 1] == "/tmp"
+    assert all(i > tmpfs for i, arg in enumerate(argv) if arg in ("--ro-bind", "--bind", "--symlink"))

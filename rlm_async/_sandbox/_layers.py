@@ -302,13 +302,15 @@ def bwrap_argv(bwrap: str, writable: list[str], chdir: str) -> list[str]:
     paths (merged-/usr symlinks kept as symlinks), a fresh /proc, a minimal /dev, an empty /tmp, the
     ``writable`` folders read-write at their own paths, and ``chdir`` as the cwd. (The seccomp filter is
     loaded by the worker itself: it forbids the ``execve`` that bwrap needs to start the interpreter.)"""
+    # /tmp first: a mount made later over a parent would hide the read-only roots that live under /tmp (a
+    # checkout and its virtual environment in a temporary folder).
     argv = [bwrap, *_NAMESPACES, "--disable-userns", "--uid", "65534", "--gid", "65534"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for root in read_only_roots():
         argv += ["--ro-bind", root, root]
     for link in ("/bin", "/lib", "/lib64", "/sbin"):
         if os.path.islink(link):
             argv += ["--symlink", os.readlink(link), link]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in writable:
         argv += ["--bind", path, path]
     return [*argv, "--chdir", chdir]
