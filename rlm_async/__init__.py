@@ -1,14 +1,16 @@
 """rlm_async: Recursive Language Models with awaitable sub-calls over one bounded, tree-wide scheduler."""
 
-from ._agent import AgentResult
+from ._agent import AgentResult, StopReason
 from ._breaker import CircuitBreaker
 from ._budget import Limits, Price, Usage, UsageTotals
 from ._clients import AiohttpClient, ChatClient, ChatRequest, ChatResponse, FakeClient, Message, OpenAIClient
+from ._endpoint import RateLimit
 from ._engine import RLM, RLMResult, RunStats
 from ._errors import (
     BudgetExceeded,
     CircuitOpenError,
     ConfigError,
+    EngineError,
     LLMCallError,
     ProviderConnectionError,
     ProviderError,
@@ -16,12 +18,13 @@ from ._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
     RLMError,
+    RunTimeout,
     WorkerError,
 )
 from ._repl import SubcallFailure
 from ._retry import RetryPolicy, parse_retry_after
 from ._sandbox import Sandbox
-from ._scheduler import RateLimit, SchedulerStats
+from ._scheduler import SchedulerStats
 
 __all__ = [
     "RLM",
@@ -34,6 +37,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigError",
+    "EngineError",
     "FakeClient",
     "LLMCallError",
     "Limits",
@@ -50,8 +54,10 @@ __all__ = [
     "RateLimit",
     "RetryPolicy",
     "RunStats",
+    "RunTimeout",
     "Sandbox",
     "SchedulerStats",
+    "StopReason",
     "SubcallFailure",
     "Usage",
     "UsageTotals",

@@ -12,20 +12,38 @@ import re
 import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import anyio
 
 from . import _prompts
 from ._clients import ChatRequest, Message
-from ._errors import BudgetExceeded, ConfigError, LLMCallError, WorkerError
+from ._errors import BudgetExceeded, ConfigError, EngineError, LLMCallError, RLMError, RunTimeout, WorkerError
 from ._repl import Outcome, ProcessRepl, ReplSession, ThreadRepl
 from ._trace import bound
 
 if TYPE_CHECKING:
     from ._engine import Run
 
-__all__ = ["Agent", "AgentResult", "parse_code_blocks", "parse_text_final"]
+__all__ = ["CONFIG_STATUSES", "Agent", "AgentResult", "StopReason", "parse_code_blocks", "parse_text_final"]
+
+StopReason = Literal[
+    "answer", "max_iterations", "timeout", "llm_error", "config_error", "error",
+    "budget:max_calls", "budget:max_input_tokens", "budget:max_output_tokens", "budget:max_cost_usd",
+    "budget:max_agents", "budget:max_fanout",
+]  # fmt: skip
+StopReason.__doc__ = """How a run or an agent ended (a ``Literal``, so mypy catches a misspelled comparison).
+
+``"answer"``: the model set ``answer["ready"]`` (or FINAL); ``"max_iterations"``: the last call gave the answer;
+``"budget:<Limits field>"``: a cap stopped it; ``"timeout"``: ``timeout_s`` or ``agent_timeout_s``;
+``"llm_error"``: one of its own turns failed for good (endpoint down, retries spent); ``"config_error"``: the
+endpoint refused the configuration (401, 403, or 404 for a configured model) for a turn or a sub-call, or a
+model has no price under ``max_cost_usd``; ``"error"``: anything else (a worker that cannot start, an engine
+bug).
+"""
+STOP_REASONS: frozenset[str] = frozenset(get_args(StopReason))
+#: HTTP statuses that mean the configuration is wrong (key, permissions, model name), never the load.
+CONFIG_STATUSES = frozenset({401, 403, 404})
 
 _CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
 _ANY_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
@@ -58,17 +76,16 @@ class AgentResult:
 
     Attributes:
         answer: the answer, or the partial draft (``answer["content"]``) when it stopped early.
-        stop_reason: ``"answer"`` (the model set ready / FINAL), ``"max_iterations"`` (the last call gave the
-            answer), ``"budget:<Limits field>"``, ``"timeout"``, ``"llm_error"`` (one of its own turns failed
-            for good: endpoint down, retries spent) or ``"error"`` (anything else, with a traceback).
+        stop_reason: see :data:`StopReason`.
         iterations: model turns taken.
-        error: what went wrong when stop_reason is a budget stop or an error, else None.
+        error: the typed error when it stopped early (:class:`BudgetExceeded`, :class:`RunTimeout`,
+            :class:`LLMCallError`, :class:`ConfigError`, :class:`WorkerError`, :class:`EngineError`), else None.
     """
 
     answer: str
-    stop_reason: str
+    stop_reason: StopReason
     iterations: int
-    error: str | None = None
+    error: RLMError | None = None
 
     @property
     def ok(self) -> bool:
@@ -122,14 +139,18 @@ class Agent:
                     finally:
                         self._give_worker_slot()
                 if deadline.cancelled_caught:
-                    error = f"the agent passed agent_timeout_s={run.limits.agent_timeout_s:g} s"
+                    assert run.limits.agent_timeout_s is not None
+                    error = RunTimeout("agent_timeout_s", run.limits.agent_timeout_s)
                     result = AgentResult(self.draft, "timeout", self._iterations, error)
-            except WorkerError as exc:
-                result = AgentResult(self.draft, "error", self._iterations, str(exc))
+            except (WorkerError, ConfigError) as exc:
+                reason: StopReason = "config_error" if isinstance(exc, ConfigError) else "error"
+                result = AgentResult(self.draft, reason, self._iterations, exc)
             except Exception as exc:  # an engine bug must not take the whole tree down; it is recorded
-                result = AgentResult(self.draft, "error", 0, "".join(traceback.format_exception(exc)))
+                bug = EngineError(f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
+                bug.__cause__ = exc
+                result = AgentResult(self.draft, "error", self._iterations, bug)
             if result.stop_reason.startswith("budget:"):
-                run.tracer.emit("budget_stop", reason=result.stop_reason, error=result.error)
+                run.tracer.emit("budget_stop", reason=result.stop_reason, error=str(result.error))
             run.tracer.emit(
                 "agent_end", stop_reason=result.stop_reason, iterations=result.iterations, answer=result.answer[:500]
             )
@@ -246,12 +267,16 @@ class Agent:
         self._run.tracer.emit("reply", text=response.text[:4000], finish_reason=response.finish_reason)
         return response.text
 
-    def _stopped(self, exc: Exception, iterations: int) -> AgentResult:
+    def _stopped(self, exc: BudgetExceeded | LLMCallError | ConfigError, iterations: int) -> AgentResult:
+        reason: str
         if isinstance(exc, BudgetExceeded):
             reason = f"budget:{exc.limit}"
+        elif isinstance(exc, LLMCallError):
+            reason = "config_error" if exc.status in CONFIG_STATUSES else "llm_error"
         else:
-            reason = "llm_error" if isinstance(exc, LLMCallError) else "error"
-        return AgentResult(self.draft, reason, iterations, str(exc))
+            reason = "config_error"
+        assert reason in STOP_REASONS, reason
+        return AgentResult(self.draft, reason, iterations, exc)  # type: ignore[arg-type]
 
     # -- Host: what this agent's REPL may ask of the engine --------------------------------------------
     async def llm_batch(self, prompts: list[str], model: str | None, max_tokens: int | None) -> list[Outcome]:
@@ -269,7 +294,8 @@ class Agent:
         ledger.check_fanout(len(prompts))
         ledger.reserve_calls(len(prompts))
         depth = self.depth + 1
-        model = model or self._run.model_for(depth)
+        configured = self._run.model_for(depth)
+        model = model or configured  # a model named by model code may be wrong: its 404 is the model's to see
         results: list[Outcome] = [{} for _ in prompts]
         refused: list[BudgetExceeded] = []
 
@@ -283,6 +309,8 @@ class Agent:
                 results[index] = _failure("budget_exceeded", str(exc))
             except LLMCallError as exc:
                 results[index] = _failure(exc.kind, str(exc))
+                if exc.status in (401, 403) or (exc.status == 404 and model == configured):
+                    self._run.fail(exc)  # a wrong key or configured model fails every call alike: stop the run
             except ConfigError as exc:
                 results[index] = _failure("config", str(exc))
             except Exception as exc:  # G1: an engine or client bug still gives this prompt a typed outcome
@@ -335,7 +363,7 @@ class Agent:
             if outcome.ok:
                 results[index] = {"ok": True, "text": outcome.answer}
             else:
-                results[index] = _failure(outcome.stop_reason, outcome.error or "", outcome.answer)
+                results[index] = _failure(outcome.stop_reason, str(outcome.error or ""), outcome.answer)
 
         async with self._lend_worker_slot(), anyio.create_task_group() as tg:
             for index, (query, context) in enumerate(zip(queries, contexts, strict=True)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from ._errors import (
     CircuitOpenError,
@@ -102,6 +103,15 @@ class Circuit:
             return "closed"
         return "open" if self._clock() < self._open_until or self._probing else "half_open"
 
+    def check_open(self) -> None:
+        """Refuse early, before a rate-limit token or a slot is taken, while the circuit is open.
+
+        Raises:
+            CircuitOpenError: the circuit is open (or half-open with its probe already out).
+        """
+        if self._open_until is not None and self.state == "open":
+            self._refuse()
+
     def before_attempt(self) -> bool:
         """Admit one attempt or refuse it.
 
@@ -119,6 +129,9 @@ class Circuit:
             self._probing = True
             self._started += 1
             return True
+        self._refuse()
+
+    def _refuse(self) -> NoReturn:
         assert self._open_until is not None
         left = max(self._open_until - self._clock(), 0.0)
         probe = "a probe is out" if self._probing else f"next probe in {left:.2f} s"

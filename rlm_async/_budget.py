@@ -4,8 +4,11 @@ Admission rules (checked by the ledger, on the event loop, so no locks are neede
 
 - calls, agents, depth and fan-out are *reserved before work starts* and can never be exceeded: a batch of
   N prompts reserves N calls at once or is refused whole, before any task exists;
-- input tokens, output tokens and USD are known only after a response, so they are *checked before each
-  call is sent*: once spent, no further call starts. Overshoot is bounded by what was in flight;
+- input tokens, output tokens and USD are known only after a response, so they are *checked when each
+  attempt takes its slot*, counting the estimates held by the attempts already in flight (prompt characters
+  / 4 and ``max_tokens``); the attempt then holds its own estimate until it settles. Once the spend plus the
+  holds reach a cap, no further attempt starts, so the overshoot is bounded by what the attempts in flight
+  were billed;
 - the wall clock (``timeout_s``) is enforced by a cancel scope around the whole run.
 """
 
@@ -185,7 +188,7 @@ class Usage:
 
 
 class Ledger:
-    """The run's budget ledger: reserve, settle, refund. Used only from the event loop thread."""
+    """The run's budget ledger: reserve, hold, settle, refund. Used only from the event loop thread."""
 
     def __init__(self, limits: Limits, prices: Mapping[str, Price] | None = None) -> None:
         self.limits = limits
@@ -194,6 +197,7 @@ class Ledger:
         self.agents = 0
         self._totals: dict[tuple[int, str, str], UsageTotals] = defaultdict(UsageTotals)
         self.total = UsageTotals()
+        self.held = UsageTotals()  # estimates of the attempts in flight
 
     # -- reserved counts: never exceeded -------------------------------------------------------------
     def reserve_calls(self, n: int) -> None:
@@ -224,15 +228,47 @@ class Ledger:
 
     # -- measured amounts: checked before each call ----------------------------------------------------
     def check_spend(self) -> None:
-        """Raises BudgetExceeded when input tokens, output tokens or USD are already spent."""
-        lim, tot = self.limits, self.total
-        for name, cap, used in (
-            ("max_input_tokens", lim.max_input_tokens, tot.prompt_tokens),
-            ("max_output_tokens", lim.max_output_tokens, tot.completion_tokens),
-            ("max_cost_usd", lim.max_cost_usd, tot.cost_usd),
+        """Raises BudgetExceeded when input tokens, output tokens or USD are spent, counting the estimates
+        held by the attempts in flight."""
+        lim, tot, held = self.limits, self.total, self.held
+        for name, cap, used, holding in (
+            ("max_input_tokens", lim.max_input_tokens, tot.prompt_tokens, held.prompt_tokens),
+            ("max_output_tokens", lim.max_output_tokens, tot.completion_tokens, held.completion_tokens),
+            ("max_cost_usd", lim.max_cost_usd, tot.cost_usd, held.cost_usd),
         ):
-            if cap is not None and used >= cap:
-                raise BudgetExceeded(name, cap, used)
+            if cap is not None and used + holding >= cap:
+                detail = f"{holding:g} more held by attempts in flight" if holding else ""
+                raise BudgetExceeded(name, cap, used, detail=detail)
+
+    def hold(self, model: str, prompt_tokens: int, max_tokens: int) -> UsageTotals:
+        """Check the spend (holds included), then hold one attempt's estimate until :meth:`release`.
+
+        Args:
+            model: for the USD estimate (price table; 0 without a price).
+            prompt_tokens: the prompt's token estimate.
+            max_tokens: the request's ``max_tokens`` (0 when unset: its output cannot be known ahead).
+
+        Returns:
+            The hold, to pass to :meth:`release`.
+
+        Raises:
+            BudgetExceeded: a token or USD cap is reached by spend plus holds.
+        """
+        self.check_spend()
+        price = self.prices.get(model)
+        cost = price.cost_usd(prompt_tokens, max_tokens) if price else 0.0
+        hold = UsageTotals(0, prompt_tokens, max_tokens, cost)
+        self.held = self.held + hold
+        return hold
+
+    def release(self, hold: UsageTotals) -> None:
+        """End a hold (the attempt settled, failed or was cancelled)."""
+        self.held = UsageTotals(
+            0,
+            self.held.prompt_tokens - hold.prompt_tokens,
+            self.held.completion_tokens - hold.completion_tokens,
+            max(self.held.cost_usd - hold.cost_usd, 0.0),
+        )
 
     def check_priced(self, model: str) -> None:
         """With a USD cap, a model must have a price (or the cap could not be kept). Raises ConfigError."""

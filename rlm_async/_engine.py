@@ -6,21 +6,23 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import anyio
+import sniffio
 
-from ._agent import Agent
+from ._agent import Agent, StopReason
 from ._breaker import DEFAULT_BREAKER, CircuitBreaker
 from ._budget import Ledger, Limits, Price, Usage
 from ._clients import AiohttpClient, ChatClient, OpenAIClient
-from ._errors import ConfigError
+from ._endpoint import Endpoint, RateLimit
+from ._errors import ConfigError, RLMError, RunTimeout
 from ._retry import RetryPolicy
 from ._sandbox import Sandbox, plan_for
-from ._scheduler import RateLimit, Scheduler
+from ._scheduler import Scheduler
 from ._trace import Event, Tracer, bound
 
 __all__ = ["RLM", "RLMResult", "Run", "RunStats"]
@@ -42,9 +44,8 @@ class RunStats:
         fallbacks: ``rlm_agent`` calls made at ``max_depth`` that ran as plain LLM calls instead.
         queued_s: seconds, summed over calls, waiting for a slot (rate-limit waits included).
         running_s: seconds, summed over attempts, holding a slot.
-        circuit_opened: how many times the circuit breaker opened (the endpoint kept failing).
-        stop_reason: the root's: ``"answer"``, ``"max_iterations"``, ``"budget:<Limits field>"``,
-            ``"timeout"``, ``"llm_error"`` or ``"error"`` (see :class:`AgentResult`).
+        circuit_opened: how many times the endpoint's circuit breaker opened during the run.
+        stop_reason: the root's (see :data:`~rlm_async.StopReason`).
     """
 
     wall_s: float
@@ -59,7 +60,7 @@ class RunStats:
     queued_s: float
     running_s: float
     circuit_opened: int
-    stop_reason: str
+    stop_reason: StopReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,56 +69,62 @@ class RLMResult:
 
     Attributes:
         answer: the root's answer; after a stop, its partial draft (``answer["content"]``).
-        stop_reason: as in :class:`RunStats`.
+        stop_reason: see :data:`~rlm_async.StopReason`.
         usage: tree-wide usage with per-depth, per-agent and per-model breakdowns.
         stats: counters and timings.
-        error: why the run stopped early (budget, timeout, provider error), else None.
+        error: why the run stopped early, typed: :class:`~rlm_async.BudgetExceeded`,
+            :class:`~rlm_async.RunTimeout`, :class:`~rlm_async.LLMCallError` (``kind``, ``status``, ``model``),
+            :class:`~rlm_async.ConfigError`, :class:`~rlm_async.WorkerError` or
+            :class:`~rlm_async.EngineError`; None when the run answered.
         run_id: the id bound to every event of the run.
+        metadata: what the caller passed to ``completion(metadata=...)``.
     """
 
     answer: str
-    stop_reason: str
+    stop_reason: StopReason
     usage: Usage
     stats: RunStats
-    error: str | None
+    error: RLMError | None
     run_id: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         """True when the root produced an answer rather than stopping early."""
         return self.stop_reason in ("answer", "max_iterations")
 
+    def raise_for_status(self) -> RLMResult:
+        """Raise :attr:`error` when the run did not answer (in the style of httpx); else return self.
+
+        Raises:
+            RLMError: the typed error of a run that stopped early (or an RLMError naming the stop reason).
+        """
+        if self.ok:
+            return self
+        raise self.error if self.error is not None else RLMError(f"the run stopped: {self.stop_reason}")
+
 
 class Run:
-    """The state of one completion: one scheduler, one ledger, one tracer, shared by every agent."""
+    """The state of one completion: one scheduler, one ledger, one tracer, shared by every agent. The
+    endpoint's shared state (in-flight cap, rate limiters, breaker) comes from the ``RLM``."""
 
-    def __init__(
-        self,
-        rlm: RLM,
-        client: ChatClient,
-        tracer: Tracer,
-        run_id: str,
-    ) -> None:
-        self.limits = rlm.limits
+    def __init__(self, rlm: RLM, client: ChatClient, tracer: Tracer, run_id: str, limits: Limits) -> None:
+        self.limits = limits
         self.system_prompt = rlm.system_prompt
         self.tracer = tracer
         self.run_id = run_id
-        self.ledger = Ledger(rlm.limits, rlm.prices)
+        self.ledger = Ledger(limits, rlm.prices)
         self.scheduler = Scheduler(
-            client,
-            self.ledger,
-            tracer,
-            max_concurrency=rlm.limits.max_concurrency,
-            retry=rlm.retry,
-            rate_limits=rlm.rate_limits,
-            breaker=rlm.circuit_breaker,
+            client, self.ledger, tracer, max_concurrency=limits.max_concurrency, retry=rlm.retry, endpoint=rlm.endpoint
         )
+        self.fatal: RLMError | None = None
+        self.scope = anyio.CancelScope()
         self._model_for = rlm.model_for
         self.temperature = rlm.temperature
         self.worker_plan = rlm.worker_plan
-        self.worker_slots = anyio.Semaphore(rlm.limits.max_workers)
+        self.worker_slots = anyio.Semaphore(limits.max_workers)
         self.started = anyio.current_time()
-        self.deadline = None if rlm.limits.timeout_s is None else self.started + rlm.limits.timeout_s
+        self.deadline = None if limits.timeout_s is None else self.started + limits.timeout_s
         self.agents_started = 0
         self.max_depth_reached = 0
         self.fallbacks = 0
@@ -125,6 +132,14 @@ class Run:
     def model_for(self, depth: int) -> str:
         """The model for calls at ``depth``."""
         return self._model_for(depth)
+
+    def fail(self, error: RLMError) -> None:
+        """Stop the whole run with ``stop_reason="config_error"``: the endpoint refused its configuration
+        (a wrong key, a configured model it does not serve), so every further call would fail alike."""
+        if self.fatal is None:
+            self.fatal = error
+            self.tracer.emit("config_error", error=str(error))
+        self.scope.cancel()
 
     def agent_started(self, depth: int) -> None:
         """Count an agent (its reservation was taken by whoever spawned it)."""
@@ -135,7 +150,7 @@ class Run:
         """Seconds to the run's deadline, or None without ``timeout_s``."""
         return None if self.deadline is None else max(self.deadline - anyio.current_time(), 0.0)
 
-    def stats(self, stop_reason: str) -> RunStats:
+    def stats(self, stop_reason: StopReason) -> RunStats:
         """A snapshot of the run's counters."""
         s = self.scheduler.stats()
         return RunStats(
@@ -241,13 +256,13 @@ class RLM:
         if temperature is not None and not 0 <= temperature <= 2:
             raise ConfigError(f"temperature must be in [0, 2], got {temperature!r}")
         self.temperature = temperature
-        if self.limits.max_cost_usd is not None:
-            unpriced = sorted({self.model_for(d) for d in range(self.limits.max_depth + 1)} - set(self.prices))
-            if unpriced:
-                raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
+        self._check_prices(self.limits)
         if http not in ("openai", "aiohttp"):
             raise ConfigError(f"http must be 'openai' or 'aiohttp', got {http!r}")
         self._http = http
+        self.endpoint = Endpoint(
+            max_concurrency=self.limits.max_concurrency, rate_limits=self.rate_limits, breaker=circuit_breaker
+        )
         self.sandbox = Sandbox.coerce(sandbox)
         self.worker_plan = None if self.sandbox.level == "none" else plan_for(self.sandbox)
         self._client = client
@@ -256,6 +271,12 @@ class RLM:
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if client is None and not self._base_url and not self._api_key:
             raise ConfigError("no endpoint configured: pass base_url/api_key or set OPENAI_BASE_URL / OPENAI_API_KEY")
+
+    def _check_prices(self, limits: Limits) -> None:
+        if limits.max_cost_usd is not None:
+            unpriced = sorted({self.model_for(d) for d in range(limits.max_depth + 1)} - set(self.prices))
+            if unpriced:
+                raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
 
     def model_for(self, depth: int) -> str:
         """The model for calls at ``depth`` (root turns are depth 0)."""
@@ -290,44 +311,73 @@ class RLM:
                 )
         return self._client
 
-    async def completion(self, query: str, context: Any = None) -> RLMResult:
+    async def completion(
+        self,
+        query: str,
+        context: Any = None,
+        *,
+        limits: Limits | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        trace_path: str | Path | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> RLMResult:
         """Answer ``query`` about ``context`` with a root agent whose REPL holds ``context``.
 
         Args:
             query: the question (str).
-            context: the input: a str, a list of str, a dict, or any object model code can work with. The
-                root model never receives it as tokens, only its metadata.
+            context: the input: a str, bytes, a list, a dict, or any picklable object model code can work
+                with. The root model never receives it as tokens, only its metadata.
+            limits: this run's budgets, instead of the RLM's. Its ``max_concurrency`` applies to this run
+                when lower than the RLM's, which stays the cap across every run (the endpoint's).
+            on_event: a callable given every event of this run, besides the RLM's own ``on_event``. A
+                callback that raises is logged and left out; it never changes the run's outcome.
+            trace_path: append this run's events as JSON lines here (instead of the RLM's ``trace_path``).
+            metadata: plain data about the request (ids, tenant), put in the ``run_start`` event and the
+                result.
 
         Returns:
-            An :class:`RLMResult`. Budget stops, the run timeout and provider failures end the run with the
-            partial answer and a ``stop_reason``; they are not raised.
+            An :class:`RLMResult`. Budget stops, timeouts, provider failures and configuration errors end the
+            run with the partial answer, a ``stop_reason`` and the typed ``error``; they are not raised
+            (``result.raise_for_status()`` raises them).
 
         Raises:
-            ConfigError: ``query`` is not a str.
+            ConfigError: ``query`` is not a str, ``limits`` needs a price that is missing, or the caller's
+                event loop is not asyncio's (the engine runs on asyncio; uvloop is welcome).
             asyncio.CancelledError: when the caller cancels; every descendant task, connection and REPL
-                thread is cancelled first.
+                worker is stopped first.
         """
         if not isinstance(query, str):
             raise ConfigError(f"query must be a str, got {type(query).__name__}")
+        _require_asyncio()
+        limits = limits or self.limits
+        if limits is not self.limits:
+            self._check_prices(limits)
         client = self._ensure_client()
         run_id = uuid.uuid4().hex[:12]
         tracer = Tracer(
-            trace_path=self.trace_path,
+            trace_path=trace_path or self.trace_path,
             logger=self.logger,
-            listeners=[self.on_event] if self.on_event else (),
+            listeners=[fn for fn in (self.on_event, on_event) if fn is not None],
             clock=anyio.current_time,
         )
+        metadata = dict(metadata or {})
         try:
             with bound(run_id=run_id):
-                run = Run(self, client, tracer, run_id)
-                tracer.emit("run_start", model=self.model, sub_model=self.sub_model, limits=self.limits.describe())
+                run = Run(self, client, tracer, run_id, limits)
+                tracer.emit(
+                    "run_start", model=self.model, sub_model=self.sub_model, limits=limits.describe(), metadata=metadata
+                )
                 run.ledger.reserve_agents(1)
                 root = Agent(run, 0, "0")
-                with anyio.move_on_after(self.limits.timeout_s) as scope:
+                with run.scope, anyio.move_on_after(limits.timeout_s) as deadline:
                     outcome = await root.run(query, context)
-                if scope.cancelled_caught:
-                    answer, stop_reason = root.draft, "timeout"
-                    error: str | None = f"the run passed timeout_s={self.limits.timeout_s:g} s"
+                error: RLMError | None
+                stop_reason: StopReason
+                if run.fatal is not None:
+                    answer, stop_reason, error = root.draft, "config_error", run.fatal
+                elif deadline.cancelled_caught:
+                    assert limits.timeout_s is not None
+                    answer, stop_reason, error = root.draft, "timeout", RunTimeout("timeout_s", limits.timeout_s)
                 else:
                     answer, stop_reason, error = outcome.answer, outcome.stop_reason, outcome.error
                 stats = run.stats(stop_reason)
@@ -340,22 +390,47 @@ class RLM:
                     prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.completion_tokens,
                     cost_usd=usage.cost_usd,
+                    error=None if error is None else str(error),
                 )
-                return RLMResult(answer, stop_reason, usage, stats, error, run_id)
+                return RLMResult(answer, stop_reason, usage, stats, error, run_id, metadata)
         finally:
             tracer.close()
 
-    def completion_sync(self, query: str, context: Any = None) -> RLMResult:
-        """Blocking ``completion`` for scripts: runs its own event loop (so not from inside one).
+    def completion_sync(self, query: str, context: Any = None, **kwargs: Any) -> RLMResult:
+        """Blocking ``completion`` for scripts: runs its own asyncio event loop, then closes the client.
 
         Raises:
-            RuntimeError: when called from a running event loop (use ``await completion`` there).
+            ConfigError: when called from a running event loop (use ``await rlm.completion(...)`` there).
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise ConfigError(
+                "completion_sync() cannot run inside a running event loop; use `await rlm.completion(...)`"
+            )
 
         async def once() -> RLMResult:
             try:
-                return await self.completion(query, context)
+                return await self.completion(query, context, **kwargs)
             finally:
                 await self.aclose()
 
         return asyncio.run(once())
+
+
+def _require_asyncio() -> None:
+    """The engine runs on asyncio (its scheduler and REPL channel use asyncio primitives).
+
+    Raises:
+        ConfigError: under another async library (trio through anyio, for example).
+    """
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "none"
+    if library != "asyncio":
+        raise ConfigError(
+            f"rlm_async runs on asyncio (uvloop is welcome), not {library}: call it from an asyncio event loop"
+        )

@@ -13,8 +13,13 @@
     │   └── CircuitOpenError         not sent: the circuit breaker is open (the endpoint kept failing)
     ├── LLMCallError           the scheduler's final verdict on one call: retries exhausted or not retryable;
     │                          carries call_id, depth, agent_id, model, status, attempts and the last cause
+    ├── RunTimeout             a run passed ``timeout_s``, or a child agent its ``agent_timeout_s``
+    ├── EngineError            an unexpected exception inside the engine, kept as ``__cause__``
     └── WorkerError            a REPL worker process could not start, or did not confine itself as the
                                sandbox level requires
+
+:class:`~rlm_async.RLMResult` carries one of these in ``error`` when a run stops early, and
+``RLMResult.raise_for_status()`` raises it.
 
 Errors are plain values: constructing one does no I/O and no logging.
 """
@@ -28,6 +33,7 @@ __all__ = [
     "BudgetExceeded",
     "CircuitOpenError",
     "ConfigError",
+    "EngineError",
     "LLMCallError",
     "ProviderConnectionError",
     "ProviderError",
@@ -35,6 +41,7 @@ __all__ = [
     "ProviderStatusError",
     "ProviderTimeoutError",
     "RLMError",
+    "RunTimeout",
     "WorkerError",
 ]
 
@@ -145,3 +152,26 @@ class CircuitOpenError(ProviderError):
 class WorkerError(RLMError):
     """A REPL worker process could not be started, or reported fewer confinement layers than its sandbox
     level requires (the engine fails closed). The message holds the worker's own last words (stderr)."""
+
+
+class RunTimeout(RLMError):
+    """A run passed ``Limits.timeout_s``, or a child agent its ``Limits.agent_timeout_s``.
+
+    Attributes:
+        limit: ``"timeout_s"`` or ``"agent_timeout_s"``.
+        seconds: the configured value, seconds.
+    """
+
+    def __init__(self, limit: str, seconds: float) -> None:
+        super().__init__(f"the {'run' if limit == 'timeout_s' else 'agent'} passed {limit}={seconds:g} s")
+        self.limit = limit
+        self.seconds = seconds
+
+
+class EngineError(RLMError):
+    """An unexpected exception inside the engine (a bug): the run or agent stopped with what it had. The
+    original exception is ``__cause__``; ``traceback`` holds its formatted traceback."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback

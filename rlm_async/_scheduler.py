@@ -1,37 +1,40 @@
 """The scheduler: the one place where concurrency, rate limits, retries and budget admission live.
 
-One scheduler serves a whole run. Every model call of every agent at every depth goes through
-:meth:`Scheduler.call`, which in order:
+One scheduler serves a whole run; the :class:`~rlm_async._endpoint.Endpoint` it sends through (the in-flight
+cap, the RPM / TPM buckets, the circuit breaker) is shared by every run of the same ``RLM``. Every model call
+of every agent at every depth goes through :meth:`Scheduler.call`, which in order:
 
 1. reserves the call against ``max_calls`` (unless the caller reserved a whole batch already);
-2. per attempt: checks token and USD budgets, waits for the model's RPM / TPM buckets, *then* takes one of
-   ``max_concurrency`` slots for exactly one HTTP attempt, asks the circuit breaker, and sends the attempt
-   under the per-attempt timeout;
+2. per attempt: refuses early when a token or USD budget is spent or the circuit is open (so a refused
+   attempt takes no rate-limit token), waits for the model's RPM / TPM buckets, *then* takes a slot of the
+   run (when the run has its own lower ``max_concurrency``) and one of the endpoint's for exactly one HTTP
+   attempt; with the slot held it checks the token and USD budgets again, counting the estimates of the
+   attempts in flight, and holds its own estimate until it settles; then it asks the circuit breaker and
+   sends the attempt under the per-attempt timeout;
 3. settles the usage of every billed response into the ledger;
 4. retries per :class:`RetryPolicy`, sleeping *without* a slot, and finally raises a typed
    :class:`LLMCallError` or returns the response.
 
-A call cancelled before its first attempt was sent gives its ``max_calls`` reservation back.
+A call refused or cancelled before its first attempt was sent gives its ``max_calls`` reservation back.
 
 A slot is never held while anything else is awaited, so ``max_concurrency=1`` cannot deadlock a deep tree.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import itertools
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
-from aiolimiter import AsyncLimiter
 
-from ._breaker import DEFAULT_BREAKER, Circuit, CircuitBreaker
+from ._breaker import DEFAULT_BREAKER, CircuitBreaker
 from ._budget import Ledger, estimate_tokens
 from ._clients import ChatClient, ChatRequest, ChatResponse
+from ._endpoint import Endpoint, RateLimit, Slots
 from ._errors import (
     BudgetExceeded,
     CircuitOpenError,
@@ -46,83 +49,7 @@ from ._errors import (
 from ._retry import RetryPolicy
 from ._trace import Tracer
 
-__all__ = ["RateLimit", "Scheduler", "SchedulerStats"]
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    """A provider's rate limit for one model, kept by aiolimiter leaky buckets of one period's capacity.
-
-    Attributes:
-        rpm: requests per period (each attempt, retries included, is a request), or None.
-        tpm: tokens per period, or None. Each attempt reserves its estimate before it is sent: prompt
-            characters / 4 plus ``max_tokens`` when set (OpenAI counts ``max_tokens`` toward TPM).
-        period_s: the period in seconds: 60 for RPM / TPM as providers publish them; another value for a
-            provider that counts per second, or for a time-scaled simulator.
-    """
-
-    rpm: float | None = None
-    tpm: float | None = None
-    period_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "period_s"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"RateLimit.{name} must be > 0, got {value!r}")
-
-
-class _ModelLimiter:
-    """aiolimiter leaky buckets (capacity = one minute's worth) for one model's RPM and TPM."""
-
-    def __init__(self, limit: RateLimit) -> None:
-        self._rpm = AsyncLimiter(limit.rpm, limit.period_s) if limit.rpm else None
-        self._tpm = AsyncLimiter(limit.tpm, limit.period_s) if limit.tpm else None
-
-    async def acquire(self, tokens: int) -> None:
-        if self._rpm is not None:
-            await self._rpm.acquire()
-        if self._tpm is not None:
-            await self._tpm.acquire(min(max(tokens, 1), self._tpm.max_rate))
-
-
-class _Slots:
-    """``max_concurrency`` slots handed out first come, first served, as an asyncio semaphore would.
-
-    Waiters sit in an ``OrderedDict`` rather than a deque, so one that is cancelled leaves the queue in O(1):
-    anyio's and asyncio's semaphores ``deque.remove`` each cancelled waiter, and cancelling 10,000 queued
-    calls cost 0.15 s of that scan alone. Asyncio only, like the rest of the engine.
-    """
-
-    def __init__(self, n: int) -> None:
-        self._free = n
-        self._waiters: OrderedDict[asyncio.Future[None], None] = OrderedDict()
-
-    async def __aenter__(self) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters[waiter] = None
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot just as it was cancelled: pass the slot on
-            else:
-                self._waiters.pop(waiter, None)
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        while self._waiters:
-            waiter, _ = self._waiters.popitem(last=False)
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._free += 1
+__all__ = ["RateLimit", "Scheduler", "SchedulerStats"]  # RateLimit lives in _endpoint, re-exported here
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +66,8 @@ class SchedulerStats:
         queued_s: seconds, summed over calls, from admission to the first attempt's slot (rate-limit waits
             included).
         running_s: seconds, summed over attempts, spent holding a slot.
-        circuit: the breaker's state: ``"closed"``, ``"open"`` or ``"half_open"``.
-        circuit_opened: how many times the breaker opened.
+        circuit: the endpoint's breaker state: ``"closed"``, ``"open"`` or ``"half_open"``.
+        circuit_opened: how many times the endpoint's breaker opened since this scheduler was made.
     """
 
     calls: int
@@ -165,10 +92,13 @@ class Scheduler:
         client: the chat client (one attempt per ``chat``).
         ledger: the run's budget ledger.
         tracer: where call events go.
-        max_concurrency: slots, i.e. HTTP attempts in flight at once across the tree.
+        max_concurrency: HTTP attempts in flight at once across the run's tree. With ``endpoint``, a cap of
+            the run's own, applied only when lower than the endpoint's; without, the cap of the endpoint
+            this scheduler builds for itself.
         retry: the retry policy.
-        rate_limits: model name -> RateLimit; models not named are not rate limited.
-        breaker: the circuit breaker's policy (default :class:`CircuitBreaker`), or None for none.
+        rate_limits: model name -> RateLimit, for the endpoint built here (ignored with ``endpoint``).
+        breaker: the circuit breaker's policy for the endpoint built here (ignored with ``endpoint``).
+        endpoint: the shared endpoint state (the ``RLM``'s), or None to build one for this scheduler alone.
         sleep: the backoff sleep (seconds); injectable for tests, default ``anyio.sleep``.
         wall_clock: Unix seconds, for Retry-After dates; injectable, default ``time.time``.
         rand: uniform [0, 1) source for backoff jitter; injectable.
@@ -184,6 +114,7 @@ class Scheduler:
         retry: RetryPolicy | None = None,
         rate_limits: Mapping[str, RateLimit] | None = None,
         breaker: CircuitBreaker | None = DEFAULT_BREAKER,
+        endpoint: Endpoint | None = None,
         sleep: SleepFn = anyio.sleep,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
@@ -192,9 +123,12 @@ class Scheduler:
         self._ledger = ledger
         self._tracer = tracer
         self._retry = retry or RetryPolicy()
-        self._slots = _Slots(max_concurrency)
-        self._limiters = {model: _ModelLimiter(limit) for model, limit in (rate_limits or {}).items()}
-        self._circuit = Circuit(breaker, anyio.current_time) if breaker is not None else None
+        if endpoint is None:
+            endpoint = Endpoint(max_concurrency=max_concurrency, rate_limits=rate_limits, breaker=breaker)
+        self._endpoint = endpoint
+        self._run_slots = Slots(max_concurrency) if max_concurrency < endpoint.max_concurrency else None
+        self._circuit = endpoint.circuit
+        self._opened_before = self._circuit.opened if self._circuit is not None else 0
         self._sleep = sleep
         self._wall = wall_clock
         self._rand = rand
@@ -215,7 +149,7 @@ class Scheduler:
             self._queued_s,
             self._running_s,
             self._circuit.state if self._circuit is not None else "closed",
-            self._circuit.opened if self._circuit is not None else 0,
+            self._circuit.opened - self._opened_before if self._circuit is not None else 0,
         )
 
     async def call(self, request: ChatRequest, *, depth: int, agent_id: str, reserved: bool = False) -> ChatResponse:
@@ -291,42 +225,25 @@ class Scheduler:
                 await self._sleep(wait)
 
     async def _attempt(self, request: ChatRequest, state: _CallState) -> ChatResponse:
-        self._ledger.check_spend()
-        self._ledger.check_priced(request.model)
-        limiter = self._limiters.get(request.model)
+        endpoint, ledger = self._endpoint, self._ledger
+        ledger.check_priced(request.model)
+        ledger.check_spend()  # early: a refused attempt should not take a rate-limit token
+        if self._circuit is not None:
+            self._circuit.check_open()
+        estimate = estimate_tokens_for(request)
+        limiter = endpoint.limiters.get(request.model)
         if limiter is not None:
-            await limiter.acquire(estimate_tokens_for(request))
-        async with self._slots:
-            probe = self._circuit.before_attempt() if self._circuit is not None else False
-            now = anyio.current_time()
-            if state.attempts == 0:
-                self._queued_s += now - state.started
-            state.attempts += 1
-            self._attempts += 1
-            self._retries += state.attempts > 1
-            self._in_flight += 1
-            self._peak = max(self._peak, self._in_flight)
-            self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
-            outcome: BaseException | None = None
+            await limiter.acquire(estimate)
+        async with contextlib.AsyncExitStack() as slots:
+            if self._run_slots is not None:
+                await slots.enter_async_context(self._run_slots)
+            await slots.enter_async_context(endpoint.slots)
+            hold = ledger.hold(request.model, estimate_tokens(request.prompt_chars), request.max_tokens or 0)
             try:
-                with anyio.fail_after(self._retry.attempt_timeout_s):
-                    response = await self._client.chat(request)
-            except TimeoutError as exc:
-                outcome = ProviderTimeoutError(f"attempt ran past {self._retry.attempt_timeout_s:g} s", status=None)
-                raise outcome from exc
-            except BaseException as exc:
-                outcome = exc
-                raise
+                response = await self._send(request, state)
             finally:
-                self._in_flight -= 1
-                self._running_s += anyio.current_time() - now
-                if self._circuit is not None:
-                    if isinstance(outcome, anyio.get_cancelled_exc_class()):
-                        if probe:
-                            self._circuit.probe_abandoned()
-                    else:
-                        self._circuit.record(outcome, probe=probe)
-        self._ledger.settle(
+                ledger.release(hold)
+        ledger.settle(
             depth=state.depth,
             agent_id=state.agent_id,
             model=request.model,
@@ -335,6 +252,40 @@ class Scheduler:
             cost_usd=response.cost_usd,
         )
         return response
+
+    async def _send(self, request: ChatRequest, state: _CallState) -> ChatResponse:
+        """One HTTP attempt, with a slot held: the breaker's verdict, the counters, the per-attempt timeout."""
+        probe = self._circuit.before_attempt() if self._circuit is not None else False
+        now = anyio.current_time()
+        if state.attempts == 0:
+            self._queued_s += now - state.started
+        state.attempts += 1
+        self._attempts += 1
+        self._retries += state.attempts > 1
+        self._in_flight += 1
+        self._endpoint.in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
+        self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
+        outcome: BaseException | None = None
+        try:
+            with anyio.fail_after(self._retry.attempt_timeout_s):
+                return await self._client.chat(request)
+        except TimeoutError as exc:
+            outcome = ProviderTimeoutError(f"attempt ran past {self._retry.attempt_timeout_s:g} s", status=None)
+            raise outcome from exc
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            self._in_flight -= 1
+            self._endpoint.in_flight -= 1
+            self._running_s += anyio.current_time() - now
+            if self._circuit is not None:
+                if isinstance(outcome, anyio.get_cancelled_exc_class()):
+                    if probe:
+                        self._circuit.probe_abandoned()
+                else:
+                    self._circuit.record(outcome, probe=probe)
 
 
 def estimate_tokens_for(request: ChatRequest) -> int:

@@ -32,6 +32,9 @@ Listener = Callable[[Event], None]
 bound = structlog.contextvars.bound_contextvars
 
 
+_callback_log = logging.getLogger("rlm_async.callbacks")
+
+
 def _default_logger() -> Any:
     return structlog.wrap_logger(
         logging.getLogger("rlm_async"),
@@ -49,7 +52,8 @@ class Tracer:
     Args:
         trace_path: a file to append one JSON object per line to, or None.
         logger: a structlog logger; None for the stdlib-backed default described in the module docstring.
-        listeners: callables given each event dict (progress bars, tests, metrics).
+        listeners: callables given each event dict (progress bars, tests, metrics). One that raises is logged
+            (the stdlib logger ``"rlm_async.callbacks"``) and the event goes on to the others.
         clock: monotonic seconds; injectable for tests.
     """
 
@@ -76,7 +80,10 @@ class Tracer:
         if self._file is not None:
             self._file.write(json.dumps(record, default=repr) + "\n")
         for listener in self._listeners:
-            listener(record)
+            try:
+                listener(record)
+            except Exception:  # a user's callback must not change the run: logged, then left out
+                _callback_log.exception("on_event callback %r raised on %r; the run goes on", listener, event)
 
     def close(self) -> None:
         """Flush and close the JSONL file. Idempotent."""

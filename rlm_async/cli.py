@@ -47,7 +47,8 @@ examples:
   rlm-async run --local "How many lines mention a cat?" --context notes.txt
 
 exit codes: 0 answer, 1 no answer (error), 2 bad arguments or input file, 3 budget or timeout stop
-(the partial answer is printed), 4 endpoint unreachable or failing.
+(the partial answer is printed), 4 endpoint unreachable, failing or refusing the configuration (401, 403,
+404 for a configured model).
 """
 
 
@@ -222,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if result.stop_reason.startswith("budget:") or result.stop_reason == "timeout":
         return EXIT_BUDGET
-    if result.stop_reason == "llm_error":
+    if result.stop_reason in ("llm_error", "config_error"):
         return EXIT_ENDPOINT
     return EXIT_NO_ANSWER
 
@@ -292,7 +293,7 @@ def _summary(console: Console, result: RLMResult) -> None:
     u, s = result.usage, result.stats
     table = Table(show_header=False, box=None)
     for key, value in (
-        ("stop reason", result.stop_reason + (f" ({result.error.splitlines()[0]})" if result.error else "")),
+        ("stop reason", result.stop_reason + (f" ({str(result.error).splitlines()[0]})" if result.error else "")),
         ("calls", f"{u.calls} billed, {s.attempts} attempts, {s.retries} retries, {s.failed_calls} failed"),
         ("tokens", f"{u.prompt_tokens:,} prompt + {u.completion_tokens:,} completion"),
         ("cost", f"${u.cost_usd:.4f}"),
@@ -309,7 +310,8 @@ def _result_json(result: RLMResult) -> dict[str, Any]:
     return {
         "answer": result.answer,
         "stop_reason": result.stop_reason,
-        "error": result.error,
+        "error": None if result.error is None else str(result.error),
+        "error_type": None if result.error is None else type(result.error).__name__,
         "run_id": result.run_id,
         "usage": {
             "calls": usage.calls,

@@ -18,6 +18,7 @@ from rlm_async import (
     ConfigError,
     FakeClient,
     Limits,
+    LLMCallError,
     Price,
     ProviderStatusError,
     RetryPolicy,
@@ -480,7 +481,8 @@ async def test_a_failing_endpoint_ends_the_run_with_llm_error_and_the_draft():
     rlm, _ = make_rlm(handler, retry=RetryPolicy(max_retries=1, initial_backoff_s=0.001))
     result = await rlm.completion("q", "ctx")
     assert (result.stop_reason, result.answer) == ("llm_error", "draft")
-    assert result.error == "status: down (call 2, model root-model, depth 0, attempts 2)"
+    assert str(result.error) == "status: down (call 2, model root-model, depth 0, attempts 2)"
+    assert isinstance(result.error, LLMCallError) and result.error.kind == "status"
     assert result.stats.failed_calls == 1 and result.stats.retries == 1
 
 

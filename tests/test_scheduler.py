@@ -295,7 +295,7 @@ async def test_calls_cancelled_before_their_first_attempt_give_their_reservation
 
 
 async def test_slots_are_first_come_first_served_and_a_cancelled_waiter_loses_nothing():
-    from rlm_async._scheduler import _Slots
+    from rlm_async._endpoint import Slots as _Slots
 
     slots = _Slots(2)
     order: list[int] = []
@@ -332,7 +332,7 @@ async def test_slots_are_first_come_first_served_and_a_cancelled_waiter_loses_no
 async def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_the_slot_on():
     """asyncio's own race (a plain ``task.cancel()`` landing after the slot was handed over); anyio's cancel
     scopes avoid it by not cancelling a task whose wait is already over, so this test uses bare tasks."""
-    from rlm_async._scheduler import _Slots
+    from rlm_async._endpoint import Slots as _Slots
 
     slots = _Slots(1)
     got: list[str] = []

@@ -299,9 +299,10 @@ class ProcessRepl:
             if isinstance(broken, _wire.ProtocolError):
                 await worker.kill()
                 raise _WorkerGone(f"the REPL worker broke the message protocol ({broken}) and was killed")
-            with anyio.move_on_after(_EXIT_GRACE_S):  # it closed the channel: let it report its own exit status
+            with anyio.move_on_after(_EXIT_GRACE_S):  # it closed the channel: let it exit with its own status
                 await worker.proc.wait()
             await worker.kill()
+            await worker.proc.settle()
             reason = worker.crash_reason()
             raise _WorkerGone(f"the REPL worker died ({worker.exit_description()})" + (f": {reason}" if reason else ""))
         if reply is None:

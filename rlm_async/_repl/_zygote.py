@@ -42,8 +42,8 @@ from .._sandbox._layers import WorkerPlan, bwrap_argv, nproc_limit, read_only_ro
 __all__ = ["WorkerProcess", "new_spool", "start_worker", "uses_zygote"]
 
 WORKER_FILE = Path(__file__).resolve().parent / "_worker.py"
-#: Seconds to wait for the zygote to record a dead worker's exit status.
-_STATUS_WAIT_S = 0.5
+#: Seconds to wait for the zygote to record a dead worker's exit status (only to name it in a message).
+_STATUS_WAIT_S = 2.0
 
 
 class WorkerProcess(Protocol):
@@ -57,6 +57,11 @@ class WorkerProcess(Protocol):
     @property
     def returncode(self) -> int | None:
         """None while it runs (or while unknown); then the exit code, or minus the signal that killed it."""
+        ...
+
+    async def settle(self) -> None:
+        """After :meth:`wait`: give the exit status up to 2 s to become known (a dead worker's message
+        names it). Not needed before a kill, so a kill never waits on it."""
         ...
 
     def kill(self) -> None:
@@ -87,6 +92,9 @@ class _Spawned:
 
     async def wait(self) -> None:
         await self._proc.wait()
+
+    async def settle(self) -> None:
+        """The exit status is known once :meth:`wait` returns."""
 
 
 async def spawn_worker(plan: WorkerPlan, config: dict[str, Any], spool: Path, channel: socket.socket) -> _Spawned:
@@ -143,6 +151,9 @@ class _Forked:
             await _readable(self._pidfd)  # a pidfd turns readable when its process exits
             self._exited = True
             os.close(self._pidfd)
+
+    async def settle(self) -> None:
+        """The zygote reaps the worker and writes its wait status to a file: wait for it, up to 2 s."""
         status_file = self._spool / "exit_status"
         with anyio.move_on_after(_STATUS_WAIT_S):
             while not status_file.exists():  # noqa: ASYNC110 - a file the zygote writes has no event to wait on
