@@ -68,7 +68,8 @@ class Limits:
             instead of deadlocking. Default 32.
 
     Raises:
-        ConfigError: when a field is negative, zero where that makes no sense, or of the wrong type.
+        ConfigError: a count or cap that is not an int >= 1 (``max_calls=0``, ``max_iterations=2.7``), or
+            seconds or USD that are not a number > 0.
     """
 
     max_concurrency: int = 64
@@ -88,20 +89,18 @@ class Limits:
     max_workers: int = 32
 
     def __post_init__(self) -> None:
-        positive = (
-            "max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_agents", "max_fanout",
-            "max_tokens_per_turn", "max_workers",
-        )  # fmt: skip
+        required = ("max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_workers")
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
-                if f.name in ("max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_workers"):
+                if f.name in required:
                     raise ConfigError(f"Limits.{f.name} cannot be None")
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"Limits.{f.name} must be a number, got {value!r}")
-            if value < 0 or (f.name in positive and value < 1) or (f.name.endswith("timeout_s") and value <= 0):
-                raise ConfigError(f"Limits.{f.name} out of range: {value!r}")
+            if f.name.endswith("_s") or f.name == "max_cost_usd":  # seconds, USD
+                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                    raise ConfigError(f"Limits.{f.name} must be a number > 0, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:  # counts and caps
+                raise ConfigError(f"Limits.{f.name} must be an int >= 1, got {value!r}")
 
     def describe(self) -> dict[str, Any]:
         """The caps as a plain dict (field name -> value), for traces and the system prompt."""

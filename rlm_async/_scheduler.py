@@ -182,6 +182,8 @@ class Scheduler:
             response = await self._with_retries(request, state)
         except ProviderError as exc:
             self._failed += 1
+            if state.attempts == 0:  # refused unsent (the circuit was open): nothing was spent
+                self._ledger.refund_calls(1)
             error = _call_error(exc, state, self._retry, self._wall())
             self._tracer.emit("call_failed", call_id=call_id, kind=error.kind, error=str(exc))
             raise error from exc

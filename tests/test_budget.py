@@ -19,6 +19,12 @@ from rlm_async._budget import Ledger
         {"max_concurrency": None},
         {"max_calls": "10"},
         {"max_agents": True},
+        {"max_calls": 0},
+        {"max_concurrency": 1.5},
+        {"max_iterations": 2.7},
+        {"max_output_tokens": 0},
+        {"max_workers": 0},
+        {"cell_timeout_s": -1},
     ],
 )
 def test_bad_limits_are_config_errors(kwargs):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import contextvars
 import ctypes
 import inspect
 import itertools
@@ -87,9 +88,11 @@ class ThreadRepl:
         self._filenames: list[str] = []
         self._cell_scopes: set[anyio.CancelScope] = set()
         self._stopping = False  # set while a cell is being stopped: its late sub-calls are refused
+        self._caller_context = contextvars.Context()
         self.abandoned_threads = 0
 
     async def __aenter__(self) -> ThreadRepl:
+        self._caller_context = contextvars.copy_context()
         self._portal = BlockingPortal()
         await self._portal.__aenter__()
         own_builtins = dict(vars(builtins))
@@ -119,6 +122,10 @@ class ThreadRepl:
         while its cell is being stopped is refused at once: the stop has already cancelled the scopes it saw."""
         if self._stopping:
             raise SubcallCancelled(f"{method} was refused because the cell is being stopped")
+        # A portal task starts in the event loop's own context: give it the agent's (a host's request id,
+        # tracing context), as a task spawned by the agent would have. It is this task's copy alone.
+        for var, value in self._caller_context.items():
+            var.set(value)
         with anyio.CancelScope() as scope:
             self._cell_scopes.add(scope)
             try:
