@@ -25,6 +25,7 @@ from ._repl import SubcallFailure
 from ._retry import RetryPolicy, parse_retry_after
 from ._sandbox import Sandbox
 from ._scheduler import SchedulerStats
+from ._trace import EventName, RunEvent
 
 __all__ = [
     "RLM",
@@ -38,6 +39,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigError",
     "EngineError",
+    "EventName",
     "FakeClient",
     "LLMCallError",
     "Limits",
@@ -53,6 +55,7 @@ __all__ = [
     "RLMResult",
     "RateLimit",
     "RetryPolicy",
+    "RunEvent",
     "RunStats",
     "RunTimeout",
     "Sandbox",

@@ -216,6 +216,7 @@ class Agent:
             {"role": "user", "content": _prompts.first_user_message(query, context)},
         ]
         ran: dict[str, int] = {}  # code (whitespace-normalised) -> the turn that first ran it
+        last_answer = ("", False)
         for iteration in range(1, limits.max_iterations + 1):
             self._iterations = iteration
             run.tracer.emit("turn", iteration=iteration)
@@ -244,6 +245,9 @@ class Agent:
                 run.tracer.emit("output", iteration=iteration, block=index, output=rendered, error=cell.error)
                 outputs.append(rendered)
                 content, ready = repl.answer()
+                if (content, ready) != last_answer:
+                    run.tracer.emit("answer", content=content[:4000], ready=ready, iteration=iteration)
+                    last_answer = (content, ready)
                 if ready:
                     return AgentResult(content, "answer", iteration)
             messages.append({"role": "user", "content": _prompts.format_outputs(outputs)})

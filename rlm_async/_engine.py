@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +24,7 @@ from ._errors import ConfigError, RLMError, RunTimeout
 from ._retry import RetryPolicy
 from ._sandbox import Sandbox, plan_for
 from ._scheduler import Scheduler
-from ._trace import Event, Tracer, bound
+from ._trace import Event, RunEvent, Tracer, bound
 
 __all__ = ["RLM", "RLMResult", "Run", "RunStats"]
 
@@ -395,6 +396,56 @@ class RLM:
                 return RLMResult(answer, stop_reason, usage, stats, error, run_id, metadata)
         finally:
             tracer.close()
+
+    async def stream(
+        self,
+        query: str,
+        context: Any = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[RunEvent | RLMResult]:
+        """Run a completion and yield its events as they happen, then its :class:`RLMResult` last.
+
+        ``async for item in rlm.stream(query, context): ...`` sees :class:`~rlm_async.RunEvent` items (agent
+        start and end, turns, replies, cell code and output, answer drafts, calls started and finished,
+        budget stops) and, last, the result. Cancelling the task that iterates cancels the run. To stop
+        early by leaving the loop, iterate inside ``contextlib.aclosing(rlm.stream(...))``: closing the
+        iterator cancels the run at once (an async generator that is only garbage-collected would be closed
+        later, in another task).
+
+        Args:
+            query, context: as for :meth:`completion`.
+            on_event: also given every event dict, as in :meth:`completion`.
+            **kwargs: ``limits``, ``trace_path``, ``metadata``, as for :meth:`completion`.
+
+        Raises:
+            The errors of :meth:`completion`.
+        """
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        box: list[RLMResult] = []
+
+        def forward(event: Event) -> None:
+            send.send_nowait(event)
+            if on_event is not None:
+                on_event(event)
+
+        async def run() -> None:
+            with send:
+                box.append(await self.completion(query, context, on_event=forward, **kwargs))
+
+        closed = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            try:
+                with receive:
+                    async for event in receive:
+                        yield RunEvent.from_dict(event)
+            except GeneratorExit:  # the consumer closed the iterator (aclosing): stop the run, yield no more
+                closed = True
+                tg.cancel_scope.cancel()
+        if not closed:
+            yield box[0]
 
     def completion_sync(self, query: str, context: Any = None, **kwargs: Any) -> RLMResult:
         """Blocking ``completion`` for scripts: runs its own asyncio event loop, then closes the client.

@@ -2,9 +2,10 @@
 
 Every event is a flat dict: ``event`` (its name), ``t`` (seconds since the run started, monotonic clock), the
 context bound with structlog's contextvars (``run_id``, ``agent_id``, ``depth``) and the event's own fields.
-Event names: ``run_start``, ``run_end``, ``agent_start``, ``agent_end``, ``agent_fallback``, ``turn``,
-``code``, ``output``, ``call_queued``, ``call_started``, ``call_finished``, ``call_retried``,
-``call_failed``, ``budget_stop``.
+Event names (:data:`EventName`): ``run_start``, ``run_end``, ``agent_start``, ``agent_end``,
+``agent_fallback``, ``turn``, ``reply``, ``code``, ``output``, ``answer`` (a draft changed), ``call_queued``,
+``call_started``, ``call_finished``, ``call_retried``, ``call_failed``, ``call_crashed``, ``budget_stop``,
+``config_error``. :class:`RunEvent` is the typed form ``RLM.stream`` yields.
 
 The structlog logger is, by default, a structlog wrapper around the stdlib logger ``"rlm_async"`` at DEBUG
 level, so a library user sees nothing unless they enable that logger; pass ``logger=structlog.get_logger()``
@@ -17,16 +18,55 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import structlog
 
-__all__ = ["Event", "Tracer", "bound"]
+__all__ = ["Event", "EventName", "RunEvent", "Tracer", "bound"]
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
+
+EventName = Literal[
+    "run_start", "run_end", "agent_start", "agent_end", "agent_fallback", "turn", "reply", "code", "output",
+    "answer", "call_queued", "call_started", "call_finished", "call_retried", "call_failed", "call_crashed",
+    "budget_stop", "config_error",
+]  # fmt: skip
+EventName.__doc__ = "The name of an event (see the module docstring of ``rlm_async._trace``)."
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """One event of a run, as ``RLM.stream`` yields it.
+
+    Attributes:
+        event: what happened (:data:`EventName`).
+        t: seconds since the run started (monotonic clock).
+        run_id: the run's id.
+        agent_id: the agent it concerns (``"0"`` the root, ``"0.2"`` its second child), or None.
+        depth: that agent's depth, or None.
+        data: the event's own fields (``output`` for ``output``, ``content`` and ``ready`` for ``answer``,
+            ``call_id`` and token counts for ``call_finished``, ...).
+    """
+
+    event: EventName
+    t: float
+    run_id: str
+    agent_id: str | None
+    depth: int | None
+    data: Mapping[str, Any]
+
+    @classmethod
+    def from_dict(cls, record: Event) -> RunEvent:
+        """The typed form of one event dict."""
+        rest = {k: v for k, v in record.items() if k not in ("event", "t", "run_id", "agent_id", "depth")}
+        return cls(
+            record["event"], record["t"], record.get("run_id", ""), record.get("agent_id"), record.get("depth"), rest
+        )
+
 
 #: Bind run_id / agent_id / depth for everything emitted inside the ``with`` block (and tasks spawned in it).
 bound = structlog.contextvars.bound_contextvars

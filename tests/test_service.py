@@ -4,6 +4,7 @@ under concurrency, refunds, isolated callbacks, typed outcomes, context propagat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 
 import anyio
@@ -22,10 +23,12 @@ from rlm_async import (
     ProviderStatusError,
     RateLimit,
     RetryPolicy,
+    RLMResult,
+    RunEvent,
     RunTimeout,
 )
 
-from .conftest import Script, on_fake_clock, repl
+from .conftest import Script, on_fake_clock, repl, worker_processes
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -259,3 +262,53 @@ async def test_the_callers_contextvars_reach_every_client_call_and_event(sandbox
     result = await rlm.completion("q", "ctx", on_event=lambda e: in_events.add(request_id.get()))
     assert result.answer == "4"
     assert seen == {"req-42"} and in_events == {"req-42"}
+
+
+# -- streaming -----------------------------------------------------------------------------------------------
+async def test_stream_yields_typed_events_then_the_result():
+    script = Script(
+        {"q": [repl("answer['content'] = 'draft'\nr = await llm_batch(['a', 'b'])"), repl("FINAL('done')")]}
+    )
+    rlm = RLM("m", client=FakeClient(script), sandbox="none")
+    items = [item async for item in rlm.stream("q", "ctx", metadata={"id": 1})]
+    *events, result = items
+    assert isinstance(result, RLMResult) and result.answer == "done" and result.metadata == {"id": 1}
+    assert all(isinstance(e, RunEvent) for e in events)
+    names = [e.event for e in events]
+    assert names[0] == "run_start" and names[-1] == "run_end"
+    assert {"agent_start", "turn", "code", "output", "call_started", "call_finished", "agent_end"} <= set(names)
+    drafts = [(e.data["content"], e.data["ready"]) for e in events if e.event == "answer"]
+    assert drafts == [("draft", False), ("done", True)]
+    assert all(e.run_id == result.run_id for e in events)
+
+
+@pytest.mark.parametrize("how", ["cancel", "aclose"])
+async def test_leaving_the_stream_cancels_the_run(how):
+    started = anyio.Event()
+
+    async def endpoint(request: ChatRequest):
+        if request.messages[0]["role"] == "system":
+            return repl("r = await llm_batch(['never'] * 3)")
+        started.set()
+        await anyio.sleep_forever()
+
+    rlm = RLM("m", client=FakeClient(endpoint), sandbox="strict")
+    seen: list[str] = []
+    if how == "cancel":
+        async with anyio.create_task_group() as tg:
+
+            async def consume() -> None:
+                async for item in rlm.stream("q", "ctx"):
+                    seen.append(item.event)
+
+            tg.start_soon(consume)
+            await started.wait()
+            tg.cancel_scope.cancel()
+    else:
+        async with contextlib.aclosing(rlm.stream("q", "ctx")) as events:
+            async for item in events:
+                seen.append(item.event)
+                if item.event == "call_started":
+                    break
+    assert "run_end" not in seen and "call_started" in seen
+    assert worker_processes(grace_s=5) == []
