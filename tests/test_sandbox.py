@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from rlm_async import RLM, ConfigError, FakeClient, Limits, Sandbox
@@ -493,3 +494,108 @@ def test_bwrap_mounts_tmp_before_the_read_only_roots_that_may_live_under_it():
     tmpfs = argv.index("--tmpfs")
     assert argv[tmpfs + 1] == "/tmp"
     assert all(i > tmpfs for i, arg in enumerate(argv) if arg in ("--ro-bind", "--bind", "--symlink"))
+
+
+# -- what a red-team pass found (each a regression test) -------------------------------------------------------
+CHANNEL = """
+import os, stat, socket, struct, json
+fd = next(f for f in range(3, 64) if _is_sock(f))
+chan = socket.socket(fileno=os.dup(fd))
+def frame(msg):
+    body = json.dumps(msg).encode()
+    return struct.pack('>I', len(body)) + body
+"""
+IS_SOCK = "import os, stat\ndef _is_sock(f):\n    try:\n        return stat.S_ISSOCK(os.fstat(f).st_mode)\n"
+IS_SOCK += "    except OSError:\n        return False\n"
+
+
+async def test_a_flood_of_unread_replies_gets_the_worker_killed_not_the_engine_stalled(monkeypatch, no_leaks):
+    """Regression: a worker that sent calls without reading their replies made the engine queue one task
+    and one drain waiter per reply; cancelling them at the cell timeout stalled the loop for 429 s."""
+    monkeypatch.setattr("rlm_async._repl._process._REPLY_BUFFER_BYTES", 1 << 20)
+    code = IS_SOCK + CHANNEL
+    code += "deaf, _ = socket.socketpair()\nos.dup2(deaf.fileno(), fd)  # the worker's reader now hears nothing\n"
+    code += "burst = b''.join(frame({'op': 'call', 'id': i, 'method': 'budget', 'args': []}) for i in range(1000))\n"
+    code += "while True:\n    chan.sendall(burst)"
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        _, output = await run_code(code, cell_timeout_s=60)
+        tg.cancel_scope.cancel()
+    assert "broke the message protocol (it left over 1 MiB of replies unread)" in output, output
+    assert max(gaps) < 2.0, max(gaps)  # the loop kept turning
+    await assert_host_unaffected()
+
+
+@with_seccomp
+async def test_a_worker_cannot_change_another_processs_limits_or_scheduling(no_leaks):
+    """Regression: every worker of a zygote shares one user namespace, so prlimit(2) on the zygote crashed
+    it (and with it every worker of every run)."""
+    code = """
+import os, resource
+out = []
+for attempt in (lambda: resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3)),
+                lambda: os.setpriority(os.PRIO_PROCESS, os.getppid(), 19),
+                lambda: os.sched_setaffinity(os.getppid(), {0})):
+    try:
+        attempt()
+        out.append('CHANGED')
+    except OSError as e:
+        out.append(type(e).__name__)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 1, hard))  # its own: allowed
+os.sched_setaffinity(0, os.sched_getaffinity(0))
+print(out)
+"""
+    _, output = await run_code(code)
+    assert output == "['PermissionError', 'PermissionError', 'PermissionError']", output
+    await assert_host_unaffected()
+
+
+@with_seccomp
+async def test_no_sysv_ipc_or_memfd_between_agents_or_past_the_memory_limit(no_leaks):
+    """Regression: SysV shared memory was shared by every worker of a zygote and outlived them (a parent's
+    secret read by a later run; 4 GiB held outside RLIMIT_AS), and memfds held memory outside RLIMIT_AS."""
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+out = [libc.shmget(0x1234, 4096, 0o1666), libc.msgget(0x1234, 0o1666), libc.semget(0x1234, 1, 0o1666)]
+try:
+    os.memfd_create('hold')
+    out.append('MEMFD')
+except OSError as e:
+    out.append(type(e).__name__)
+print(out)
+"""
+    _, output = await run_code(code)
+    assert output == "[-1, -1, -1, 'PermissionError']", output
+    await assert_host_unaffected()
+
+
+async def test_a_deeply_nested_frame_is_a_protocol_violation_not_an_engine_error(no_leaks):
+    """Regression: json.loads raised RecursionError, which ended the agent with an engine traceback."""
+    code = IS_SOCK + CHANNEL + "body = b'[' * 200_000\nchan.sendall(struct.pack('>I', len(body)) + body)\n"
+    code += "import time\ntime.sleep(30)"
+    result, output = await run_code(code)
+    assert result.ok and "broke the message protocol" in output, output
+    await assert_host_unaffected()
+
+
+async def test_the_engine_cuts_what_a_forged_done_claims(no_leaks):
+    """Regression: the engine trusted the worker to cut its output: a forged 'done' put 50 M characters into
+    the next prompt."""
+    code = IS_SOCK + CHANNEL + "done = {'op': 'done', 'id': 1, 'output': 'x' * 3_000_000, 'error': 'e' * 500_000,\n"
+    code += "  'notes': ['n' * 50_000] * 100, 'answer': {'content': '', 'ready': False}}\n"
+    code += "chan.sendall(frame(done))\nimport time\ntime.sleep(2)"
+    _, output = await run_code(code, max_output_chars=5000)
+    assert len(output) < 40_000, len(output)  # output and error cut to 5,000 each, 20 notes of 1,000 at most
+    assert "output cut" in output

@@ -299,8 +299,8 @@ def _str_list(fn: str, what: str, items: Iterable[str]) -> list[str]:
 
 
 def _check_max_tokens(max_tokens: int | None) -> None:
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1 << 24):
+        raise ValueError(f"max_tokens must be an int from 1 to {1 << 24:,}, got {max_tokens!r}"[:200])
 
 
 def _to_model_list(outcomes: list[Outcome]) -> list[str | SubcallFailure]:

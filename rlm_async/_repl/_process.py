@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import pickle
-import shutil
 import signal
 import socket
 from pathlib import Path
@@ -29,8 +28,9 @@ import anyio
 from .._errors import BudgetExceeded, ConfigError, WorkerError
 from .._sandbox._layers import WorkerPlan, read_only_roots
 from . import _wire
+from ._cell import CappedText
 from ._protocol import CellResult, Host
-from ._zygote import WorkerProcess, new_spool, start_worker
+from ._zygote import WorkerProcess, new_spool, remove_tree, start_worker
 
 __all__ = ["ProcessRepl"]
 
@@ -39,6 +39,13 @@ _CONTEXT_FILE = ".rlm_context.pkl"
 _STDERR_TAIL = 1500
 #: Seconds a worker that closed its channel gets to exit by itself, so its own exit status can be reported.
 _EXIT_GRACE_S = 0.5
+#: Frames up to this size are parsed on the event loop; larger ones in a thread.
+_PARSE_INLINE_BYTES = 256 * 1024
+#: Sub-calls one worker may have in flight; past it the engine stops reading its messages until one ends.
+#: (One ``llm_batch`` of any size is one call; this bounds a flood of single calls.)
+_CALLS_PER_WORKER = 1024
+#: Bytes of replies a worker may leave unread before the engine kills it.
+_REPLY_BUFFER_BYTES = 64 * 1024 * 1024
 
 
 class _WorkerGone(Exception):
@@ -58,20 +65,37 @@ class _Worker:
         self.writer = writer
         self.spool = spool
         self.layers: tuple[str, ...] = ()
+        self.violation = ""  # why the engine killed it, when it broke the protocol
 
     async def send(self, message: dict[str, Any]) -> None:
-        self.writer.write(_wire.frame(message))
+        self.writer.write(_wire.frame(message, _wire.ENGINE_FRAME_BYTES))
         await self.writer.drain()
 
+    def send_reply(self, message: dict[str, Any]) -> None:
+        """Queue a reply without waiting for the worker to read it (no drain waiter per reply). A worker
+        that lets more than :data:`_REPLY_BUFFER_BYTES` of replies pile up unread is killed."""
+        if self.writer.is_closing():
+            return
+        self.writer.write(_wire.frame(message, _wire.ENGINE_FRAME_BYTES))
+        if self.writer.transport.get_write_buffer_size() > _REPLY_BUFFER_BYTES:
+            self.violation = f"it left over {_REPLY_BUFFER_BYTES // 2**20} MiB of replies unread"
+            self.proc.kill()
+
     async def receive(self) -> dict[str, Any]:
-        """The next message, checked against the protocol.
+        """The next message, checked against the protocol. A large frame is parsed in a thread, so a worker
+        cannot stall the engine's loop with one.
 
         Raises:
             _wire.ProtocolError: a malformed message.
             asyncio.IncompleteReadError: the worker closed the channel (it died).
         """
         n = _wire.frame_length(await self.reader.readexactly(4))
-        return _wire.check_worker_message(_wire.parse_frame(await self.reader.readexactly(n)))
+        body = await self.reader.readexactly(n)
+        if n > _PARSE_INLINE_BYTES:
+            message = await anyio.to_thread.run_sync(_wire.parse_frame, body)
+        else:
+            message = _wire.parse_frame(body)
+        return _wire.check_worker_message(message)
 
     async def kill(self) -> None:
         """SIGKILL the worker (its process group, where it has one) and wait for it; close the channel.
@@ -203,7 +227,7 @@ class ProcessRepl:
             proc = await start_worker(self._plan, config, child)
         except BaseException:
             parent.close()
-            shutil.rmtree(spool, ignore_errors=True)
+            remove_tree(spool)
             raise
         finally:
             child.close()
@@ -262,7 +286,12 @@ class ProcessRepl:
             note = await self._restart(gone.note)
             return CellResult("", None, (note,), timed_out=gone.note.startswith("the cell was killed after"))
         self._answer = (done["answer"]["content"], done["answer"]["ready"])
-        return CellResult(done["output"], done["error"], tuple(done["notes"]))
+        # The worker cuts its output to max_output_chars (plus its note on the cut), but it is not trusted
+        # to: cut again here, leaving room for that note.
+        cap = self._max_output_chars + 500
+        error = None if done["error"] is None else _capped(done["error"], cap)
+        notes = tuple(_capped(note, 1000) for note in done["notes"][:20])
+        return CellResult(_capped(done["output"], cap), error, notes)
 
     async def _exchange(self, request: dict[str, Any], reply_op: str) -> dict[str, Any]:
         """Send one request and serve the worker's sub-calls until its reply arrives.
@@ -276,6 +305,7 @@ class ProcessRepl:
         request_id = next(self._ids)
         reply: dict[str, Any] | None = None
         broken: BaseException | None = None
+        calls = anyio.Semaphore(_CALLS_PER_WORKER)
         try:
             with anyio.move_on_after(self._cell_timeout_s):
                 async with anyio.create_task_group() as tg:
@@ -284,7 +314,8 @@ class ProcessRepl:
                         while reply is None:
                             message = await worker.receive()
                             if message["op"] == "call":
-                                tg.start_soon(self._serve_call, worker, message)
+                                await calls.acquire()  # backpressure: no more reading until a call ends
+                                tg.start_soon(self._serve_call, worker, message, calls)
                             elif message["op"] == "answer":
                                 self._answer = (message["content"], message["ready"])
                             elif message["op"] == reply_op and message["id"] == request_id:
@@ -296,9 +327,10 @@ class ProcessRepl:
             await worker.kill()  # cancelled: the cell and its worker end now
             raise
         if broken is not None:
-            if isinstance(broken, _wire.ProtocolError):
+            if isinstance(broken, _wire.ProtocolError) or worker.violation:
                 await worker.kill()
-                raise _WorkerGone(f"the REPL worker broke the message protocol ({broken}) and was killed")
+                why = worker.violation or str(broken)
+                raise _WorkerGone(f"the REPL worker broke the message protocol ({why}) and was killed")
             with anyio.move_on_after(_EXIT_GRACE_S):  # it closed the channel: let it exit with its own status
                 await worker.proc.wait()
             await worker.kill()
@@ -310,9 +342,17 @@ class ProcessRepl:
             raise _WorkerGone(f"the cell was killed after {self._cell_timeout_s:g} s")
         return reply
 
-    async def _serve_call(self, worker: _Worker, message: dict[str, Any]) -> None:
+    async def _serve_call(self, worker: _Worker, message: dict[str, Any], calls: anyio.Semaphore) -> None:
         """Run one sub-call from the worker through the host and send the reply. Budget refusals and engine
         errors go back as typed errors; cancellation (the cell ended) sends nothing."""
+        try:
+            reply = await self._call_host(message)
+        finally:
+            calls.release()
+        with contextlib.suppress(ConnectionError, _wire.ProtocolError):
+            worker.send_reply(reply)
+
+    async def _call_host(self, message: dict[str, Any]) -> dict[str, Any]:
         method, args = message["method"], message["args"]
         reply: dict[str, Any]
         try:
@@ -332,11 +372,18 @@ class ProcessRepl:
             reply = {"op": "reply", "id": message["id"], "ok": False, "error": error}
         except (ConfigError, _wire.ProtocolError) as exc:
             reply = {"op": "reply", "id": message["id"], "ok": False, "error": {"type": "Error", "message": str(exc)}}
-        with contextlib.suppress(ConnectionError, _wire.ProtocolError):
-            await worker.send(reply)
+        return reply
+
+
+def _capped(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    out = CappedText(limit)
+    out.write(text)
+    return out.render()
 
 
 async def _discard(worker: _Worker) -> None:
     """Kill a worker and delete its spool (workdir and stderr log) off the event loop."""
     await worker.kill()
-    await anyio.to_thread.run_sync(shutil.rmtree, worker.spool, True)
+    await anyio.to_thread.run_sync(remove_tree, worker.spool)

@@ -3,8 +3,9 @@
 Standard library only: the worker loads this file by path and never imports the engine.
 
 **Framing.** Each message is one frame on a Unix socketpair: a 4-byte big-endian length, then that many bytes
-of UTF-8 JSON holding one object with an ``"op"`` field. A frame longer than :data:`MAX_FRAME_BYTES` is a
-protocol violation. The engine never unpickles anything the worker sends; the worker is untrusted once
+of UTF-8 JSON holding one object with an ``"op"`` field. A frame from a worker longer than
+:data:`MAX_FRAME_BYTES` (16 MiB) is a protocol violation; the engine's own frames may be up to
+:data:`ENGINE_FRAME_BYTES`. The engine never unpickles anything the worker sends; the worker is untrusted once
 model code has run, so the engine checks the shape of every message it reads (:func:`check_worker_message`).
 
 **Engine -> worker** (the worker trusts these):
@@ -54,8 +55,15 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-#: The largest frame either side accepts (64 MiB): bounds what one worker can make the engine buffer.
-MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: The largest frame either side accepts (16 MiB). It bounds what one worker can make the engine buffer and
+#: parse: JSON of many empty objects grows about 25x in memory once parsed, so a frame costs at most about
+#: 400 MB for the moment it is parsed. A child agent's context over this size cannot be sent.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: The largest frame the engine sends (1 GiB): the engine is trusted, and one reply holds a whole batch's
+#: answers.
+ENGINE_FRAME_BYTES = 1 << 30
+#: The largest ``max_tokens`` a sub-call may ask for (no model's window is near it).
+MAX_TOKENS_LIMIT = 1 << 24
 HEADER = struct.Struct(">I")
 
 _BYTES, _TUPLE, _DICT = "\x00b", "\x00t", "\x00d"
@@ -66,27 +74,28 @@ class ProtocolError(Exception):
     """A frame or message that breaks the protocol (too long, not JSON, wrong shape)."""
 
 
-def frame(message: dict[str, Any]) -> bytes:
-    """One message as a frame: length header plus JSON.
+def frame(message: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
+    """One message as a frame: length header plus JSON. ``limit``: :data:`MAX_FRAME_BYTES` for what a worker
+    sends, :data:`ENGINE_FRAME_BYTES` for what the engine sends.
 
     Raises:
-        ProtocolError: the encoded message is longer than :data:`MAX_FRAME_BYTES`.
+        ProtocolError: the encoded message is longer than ``limit``.
     """
     body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
-    if len(body) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"message of {len(body):,} bytes is over the {MAX_FRAME_BYTES:,}-byte frame limit")
+    if len(body) > limit:
+        raise ProtocolError(f"message of {len(body):,} bytes is over the {limit:,}-byte frame limit")
     return HEADER.pack(len(body)) + body
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, limit: int = MAX_FRAME_BYTES) -> int:
     """The body length a 4-byte header announces.
 
     Raises:
-        ProtocolError: over :data:`MAX_FRAME_BYTES`.
+        ProtocolError: over ``limit`` (as for :func:`frame`).
     """
     (n,) = HEADER.unpack(header)
-    if n > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {n:,} bytes announced; the limit is {MAX_FRAME_BYTES:,}")
+    if n > limit:
+        raise ProtocolError(f"frame of {n:,} bytes announced; the limit is {limit:,}")
     return int(n)
 
 
@@ -98,8 +107,8 @@ def parse_frame(body: bytes) -> dict[str, Any]:
     """
     try:
         message = json.loads(body.decode("utf-8", "surrogatepass"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame is not UTF-8 JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not UTF-8 JSON of sane depth: {type(exc).__name__}") from None
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise ProtocolError("a message must be a JSON object with a str 'op'")
     return message
@@ -210,7 +219,7 @@ def _call_args_ok(method: str, args: list[Any]) -> bool:
         return (
             _is_str_list(prompts)
             and (model is None or isinstance(model, str))
-            and (max_tokens is None or (_is_id(max_tokens) and max_tokens >= 1))
+            and (max_tokens is None or (_is_id(max_tokens) and 1 <= max_tokens <= MAX_TOKENS_LIMIT))
         )
     if method == "rlm_batch":
         queries, contexts = args

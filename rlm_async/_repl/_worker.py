@@ -129,7 +129,7 @@ class Worker:
         """Read the engine's messages until the channel closes; then end the process."""
         try:
             while True:
-                n = self._wire.frame_length(self._recv_exact(4))
+                n = self._wire.frame_length(self._recv_exact(4), self._wire.ENGINE_FRAME_BYTES)
                 message = self._wire.parse_frame(self._recv_exact(n))
                 if message["op"] == "reply":
                     self._resolve(message)
@@ -296,17 +296,31 @@ class Zygote:
             data, fds, _flags, _addr = socket.recv_fds(self._control, 1 << 20, 1)
             if not data:
                 os._exit(0)  # the engine is gone
-            config = {**self._base, **json.loads(data)}
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # the child is reaped after pidfd_open
+            try:
+                pidfd = self._fork(json.loads(data), fds)
+            except Exception as exc:  # a bad request or a failed fork: say so, and stay up for the next
+                for fd in fds:
+                    os.close(fd)
+                self._control.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+                continue
+            socket.send_fds(self._control, [b"{}"], [pidfd])
+            os.close(pidfd)
+
+    def _fork(self, request: dict[str, Any], fds: list[int]) -> int:
+        """Fork one worker on the channel in ``fds``; returns a pidfd for it."""
+        if len(fds) != 1:
+            raise ValueError(f"a fork request carries one channel fd, got {len(fds)}")
+        config = {**self._base, **request}
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # the child is reaped after pidfd_open
+        try:
             pid = os.fork()
             if pid == 0:
                 self._become_worker(config, fds[0])
-            os.close(fds[0])
             self._spools[pid] = config["spool"]
-            pidfd = os.pidfd_open(pid)
+            return os.pidfd_open(pid)
+        finally:
+            os.close(fds[0])
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-            socket.send_fds(self._control, [json.dumps({"pid": pid}).encode()], [pidfd])
-            os.close(pidfd)
 
     def _become_worker(self, config: dict[str, Any], fd: int) -> None:
         status = 1

@@ -39,7 +39,7 @@ import anyio
 from .._errors import WorkerError
 from .._sandbox._layers import WorkerPlan, bwrap_argv, nproc_limit, read_only_roots, worker_env
 
-__all__ = ["WorkerProcess", "new_spool", "start_worker", "uses_zygote"]
+__all__ = ["WorkerProcess", "new_spool", "remove_tree", "start_worker", "uses_zygote"]
 
 WORKER_FILE = Path(__file__).resolve().parent / "_worker.py"
 #: Seconds to wait for the zygote to record a dead worker's exit status (only to name it in a message).
@@ -162,6 +162,22 @@ class _Forked:
             self._returncode = os.waitstatus_to_exitcode(int(status_file.read_text()))
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a worker's spool even where model code took the permissions away (``chmod 0`` on a folder in
+    its workdir: Landlock does not govern chmod): such a folder is given back u+rwx and tried again."""
+
+    def retry(func: Any, failed: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+            func(failed)
+
+    shutil.rmtree(path, onerror=retry)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _pidfd_pid(pidfd: int) -> int:
     """The pid a pidfd refers to, in this process's pid namespace (``Pid:`` in its fdinfo)."""
     for line in Path(f"/proc/self/fdinfo/{pidfd}").read_text().splitlines():
@@ -253,7 +269,8 @@ class Zygote:
             except OSError as exc:
                 raise WorkerError(f"the REPL zygote is gone: {exc}: {self._log_tail()}") from None
         if not data or not fds:
-            raise WorkerError(f"the REPL zygote did not fork a worker: {self._log_tail()}")
+            why = data.decode(errors="replace") if data else self._log_tail()
+            raise WorkerError(f"the REPL zygote did not fork a worker: {why}")
         return fds[0], not self.plan.bwrap
 
     def close(self) -> None:
@@ -261,7 +278,7 @@ class Zygote:
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
         self._control.close()
-        shutil.rmtree(self.spool, ignore_errors=True)
+        remove_tree(self.spool)
 
 
 _zygotes: dict[tuple[str, str | None, bool], Zygote] = {}

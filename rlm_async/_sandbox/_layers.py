@@ -50,7 +50,16 @@ DENIED_SYSCALLS = (
     "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load",
     "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct",
     "open_by_handle_at", "name_to_handle_at", "quotactl", "syslog", "personality",
+    # SysV IPC: one namespace for every worker of a zygote, outliving them (a channel between agents, and
+    # shared memory outside RLIMIT_AS); memfd: memory outside RLIMIT_AS.
+    "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "memfd_create", "memfd_secret",
+    "ioprio_set", "migrate_pages", "move_pages", "process_madvise", "process_mrelease",
 )  # fmt: skip
+#: Syscalls allowed only on the calling process itself (first argument 0, as glibc's setrlimit and
+#: sched_setaffinity(0, ...) pass): on any other pid they would change a sibling worker's or the zygote's
+#: limits or scheduling (all share one user namespace).
+SELF_ONLY_SYSCALLS = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
 _CLONE_THREAD = 0x00010000
 
 #: Environment variables a worker may inherit; everything else (keys, tokens, proxies) is dropped.
@@ -183,11 +192,15 @@ def _probe_seccomp() -> tuple[bytes | None, str]:
     import errno
 
     filt = sc.SyscallFilter(defaction=sc.ALLOW)
+    filt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)  # i386 / x32 entry points: the whole worker dies
     for name in DENIED_SYSCALLS:
         try:
             filt.add_rule(sc.ERRNO(errno.EPERM), name)
         except (OSError, ValueError, RuntimeError):  # a syscall this architecture does not have
             continue
+    for name in SELF_ONLY_SYSCALLS:
+        filt.add_rule(sc.ERRNO(errno.EPERM), name, sc.Arg(0, sc.NE, 0))
+    filt.add_rule(sc.ERRNO(errno.EPERM), "setpriority", sc.Arg(1, sc.NE, 0))  # who: 0 is the caller
     filt.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, 0))
     filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     with tempfile.TemporaryFile() as f:
