@@ -29,6 +29,12 @@ __all__ = ["Limits", "Price", "Usage", "UsageTotals"]
 class Limits:
     """Caps for one run (one ``RLM.completion``), shared by every agent at every depth. None means no cap.
 
+    Per endpoint or per run: the ``Limits`` given to ``RLM(limits=...)`` set the endpoint's in-flight cap
+    (``max_concurrency``), shared by every completion of that RLM, and the default budgets of each run. The
+    ``Limits`` given to ``completion(limits=...)`` replace those budgets for one run, and their
+    ``max_concurrency`` caps that run alone when lower than the endpoint's. Rate limits (``RLM(rate_limits=...)``)
+    and the circuit breaker are always per endpoint. Everything else here is per run.
+
     Attributes:
         max_concurrency: HTTP attempts in flight at once across the whole call tree. A slot covers one
             attempt only: never held while an agent awaits children or a retry backs off. Default 64.

@@ -96,6 +96,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens-per-turn", type=int, default=None, help="default: 512 with --local")
     run.add_argument("--temperature", type=float, default=None, help="default: 0 with --local")
 
+    serve = sub.add_parser("serve", help="serve RLMs behind an OpenAI-compatible HTTP API")
+    serve.add_argument("--name", default="rlm", help="the model name clients send (default rlm)")
+    serve.add_argument("--model", default=None, help="root model (default: sim-root on the simulator)")
+    serve.add_argument("--sub-model", default=None, help="model for sub-calls and child agents")
+    serve.add_argument("--base-url", default=None, help="the models' endpoint (default: OPENAI_BASE_URL)")
+    serve.add_argument("--upstream-api-key", default=None, help="the models' key (default: OPENAI_API_KEY)")
+    serve.add_argument("--sim", action="store_true", help="serve RLMs over the embedded simulator")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="bearer token clients must send (default: RLM_ASYNC_SERVE_API_KEY; required off loopback)",
+    )
+    serve.add_argument("--max-concurrency", type=int, default=64, help="HTTP attempts in flight across requests")
+    serve.add_argument("--max-calls", type=int, default=1000, help="per request")
+    serve.add_argument("--timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S, help="seconds per request")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish after SIGTERM (default 30)",
+    )
+    serve.add_argument("--sandbox", choices=["strict", "process", "none"], default="strict")
+
     doctor = sub.add_parser("doctor", help="which sandbox layers this machine supports, and the level used")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -142,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": _bench,
         "local": _local,
         "doctor": _doctor,
+        "serve": _serve,
     }
     try:
         return handlers[args.command](args)
@@ -153,6 +179,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ENDPOINT
     except KeyboardInterrupt:
         return 130
+
+
+# -- serve -----------------------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    """Serve one RLM under ``--name`` until SIGINT / SIGTERM (graceful: running requests may finish)."""
+    from aiohttp import web
+
+    from .serve import create_app, is_loopback
+
+    api_key = args.api_key or os.environ.get("RLM_ASYNC_SERVE_API_KEY")
+    if api_key is None and not is_loopback(args.host):
+        raise ConfigError(
+            f"refusing to serve on {args.host} without an API key: pass --api-key or set RLM_ASYNC_SERVE_API_KEY"
+        )
+    limits = Limits(max_concurrency=args.max_concurrency, max_calls=args.max_calls, timeout_s=args.timeout)
+    err = Console(stderr=True)
+
+    async def app() -> web.Application:
+        base_url, upstream_key, model, sub_model = args.base_url, args.upstream_api_key, args.model, args.sub_model
+        sim = None
+        if args.sim or not (
+            base_url or os.environ.get("OPENAI_BASE_URL") or upstream_key or os.environ.get("OPENAI_API_KEY")
+        ):
+            sim = SimServer(SimConfig(latency=PROFILES["fast"]))
+            await sim.__aenter__()
+            base_url, upstream_key, model, sub_model = sim.base_url, "sim", model or "sim-root", sub_model or "sim-sub"
+            err.print(f"[yellow]serving over the embedded simulator at {sim.base_url}[/yellow]")
+        if model is None:
+            raise ConfigError("--model is required with a real endpoint")
+        rlm = RLM(
+            model, sub_model=sub_model, base_url=base_url, api_key=upstream_key, limits=limits, sandbox=args.sandbox
+        )
+        served = create_app({args.name: rlm}, api_key=api_key)
+        if sim is not None:
+
+            async def stop_sim(_: web.Application) -> None:
+                await sim.__aexit__(None, None, None)
+
+            served.on_cleanup.append(stop_sim)
+        err.print(f"[green]rlm-async serve: model {args.name!r} at http://{args.host}:{args.port}/v1[/green]")
+        return served
+
+    web.run_app(app(), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+                handler_cancellation=True, print=None)  # fmt: skip
+    return EXIT_OK
 
 
 # -- doctor ----------------------------------------------------------------------------------------------
@@ -362,11 +433,11 @@ def _sim(args: argparse.Namespace) -> int:
         tpm=args.tpm,
         seed=args.seed,
     )
-    asyncio.run(_serve(config, args.host, args.port, args.duration))
+    asyncio.run(_serve_sim(config, args.host, args.port, args.duration))
     return EXIT_OK
 
 
-async def _serve(config: SimConfig, host: str, port: int, duration: float | None) -> None:
+async def _serve_sim(config: SimConfig, host: str, port: int, duration: float | None) -> None:
     server = SimServer(config)
     try:
         url = await server.start(host, port)
