@@ -599,3 +599,11 @@ async def test_the_engine_cuts_what_a_forged_done_claims(no_leaks):
     _, output = await run_code(code, max_output_chars=5000)
     assert len(output) < 40_000, len(output)  # output and error cut to 5,000 each, 20 notes of 1,000 at most
     assert "output cut" in output
+
+
+async def test_a_dead_workers_exit_status_is_never_read_half_written(no_leaks):
+    """Regression: the zygote wrote the exit status in place, and the engine, polling for the file, now and
+    then read it empty and reported "it stopped answering" (about 1 run in 20)."""
+    for _ in range(30):
+        _, output = await run_code("import os\nos._exit(3)", sandbox="process")
+        assert "the REPL worker died (exit status 3)" in output, output

@@ -287,8 +287,9 @@ class Zygote:
                 return
             spool = self._spools.pop(pid, None)
             if spool is not None:
-                with contextlib.suppress(OSError):
-                    Path(spool, "exit_status").write_text(str(status))
+                with contextlib.suppress(OSError):  # written whole, then renamed: a reader never sees it half
+                    Path(spool, "exit_status.tmp").write_text(str(status))
+                    os.rename(Path(spool, "exit_status.tmp"), Path(spool, "exit_status"))
 
     def serve(self) -> None:
         self._control.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
