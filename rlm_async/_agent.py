@@ -159,22 +159,16 @@ class Agent:
     def _new_repl(self, context: Any) -> ReplSession:
         """A worker-process REPL under the run's sandbox plan, or an in-thread one for ``sandbox="none"``."""
         run, limits = self._run, self._run.limits
+        common: dict[str, Any] = {
+            "context": context,
+            "host": self,
+            "max_output_chars": limits.max_output_chars,
+            "cell_timeout_s": limits.cell_timeout_s,
+            "name": self.agent_id,
+        }
         if run.worker_plan is None:
-            return ThreadRepl(
-                context=context,
-                host=self,
-                max_output_chars=limits.max_output_chars,
-                cell_timeout_s=limits.cell_timeout_s,
-                name=self.agent_id,
-            )
-        return ProcessRepl(
-            context=context,
-            host=self,
-            plan=run.worker_plan,
-            max_output_chars=limits.max_output_chars,
-            cell_timeout_s=limits.cell_timeout_s,
-            name=self.agent_id,
-        )
+            return ThreadRepl(**common)
+        return ProcessRepl(plan=run.worker_plan, **common)
 
     async def _take_worker_slot(self) -> None:
         await self._run.worker_slots.acquire()
