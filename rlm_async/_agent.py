@@ -45,26 +45,35 @@ STOP_REASONS: frozenset[str] = frozenset(get_args(StopReason))
 #: HTTP statuses that mean the configuration is wrong (key, permissions, model name), never the load.
 CONFIG_STATUSES = frozenset({401, 403, 404})
 
-_CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
+_REPL_BLOCK = re.compile(r"```repl[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
+_PYTHON_BLOCK = re.compile(r"```(?:python|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
 _ANY_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
-_TEXT_FINAL_VAR = re.compile(r"^\s*FINAL_VAR\(\s*['\"]?([A-Za-z_]\w*)['\"]?\s*\)", re.MULTILINE)
+_TEXT_FINAL_VAR = re.compile(r"^\s*FINAL_VAR\((.*?)\)\s*$", re.MULTILINE)
 _TEXT_FINAL = re.compile(r"^\s*FINAL\((.*)\)\s*$", re.MULTILINE | re.DOTALL)
+_NAME = re.compile(r"^['\"]?([A-Za-z_]\w*)['\"]?$")
 
 
 def parse_code_blocks(text: str) -> list[str]:
-    """The code of every ```repl (or ```python / ```py) block in ``text``, in order.
+    """The code of every ```repl block in ``text``, in order; when there is none, of every ```python /
+    ```py block (small models write those). A reply that has ```repl blocks keeps its ```python snippets as
+    prose, as the official RLM does, which runs ```repl only.
 
     A block cut off at the end of the text (by a stop sequence or ``max_tokens``) is included as it stands.
     """
-    return [m.group(1) for m in _CODE_BLOCK.finditer(text) if m.group(1).strip()]
+    blocks = [m.group(1) for m in _REPL_BLOCK.finditer(text) if m.group(1).strip()]
+    return blocks or [m.group(1) for m in _PYTHON_BLOCK.finditer(text) if m.group(1).strip()]
 
 
 def parse_text_final(text: str) -> tuple[str, str] | None:
-    """``("var", name)`` for ``FINAL_VAR(name)`` or ``("text", answer)`` for ``FINAL(answer)`` written outside
-    code blocks (the official RLM's text form), else None."""
+    """``("var", name)`` for ``FINAL_VAR(name)`` (quoted or not), ``("text", value)`` for ``FINAL(answer)`` or
+    for ``FINAL_VAR(<a literal>)`` written outside code blocks (the official RLM's text form), else None.
+    The agent honours it after running the reply's code blocks, as the official RLM does."""
     prose = _ANY_BLOCK.sub("", text)
     if m := _TEXT_FINAL_VAR.search(prose):
-        return "var", m.group(1)
+        argument = m.group(1).strip()
+        if name := _NAME.match(argument):
+            return "var", name.group(1)
+        return "text", argument.strip("'\"")
     if m := _TEXT_FINAL.search(prose):
         return "text", m.group(1).strip()
     return None
@@ -102,8 +111,9 @@ class Agent:
         agent_id: dotted path from the root, e.g. ``"0.2.1"``.
     """
 
-    def __init__(self, run: Run, depth: int, agent_id: str) -> None:
+    def __init__(self, run: Run, depth: int, agent_id: str, *, model: str | None = None) -> None:
         self._run = run
+        self._model = model
         self.depth = depth
         self.agent_id = agent_id
         self._children = itertools.count(1)
@@ -220,12 +230,8 @@ class Agent:
                 return self._stopped(exc, iteration - 1)
             messages.append({"role": "assistant", "content": text})
             blocks = parse_code_blocks(text)
-            if not blocks:
-                final = parse_text_final(text)
-                if final is not None:
-                    kind, value = final
-                    answer = ((await repl.final_var(value)) or "") if kind == "var" else value
-                    return AgentResult(answer, "answer", iteration)
+            final = parse_text_final(text)
+            if not blocks and final is None:
                 messages.append({"role": "user", "content": _prompts.NO_CODE_MESSAGE})
                 continue
             outputs = []
@@ -244,6 +250,14 @@ class Agent:
                     last_answer = (content, ready)
                 if ready:
                     return AgentResult(content, "answer", iteration)
+            if final is not None:  # FINAL / FINAL_VAR in the reply's prose: after its code has run
+                kind, value = final
+                if kind == "text":
+                    return AgentResult(value, "answer", iteration)
+                answer = await repl.final_var(value)
+                if answer is not None:
+                    return AgentResult(answer, "answer", iteration)
+                outputs.append(_prompts.missing_final_var(value))
             messages.append({"role": "user", "content": _prompts.format_outputs(outputs)})
         messages.append({"role": "user", "content": _prompts.final_answer_prompt(self.draft, query)})
         try:
@@ -255,7 +269,7 @@ class Agent:
     async def _turn(self, messages: list[Message], *, stop: tuple[str, ...]) -> str:
         limits = self._run.limits
         request = ChatRequest(
-            self._run.model_for(self.depth),
+            self._model or self._run.model_for(self.depth),
             tuple(messages),
             stop=stop,
             max_tokens=limits.max_tokens_per_turn,
@@ -331,19 +345,21 @@ class Agent:
             )
         return results
 
-    async def rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Outcome]:
-        """One child agent per (query, context) at depth + 1, concurrently; outcomes in order.
+    async def rlm_batch(self, queries: list[str], contexts: list[Any], model: str | None = None) -> list[Outcome]:
+        """One child agent per (query, context) at depth + 1, concurrently, with ``model`` for its own turns
+        (None: the run's model for that depth); outcomes in order.
 
         At ``max_depth`` each child falls back to one plain LLM call with the query and the context in its
-        prompt (recorded as an ``agent_fallback`` event).
+        prompt (the prompt alone when the context is the query, as ``rlm_query(p)`` passes it), recorded as an
+        ``agent_fallback`` event.
 
         Raises:
             BudgetExceeded: at once for ``max_fanout`` or ``max_agents`` (nothing started).
         """
         with self._bound():
-            return await self._rlm_batch(queries, contexts)
+            return await self._rlm_batch(queries, contexts, model)
 
-    async def _rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Outcome]:
+    async def _rlm_batch(self, queries: list[str], contexts: list[Any], model: str | None) -> list[Outcome]:
         run = self._run
         run.ledger.check_fanout(len(queries))
         depth = self.depth + 1
@@ -351,12 +367,12 @@ class Agent:
             run.fallbacks += len(queries)
             run.tracer.emit("agent_fallback", count=len(queries), reason="max_depth", child_depth=depth)
             prompts = [_fallback_prompt(q, c) for q, c in zip(queries, contexts, strict=True)]
-            return await self._llm_batch(prompts, None, None)
+            return await self._llm_batch(prompts, model, None)
         run.ledger.reserve_agents(len(queries))
         results: list[Outcome] = [{} for _ in queries]
 
         async def child(index: int, query: str, context: Any) -> None:
-            agent = Agent(run, depth, f"{self.agent_id}.{next(self._children)}")
+            agent = Agent(run, depth, f"{self.agent_id}.{next(self._children)}", model=model)
             outcome = await agent.run(query, context)
             if outcome.ok:
                 results[index] = {"ok": True, "text": outcome.answer}
@@ -388,4 +404,6 @@ def _failure(kind: str, message: str, partial: str = "") -> Outcome:
 
 
 def _fallback_prompt(query: str, context: Any) -> str:
+    if context is None or context == "" or (isinstance(context, str) and context == query):
+        return query  # rlm_query(p) passes p as both: sending it twice would double the tokens
     return f"{query}\n\nInput:\n{context if isinstance(context, str) else repr(context)}"

@@ -11,7 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["STOP_SEQUENCES", "context_metadata", "final_answer_prompt", "first_user_message", "system_prompt"]
+__all__ = [
+    "STOP_SEQUENCES",
+    "context_metadata",
+    "final_answer_prompt",
+    "first_user_message",
+    "missing_final_var",
+    "system_prompt",
+]
 
 #: Cut a model that starts to invent its own REPL output (our outputs begin with "REPL output"). Small models
 #: do it at the very start of a reply too (Qwen2.5-Coder-0.5B), so the label is not anchored to a newline.
@@ -34,8 +41,9 @@ In the REPL:
 - `await llm_query(prompt)`: one prompt, one answer.
 - `await rlm_agent(query, context)`: a child RLM with its own REPL holding `context`; use it for a sub-task
   that itself needs exploring. `await rlm_batch(queries, contexts)` runs several children concurrently.{depth_note}
-- A sub-call that fails returns a `SubcallFailure` instead of a str: it is falsy, `is_failure(x)` is True,
-  and `x.kind` / `x.message` say why. Check before you use results:
+- A sub-call that fails returns a `SubcallFailure` instead of an answer: a str that reads "Error: <kind>:
+  <message>", but falsy; `is_failure(x)` is True and `x.kind` / `x.message` say why. Check before you use
+  results:
       results = await llm_batch(prompts)
       bad = [i for i, r in enumerate(results) if is_failure(r)]
 - `budget()`: what is left of your budget (calls, tokens, USD, seconds, depth). Batches larger than
@@ -45,7 +53,8 @@ In the REPL:
   without await, e.g. inside a plain `def`. In async code (any block that uses `await`), always `await` them.
 - `answer`: a dict {{"content": "", "ready": False}}. Draft your answer in answer["content"] and revise it as
   you learn more. When you are sure, set answer["ready"] = True: that ends the run and answer["content"] is
-  returned. `FINAL(text)` or `FINAL_VAR("variable_name")` do the same in one call.
+  returned. `FINAL(text)` or `FINAL_VAR("variable_name")` do the same in one call. `SHOW_VARS()` lists
+  your variables.
 - print() output longer than {max_output_chars} characters is cut: keep big results in variables and print
   summaries.
 
@@ -173,4 +182,13 @@ def final_answer_prompt(draft: str, query: str) -> str:
     return (
         f"You have no turns left and cannot run code any more. {note}"
         f"Write your final answer in plain text to the query: {query}"
+    )
+
+
+def missing_final_var(name: str) -> str:
+    """What the model is told when its reply ends with ``FINAL_VAR(name)`` and no such variable exists (the
+    run goes on, as in the official RLM)."""
+    return (
+        f"FINAL_VAR({name}): there is no variable named {name!r} in the REPL, so the run did not end. "
+        "Assign it in a ```repl block first (SHOW_VARS() lists your variables), or write FINAL(your answer)."
     )

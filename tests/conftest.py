@@ -62,6 +62,11 @@ class Script:
         raise AssertionError(f"no script for agent query {query!r}")
 
 
+def printed(rendered: str) -> str:
+    """A cell's rendered output without its last ``REPL variables: [...]`` line: what the cell printed."""
+    return rendered.split("\nREPL variables: ")[0]
+
+
 def on_fake_clock(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """Run an async test on looptime's fast-forwarding event loop: ``asyncio.sleep(60)`` takes no real time,
     and the loop clock reads as if it had. For timing assertions that cannot flake on a loaded machine."""

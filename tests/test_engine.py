@@ -24,7 +24,7 @@ from rlm_async import (
     RetryPolicy,
 )
 
-from .conftest import Script, cell_threads, make_rlm, on_fake_clock, query_of, repl
+from .conftest import Script, cell_threads, make_rlm, on_fake_clock, printed, query_of, repl
 
 
 def finish(text: str = "done") -> str:
@@ -58,7 +58,7 @@ async def test_100_prompt_llm_batch_finishes_within_1_2x_of_two_waves():
     rlm, _ = make_rlm(script, limits=limits, on_event=events.append, sandbox="none")
     result = await rlm.completion("q", "ctx")
     assert result.stop_reason == "answer"
-    outputs = [e["output"] for e in events if e["event"] == "output"]
+    outputs = [printed(e["output"]) for e in events if e["event"] == "output"]
     assert outputs[0] == "100"
     subs = {e["call_id"] for e in events if e["event"] == "call_queued" and e["call_depth"] == 1}
     start = min(e["t"] for e in events if e["event"] == "call_queued" and e["call_id"] in subs)
@@ -168,7 +168,7 @@ async def test_a_second_llm_batch_in_the_same_cell_and_in_a_later_turn():
     rlm, _ = make_rlm(script, on_event=events.append)
     result = await rlm.completion("q", "ctx")
     assert result.answer == "XYZW"
-    assert [e["output"] for e in events if e["event"] == "output"][:2] == ["['X', 'Y', 'Z']", "['W']"]
+    assert [printed(e["output"]) for e in events if e["event"] == "output"][:2] == ["['X', 'Y', 'Z']", "['W']"]
 
 
 async def test_usage_is_the_sum_over_all_billed_attempts_including_children():

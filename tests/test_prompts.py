@@ -12,7 +12,9 @@ from rlm_async._prompts import context_metadata, first_user_message, system_prom
     ("text", "blocks"),
     [
         ("```repl\nx = 1\n```", ["x = 1\n"]),
-        ("a\n```python\nprint(1)\n```\nb\n```repl\nprint(2)\n```", ["print(1)\n", "print(2)\n"]),
+        # A reply with ```repl blocks runs those only: its ```python snippet is prose, as in the official RLM.
+        ("a\n```python\nprint(1)\n```\nb\n```repl\nprint(2)\n```", ["print(2)\n"]),
+        ("```python\nprint(1)\n```\n```py\nprint(2)\n```", ["print(1)\n", "print(2)\n"]),
         ("```py\ny = 2\n```", ["y = 2\n"]),
         ("```repl\ncut off by a stop sequence", ["cut off by a stop sequence"]),
         ("```\nplain fence is prose\n```", []),

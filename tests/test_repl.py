@@ -38,7 +38,7 @@ class FakeHost:
             raise BudgetExceeded("max_input_tokens", 100, 120, results=results)
         return results
 
-    async def rlm_batch(self, queries, contexts):
+    async def rlm_batch(self, queries, contexts, model=None):
         return [{"ok": True, "text": f"{q}|{c}"} for q, c in zip(queries, contexts, strict=True)]
 
     def budget(self):
@@ -178,19 +178,23 @@ async def test_an_unawaited_call_in_async_code_is_reported(no_leaks, session):
     assert any("never awaited" in n for n in result.notes)
 
 
-async def test_failures_are_typed_and_falsy(no_leaks, session):
+async def test_failures_are_typed_and_falsy_and_usable_as_text(no_leaks, session):
     code = """
 res = await llm_batch(["ok", "fail this"])
 print(res[0], bool(res[1]), is_failure(res[1]), isinstance(res[1], SubcallFailure), res[1].kind)
-try:
-    "x" + res[1]
-except TypeError:
-    print("cannot be mistaken for text")
+print('GOT ' + res[1])
+print(' | '.join(res))
+print(is_failure(res[0]), is_failure('Error: looks like one'))
 """
     async with await session() as repl:
         result = await repl.run_cell(code)
     assert result.error is None, result.error
-    assert result.output == "OK False True True rate_limited\ncannot be mistaken for text\n"
+    assert result.output == (
+        "OK False True True rate_limited\n"
+        "GOT Error: rate_limited: 429 after 3 attempts\n"
+        "OK | Error: rate_limited: 429 after 3 attempts\n"
+        "False False\n"
+    )
 
 
 async def test_budget_exceeded_is_raised_in_the_cell_with_partial_results(no_leaks, session):

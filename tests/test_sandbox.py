@@ -27,7 +27,7 @@ from rlm_async import RLM, ConfigError, FakeClient, Limits, Sandbox
 from rlm_async._sandbox import probe
 from rlm_async._sandbox._layers import LayerSupport, plan_for
 
-from .conftest import Script, repl, worker_processes
+from .conftest import Script, printed, repl, worker_processes
 
 SECRET = "sk-test-DO-NOT-LEAK-5f1c2a9e"
 SUPPORT = probe()
@@ -66,7 +66,7 @@ async def run_code(code: str, *, context: object = "ctx", sandbox: str = "strict
         on_event=on_event,
     )
     result = await rlm.completion("q", context)
-    return result, outputs[0] if outputs else ""
+    return result, printed(outputs[0]) if outputs else ""
 
 
 def open_fds() -> int:

@@ -25,7 +25,7 @@ import inspect
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,14 +33,18 @@ if TYPE_CHECKING:
 
 __all__ = ["ReplFunctions", "SubcallFailure"]
 
+_UNSET: Any = object()
+
 _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
 #: Frames that take their form from the code around them: ``asyncio.gather(*map(lambda p: llm_query(p), ps))``
 #: and ``[llm_query(p) for p in ps]`` inside async code hand out coroutines.
 _TRANSPARENT = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>", "<lambda>"})
 
 
-class SubcallFailure:
-    """A failed sub-call, standing in its answer's place. Never a str, always falsy.
+class SubcallFailure(str):
+    """A failed sub-call, standing in its answer's place: a str that reads ``"Error: <kind>: <message>"``, so
+    code written for the official RLM (``'GOT ' + r``, ``' | '.join(answers)``) keeps working, but falsy,
+    and ``is_failure(x)`` / ``isinstance(x, SubcallFailure)`` tell it from an answer.
 
     Attributes:
         kind: why, in one word: ``"rate_limited"``, ``"timeout"``, ``"status"``, ``"connection"``,
@@ -50,12 +54,16 @@ class SubcallFailure:
         partial: a child agent's partial answer when it stopped early with one, else "".
     """
 
-    __slots__ = ("kind", "message", "partial")
+    kind: str
+    message: str
+    partial: str
 
-    def __init__(self, kind: str, message: str, partial: str = "") -> None:
+    def __new__(cls, kind: str, message: str, partial: str = "") -> SubcallFailure:
+        self = super().__new__(cls, f"Error: {kind}: {message}")
         self.kind = kind
         self.message = message
         self.partial = partial
+        return self
 
     def __bool__(self) -> bool:
         return False
@@ -64,17 +72,16 @@ class SubcallFailure:
         extra = f", partial={self.partial[:80]!r}" if self.partial else ""
         return f"SubcallFailure(kind={self.kind!r}, message={self.message!r}{extra})"
 
-    __str__ = __repr__
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SubcallFailure, (self.kind, self.message, self.partial))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SubcallFailure) and (self.kind, self.message, self.partial) == (
-            other.kind,
-            other.message,
-            other.partial,
-        )
+        if isinstance(other, SubcallFailure):
+            return (self.kind, self.message, self.partial) == (other.kind, other.message, other.partial)
+        return str.__eq__(self, other)
 
     def __hash__(self) -> int:
-        return hash((self.kind, self.message, self.partial))
+        return str.__hash__(self)
 
 
 def to_model_value(outcome: Outcome) -> str | SubcallFailure:
@@ -122,6 +129,7 @@ class ReplFunctions:
         #: coroutines handed to async code in the current cell, with their labels (see ``unawaited_note``)
         self._handed_out: dict[Coroutine[Any, Any, Any], str] = {}
         self._reserved: dict[str, Any] = {}
+        self._answer_value: Any = _UNSET  # what model code last bound to the name `answer`, if not a dict
         self.answer: dict[str, Any] = {"content": "", "ready": False} if answer is None else answer
 
     def build(self, context: Any) -> dict[str, Any]:
@@ -140,6 +148,7 @@ class ReplFunctions:
             "budget": self.budget,
             "FINAL": self.FINAL,
             "FINAL_VAR": self.FINAL_VAR,
+            "SHOW_VARS": self.SHOW_VARS,
             "SubcallFailure": SubcallFailure,
             "BudgetExceeded": self._budget_error,
             "is_failure": is_failure,
@@ -147,13 +156,28 @@ class ReplFunctions:
         return dict(self._reserved)
 
     def restore_reserved(self) -> list[str]:
-        """Put back every reserved name model code rebound or deleted; one note per name for the model."""
+        """Put back every reserved name model code rebound or deleted; one note per name for the model.
+
+        ``answer`` rebound to a dict with ``content`` / ``ready`` is adopted (``answer = {"content": x,
+        "ready": True}`` ends the run, as in the official RLM); rebound to anything else, the value is kept
+        for ``FINAL_VAR("answer")`` and the dict is put back.
+        """
         notes = []
         for name, original in self._reserved.items():
-            if self._ns.get(name) is not original:
-                self._ns[name] = original
-                hint = ' (set answer["content"] and answer["ready"] instead)' if name == "answer" else ""
-                notes.append(f"`{name}` is reserved by the engine and was restored{hint}")
+            value = self._ns.get(name, _UNSET)
+            if value is original:
+                continue
+            self._ns[name] = original
+            if name == "answer" and isinstance(value, dict) and {"content", "ready"} & set(value):
+                self.answer.update(
+                    content=value.get("content", self.answer.get("content", "")),
+                    ready=bool(value.get("ready", self.answer.get("ready", False))),
+                )
+                continue
+            if name == "answer" and value is not _UNSET:
+                self._answer_value = value
+            hint = ' (set answer["content"] and answer["ready"] instead)' if name == "answer" else ""
+            notes.append(f"`{name}` is reserved by the engine and was restored{hint}")
         return notes
 
     # -- the dual-form machinery ----------------------------------------------------------------------
@@ -222,35 +246,46 @@ class ReplFunctions:
         )
 
     # -- child agents ---------------------------------------------------------------------------------
-    def rlm_batch(self, queries: Iterable[str], contexts: Sequence[Any]) -> Any:
-        """``await rlm_batch(queries, contexts)`` -> list of child answers (or SubcallFailure), in order."""
+    def rlm_batch(self, queries: Iterable[str], contexts: Sequence[Any], *, model: str | None = None) -> Any:
+        """``await rlm_batch(queries, contexts)`` -> list of child answers (or SubcallFailure), in order.
+        ``model``: the children's own model (default: the run's model for their depth)."""
         qs = _str_list("rlm_batch", "queries", queries)
         if isinstance(contexts, str | bytes) or not isinstance(contexts, Sequence):
             raise TypeError("rlm_batch takes a list of contexts, one per query")
         if len(contexts) != len(qs):
             raise ValueError(f"rlm_batch got {len(qs)} queries but {len(contexts)} contexts")
+        _check_model(model)
         ctxs = list(contexts)
-        return self._dual("rlm_batch", sys._getframe(1), lambda: self._submit("rlm_batch", qs, ctxs), _to_model_list)
+        return self._dual(
+            "rlm_batch", sys._getframe(1), lambda: self._submit("rlm_batch", qs, ctxs, model), _to_model_list
+        )
 
-    def rlm_agent(self, query: str, context: Any) -> Any:
+    def rlm_agent(self, query: str, context: Any, *, model: str | None = None) -> Any:
         """``await rlm_agent(query, context)`` -> the child agent's answer str (or SubcallFailure)."""
         if not isinstance(query, str):
             raise TypeError(f"rlm_agent takes a query str, got {type(query).__name__}")
-        return self._dual("rlm_agent", sys._getframe(1), lambda: self._submit("rlm_batch", [query], [context]), _first)
+        _check_model(model)
+        return self._dual(
+            "rlm_agent", sys._getframe(1), lambda: self._submit("rlm_batch", [query], [context], model), _first
+        )
 
-    def rlm_query(self, prompt: str) -> Any:
+    def rlm_query(self, prompt: str, *, model: str | None = None) -> Any:
         """The official rlms name: a child agent whose query and context are both ``prompt``."""
         if not isinstance(prompt, str):
             raise TypeError(f"rlm_query takes one prompt str, got {type(prompt).__name__}")
-        return self._dual("rlm_query", sys._getframe(1), lambda: self._submit("rlm_batch", [prompt], [prompt]), _first)
+        _check_model(model)
+        return self._dual(
+            "rlm_query", sys._getframe(1), lambda: self._submit("rlm_batch", [prompt], [prompt], model), _first
+        )
 
-    def rlm_query_batched(self, prompts: Iterable[str]) -> Any:
+    def rlm_query_batched(self, prompts: Iterable[str], *, model: str | None = None) -> Any:
         """The official rlms name: one child agent per prompt (query and context both the prompt)."""
         items = _str_list("rlm_query_batched", "prompts", prompts)
+        _check_model(model)
         return self._dual(
             "rlm_query_batched",
             sys._getframe(1),
-            lambda: self._submit("rlm_batch", items, list(items)),
+            lambda: self._submit("rlm_batch", items, list(items), model),
             _to_model_list,
         )
 
@@ -265,13 +300,44 @@ class ReplFunctions:
         self.answer["content"] = str(value)
         self.answer["ready"] = True
 
-    def FINAL_VAR(self, name: str) -> None:
-        """Set ``answer["content"]`` to ``str()`` of the REPL variable named ``name`` and end the run."""
+    def FINAL_VAR(self, name: Any) -> None:
+        """End the run with ``str()`` of the REPL variable named ``name``; given a value that is not a
+        variable name (``FINAL_VAR(123)``, ``FINAL_VAR(totals)``), with ``str()`` of that value, as the
+        official RLM does.
+
+        Raises:
+            NameError: ``name`` is a str that looks like a variable name, and there is no such variable.
+        """
         if not isinstance(name, str):
-            raise TypeError("FINAL_VAR takes a variable *name* as a str, e.g. FINAL_VAR('result')")
+            self.FINAL(name)
+            return
+        text = self.variable_text(name)
+        if text is None:
+            raise NameError(f"FINAL_VAR: no variable named {name!r} in the REPL; SHOW_VARS() lists them")
+        self.FINAL(text)
+
+    def variable_text(self, name: str) -> str | None:
+        """``str()`` of a REPL variable, or None when there is none. ``"answer"`` is the draft, or the value
+        model code last bound to the name ``answer`` (the official RLM's older dialect)."""
+        if name == "answer":
+            return str(self._answer_value) if self._answer_value is not _UNSET else str(self.answer.get("content", ""))
         if name not in self._ns:
-            raise NameError(f"FINAL_VAR: no variable named {name!r} in the REPL")
-        self.FINAL(self._ns[name])
+            return None
+        return str(self._ns[name])
+
+    def user_variables(self) -> list[str]:
+        """The names model code defined: not reserved, not private, not modules (the official RLM lists them
+        after each cell as ``REPL variables: [...]``)."""
+        return [
+            name
+            for name, value in self._ns.items()
+            if name not in self._reserved and not name.startswith("_") and not isinstance(value, ModuleType)
+        ]
+
+    def SHOW_VARS(self) -> str:
+        """The user variables with their types, as one line (the official RLM's ``SHOW_VARS()``)."""
+        shown = ", ".join(f"{n} ({type(self._ns[n]).__name__})" for n in self.user_variables())
+        return f"REPL variables: {shown or '(none yet)'}"
 
 
 def _convert_results(exc: Exception) -> None:
@@ -296,6 +362,11 @@ def _str_list(fn: str, what: str, items: Iterable[str]) -> list[str]:
         if not isinstance(item, str):
             raise TypeError(f"{fn}: {what}[{i}] is {type(item).__name__}, not str")
     return out
+
+
+def _check_model(model: str | None) -> None:
+    if model is not None and (not isinstance(model, str) or not model):
+        raise TypeError(f"model must be a model name str, got {model!r}"[:200])
 
 
 def _check_max_tokens(max_tokens: int | None) -> None:

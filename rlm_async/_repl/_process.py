@@ -291,7 +291,8 @@ class ProcessRepl:
         cap = self._max_output_chars + 500
         error = None if done["error"] is None else _capped(done["error"], cap)
         notes = tuple(_capped(note, 1000) for note in done["notes"][:20])
-        return CellResult(_capped(done["output"], cap), error, notes)
+        variables = tuple(name[:100] for name in done.get("variables", [])[:200])
+        return CellResult(_capped(done["output"], cap), error, notes, variables=variables)
 
     async def _exchange(self, request: dict[str, Any], reply_op: str) -> dict[str, Any]:
         """Send one request and serve the worker's sub-calls until its reply arrives.
@@ -360,7 +361,7 @@ class ProcessRepl:
                 value: Any = self._host.budget()
             elif method == "rlm_batch":
                 contexts = [_wire.decode_value(c) for c in args[1]]
-                value = await self._host.rlm_batch(args[0], contexts)
+                value = await self._host.rlm_batch(args[0], contexts, args[2])
             else:
                 value = await self._host.llm_batch(*args)
             reply = {"op": "reply", "id": message["id"], "ok": True, "value": value}

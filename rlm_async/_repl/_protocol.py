@@ -35,8 +35,9 @@ class Host(Protocol):
         """
         ...
 
-    async def rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Outcome]:
-        """One child agent per (query, context), concurrently; outcomes in order. Raises BudgetExceeded."""
+    async def rlm_batch(self, queries: list[str], contexts: list[Any], model: str | None = None) -> list[Outcome]:
+        """One child agent per (query, context), concurrently, on ``model`` (None: the run's model for the
+        children's depth); outcomes in order. Raises BudgetExceeded."""
         ...
 
     def budget(self) -> dict[str, Any]:
@@ -53,12 +54,15 @@ class CellResult:
         error: the formatted traceback when the cell raised (syntax errors included), else None.
         notes: engine notes for the model (a reserved name restored, an un-awaited call, a timeout).
         timed_out: the cell ran past the per-cell time limit and was interrupted.
+        variables: the user variables after the cell, shown as a last ``REPL variables: [...]`` line, as the
+            official RLM shows them.
     """
 
     output: str
     error: str | None
     notes: tuple[str, ...] = ()
     timed_out: bool = False
+    variables: tuple[str, ...] = ()
 
     def render(self) -> str:
         """The text shown to the model for this cell."""
@@ -66,7 +70,11 @@ class CellResult:
         if self.error:
             parts.append(self.error.rstrip("\n"))
         parts.extend(f"[note] {n}" for n in self.notes)
-        return "\n".join(parts) if parts else "(no output)"
+        if not parts:
+            parts.append("(no output)")
+        if self.variables:
+            parts.append(f"REPL variables: {list(self.variables)}")
+        return "\n".join(parts)
 
 
 class ReplSession(Protocol):

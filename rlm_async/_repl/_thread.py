@@ -148,7 +148,7 @@ class ThreadRepl:
         return ("" if content is None else str(content)), bool(self._fns.answer.get("ready"))
 
     async def final_var(self, name: str) -> str | None:
-        return str(self._ns[name]) if name in self._ns else None
+        return self._fns.variable_text(name)
 
     # -- running cells --------------------------------------------------------------------------------
     async def run_cell(self, code: str) -> CellResult:
@@ -169,7 +169,7 @@ class ThreadRepl:
         notes = [*self._fns.restore_reserved(), *self._unawaited_note()]
         if timed_out:
             notes.append(f"the cell ran past its time limit of {self._cell_timeout_s:g} s and was interrupted")
-        return CellResult(self._out.render(), error, tuple(notes), timed_out)
+        return CellResult(self._out.render(), error, tuple(notes), timed_out, tuple(self._fns.user_variables()))
 
     async def _run_in_thread(self, compiled: CodeType, filename: str) -> tuple[str | None, bool]:
         loop = asyncio.get_running_loop()

@@ -24,10 +24,11 @@ model code has run, so the engine checks the shape of every message it reads (:f
 ``ready``      ``{"op": "ready", "version": 1, "pid": int, "layers": [str, ...]}``: sent once, after the
                worker confined itself and loaded ``context``
 ``call``       ``{"op": "call", "id": int, "method": "llm_batch" | "rlm_batch" | "budget", "args": [...]}``
+               (``llm_batch``: prompts, model, max_tokens; ``rlm_batch``: queries, contexts, model)
 ``answer``     ``{"op": "answer", "content": str, "ready": bool}``: model code changed ``answer`` (sent at
                once, so a draft outlives a cell that is killed or cancelled)
 ``done``       ``{"op": "done", "id": int, "output": str, "error": str | null, "notes": [str, ...],
-               "answer": {"content": str, "ready": bool}}``: a cell finished
+               "variables": [str, ...], "answer": {"content": str, "ready": bool}}``: a cell finished
 ``var``        ``{"op": "var", "id": int, "text": str | null}``: the answer to ``get_var``
 =============  ==================================================================================
 
@@ -67,7 +68,7 @@ MAX_TOKENS_LIMIT = 1 << 24
 HEADER = struct.Struct(">I")
 
 _BYTES, _TUPLE, _DICT = "\x00b", "\x00t", "\x00d"
-_METHODS = {"llm_batch": 3, "rlm_batch": 2, "budget": 0}
+_METHODS = {"llm_batch": 3, "rlm_batch": 3, "budget": 0}
 
 
 class ProtocolError(Exception):
@@ -201,7 +202,7 @@ def check_worker_message(message: dict[str, Any]) -> dict[str, Any]:
         answer = message.get("answer")
         ok = _is_id(message.get("id")) and isinstance(message.get("output"), str)
         ok = ok and (message.get("error") is None or isinstance(message.get("error"), str))
-        ok = ok and _is_str_list(message.get("notes"))
+        ok = ok and _is_str_list(message.get("notes")) and _is_str_list(message.get("variables", []))
         ok = ok and isinstance(answer, dict) and isinstance(answer.get("content"), str)
         ok = ok and isinstance(answer, dict) and isinstance(answer.get("ready"), bool)
     elif op == "answer":
@@ -222,6 +223,11 @@ def _call_args_ok(method: str, args: list[Any]) -> bool:
             and (max_tokens is None or (_is_id(max_tokens) and 1 <= max_tokens <= MAX_TOKENS_LIMIT))
         )
     if method == "rlm_batch":
-        queries, contexts = args
-        return _is_str_list(queries) and isinstance(contexts, list) and len(contexts) == len(queries)
+        queries, contexts, model = args
+        return (
+            _is_str_list(queries)
+            and isinstance(contexts, list)
+            and len(contexts) == len(queries)
+            and (model is None or isinstance(model, str))
+        )
     return True

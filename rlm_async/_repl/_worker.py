@@ -162,8 +162,8 @@ class Worker:
 
     def _submit(self, method: str, *args: Any) -> Future[Any]:
         if method == "rlm_batch":
-            queries, contexts = args
-            args = (queries, [self._wire.encode_value(c) for c in contexts])
+            queries, contexts, model = args
+            args = (queries, [self._wire.encode_value(c) for c in contexts], model)
         future: Future[Any] = Future()
         call_id = next(self._ids)
         self._pending[call_id] = future
@@ -182,12 +182,11 @@ class Worker:
                 self.send({"op": "var", "id": message["id"], "text": self._var_text(message["name"])})
 
     def _var_text(self, name: str) -> str | None:
-        if name not in self.ns:
-            return None
         try:
-            return str(self.ns[name])
+            text: str | None = self._fns.variable_text(name)
         except Exception as exc:
             return f"<str() of {name} failed: {type(exc).__name__}: {exc}>"
+        return text
 
     def _run_cell(self, cell_id: int, code: str) -> dict[str, Any]:
         self._out = out = self._cell.CappedText(self._max_output_chars)
@@ -214,7 +213,11 @@ class Worker:
         if note := self._fns.unawaited_note():
             notes.append(note)
         answer = self._answer_state(notes)
-        return {"op": "done", "id": cell_id, "output": out.render(), "error": error, "notes": notes, "answer": answer}
+        variables = [name[:100] for name in self._fns.user_variables()[:200]]
+        return {
+            "op": "done", "id": cell_id, "output": out.render(), "error": error, "notes": notes,
+            "variables": variables, "answer": answer,
+        }  # fmt: skip
 
     def _answer_state(self, notes: list[str]) -> dict[str, Any]:
         """``answer`` as plain data: content coerced to str (cut to an eighth of a frame), ready to bool."""

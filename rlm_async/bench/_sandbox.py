@@ -29,7 +29,7 @@ class _EchoHost:
     async def llm_batch(self, prompts: list[str], model: str | None, max_tokens: int | None) -> list[Any]:
         return [{"ok": True, "text": p} for p in prompts]
 
-    async def rlm_batch(self, queries: list[str], contexts: list[Any]) -> list[Any]:
+    async def rlm_batch(self, queries: list[str], contexts: list[Any], model: str | None = None) -> list[Any]:
         return [{"ok": True, "text": q} for q in queries]
 
     def budget(self) -> dict[str, Any]:
