@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import anyio
 
 from . import _prompts
-from ._clients import ChatRequest, Message
+from ._clients import Message
 from ._errors import BudgetExceeded, ConfigError, EngineError, LLMCallError, RLMError, RunTimeout, WorkerError
 from ._repl import Outcome, ProcessRepl, ReplSession, ThreadRepl
 from ._trace import bound
@@ -30,7 +30,7 @@ __all__ = ["CONFIG_STATUSES", "Agent", "AgentResult", "StopReason", "parse_code_
 StopReason = Literal[
     "answer", "max_iterations", "timeout", "llm_error", "config_error", "error",
     "budget:max_calls", "budget:max_input_tokens", "budget:max_output_tokens", "budget:max_cost_usd",
-    "budget:max_agents", "budget:max_fanout",
+    "budget:max_agents", "budget:max_fanout", "budget:max_errors",
 ]  # fmt: skip
 StopReason.__doc__ = """How a run or an agent ended (a ``Literal``, so mypy catches a misspelled comparison).
 
@@ -221,6 +221,7 @@ class Agent:
         ]
         ran: dict[str, int] = {}  # code (whitespace-normalised) -> the turn that first ran it
         last_answer = ("", False)
+        errors = 0  # consecutive turns that went wrong (Limits.max_errors)
         for iteration in range(1, limits.max_iterations + 1):
             self._iterations = iteration
             run.tracer.emit("turn", iteration=iteration)
@@ -233,8 +234,12 @@ class Agent:
             final = parse_text_final(text)
             if not blocks and final is None:
                 messages.append({"role": "user", "content": _prompts.NO_CODE_MESSAGE})
+                errors += 1
+                if limits.max_errors is not None and errors >= limits.max_errors:
+                    return self._too_many_errors(errors, iteration)
                 continue
             outputs = []
+            turn_failed = False
             for index, code in enumerate(blocks, 1):
                 run.tracer.emit("code", iteration=iteration, block=index, code=code)
                 cell = await repl.run_cell(code)
@@ -244,6 +249,7 @@ class Agent:
                     rendered += _prompts.repeated_code_note(first)
                 run.tracer.emit("output", iteration=iteration, block=index, output=rendered, error=cell.error)
                 outputs.append(rendered)
+                turn_failed = turn_failed or cell.failed
                 content, ready = repl.answer()
                 if (content, ready) != last_answer:
                     run.tracer.emit("answer", content=content[:4000], ready=ready, iteration=iteration)
@@ -258,6 +264,9 @@ class Agent:
                 if answer is not None:
                     return AgentResult(answer, "answer", iteration)
                 outputs.append(_prompts.missing_final_var(value))
+            errors = errors + 1 if turn_failed else 0
+            if limits.max_errors is not None and errors >= limits.max_errors:
+                return self._too_many_errors(errors, iteration)
             messages.append({"role": "user", "content": _prompts.format_outputs(outputs)})
         messages.append({"role": "user", "content": _prompts.final_answer_prompt(self.draft, query)})
         try:
@@ -268,16 +277,21 @@ class Agent:
 
     async def _turn(self, messages: list[Message], *, stop: tuple[str, ...]) -> str:
         limits = self._run.limits
-        request = ChatRequest(
+        request = self._run.request(
             self._model or self._run.model_for(self.depth),
             tuple(messages),
+            self.depth,
             stop=stop,
             max_tokens=limits.max_tokens_per_turn,
-            temperature=self._run.temperature,
         )
         response = await self._run.scheduler.call(request, depth=self.depth, agent_id=self.agent_id)
         self._run.tracer.emit("reply", text=response.text[:4000], finish_reason=response.finish_reason)
         return response.text
+
+    def _too_many_errors(self, errors: int, iterations: int) -> AgentResult:
+        assert self._run.limits.max_errors is not None
+        error = BudgetExceeded("max_errors", self._run.limits.max_errors, errors, detail="consecutive failed turns")
+        return AgentResult(self.draft, "budget:max_errors", iterations, error)
 
     def _stopped(self, exc: BudgetExceeded | LLMCallError | ConfigError, iterations: int) -> AgentResult:
         reason: str
@@ -313,7 +327,7 @@ class Agent:
 
         async def one(index: int, prompt: str) -> None:
             messages: tuple[Message, ...] = ({"role": "user", "content": prompt},)
-            request = ChatRequest(model, messages, max_tokens=max_tokens, temperature=self._run.temperature)
+            request = self._run.request(model, messages, depth, max_tokens=max_tokens)
             try:
                 response = await self._run.scheduler.call(request, depth=depth, agent_id=self.agent_id, reserved=True)
             except BudgetExceeded as exc:

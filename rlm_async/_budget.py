@@ -67,6 +67,10 @@ class Limits:
             killed and replaced, so the cell's variables are lost; in-thread (``sandbox="none"``) its
             sub-calls are cancelled and its thread interrupted. Default 120; None: no limit (``timeout_s``
             then bounds the whole run).
+        max_errors: consecutive turns of one agent that went wrong (a cell raised, was killed or its worker
+            died; or the reply had no code and no FINAL) before the agent stops with its partial answer and
+            ``stop_reason="budget:max_errors"``. The official ``rlms``' ``max_errors``. Default None: no cap
+            (``max_iterations`` bounds the turns).
         max_workers: REPL worker processes running model code at once in the run (each a fork of the
             sandbox's zygote: about 3-4 MB of its own memory, 19 MB resident; docs/security.md). An agent
             waits for a slot before its worker starts; an agent whose
@@ -92,6 +96,7 @@ class Limits:
     agent_timeout_s: float | None = None
     max_output_chars: int = 20_000
     cell_timeout_s: float | None = 120.0
+    max_errors: int | None = None
     max_workers: int = 32
 
     def __post_init__(self) -> None:

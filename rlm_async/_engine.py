@@ -18,7 +18,7 @@ import sniffio
 from ._agent import Agent, StopReason
 from ._breaker import DEFAULT_BREAKER, CircuitBreaker
 from ._budget import Ledger, Limits, Price, Usage
-from ._clients import AiohttpClient, ChatClient, OpenAIClient
+from ._clients import AiohttpClient, ChatClient, ChatRequest, Message, OpenAIClient
 from ._endpoint import Endpoint, RateLimit
 from ._errors import ConfigError, RLMError, RunTimeout
 from ._retry import RetryPolicy
@@ -122,6 +122,7 @@ class Run:
         self.scope = anyio.CancelScope()
         self._model_for = rlm.model_for
         self.temperature = rlm.temperature
+        self._sampling = rlm.sampling_for
         self.worker_plan = rlm.worker_plan
         self.worker_slots = anyio.Semaphore(limits.max_workers)
         self.started = anyio.current_time()
@@ -133,6 +134,24 @@ class Run:
     def model_for(self, depth: int) -> str:
         """The model for calls at ``depth``."""
         return self._model_for(depth)
+
+    def request(
+        self,
+        model: str,
+        messages: tuple[Message, ...],
+        depth: int,
+        *,
+        stop: tuple[str, ...] = (),
+        max_tokens: int | None = None,
+    ) -> ChatRequest:
+        """A request at ``depth`` with the run's sampling settings for that depth (``RLM(sampling_args=...)``,
+        then ``temperature``); an explicit ``max_tokens`` (a turn cap, a sub-call's own) wins over theirs."""
+        sampling = self._sampling(depth)
+        temperature = sampling.get("temperature", self.temperature)
+        max_tokens = max_tokens if max_tokens is not None else sampling.get("max_tokens")
+        return ChatRequest(
+            model, messages, max_tokens=max_tokens, stop=stop, temperature=temperature, sampling=sampling
+        )
 
     def fail(self, error: RLMError) -> None:
         """Stop the whole run with ``stop_reason="config_error"``: the endpoint refused its configuration
@@ -201,6 +220,11 @@ class RLM:
         system_prompt: replace the built-in system prompt.
         temperature: sampling temperature sent with every call (root turns, sub-calls, children), or None for
             the provider's default. 0 makes a local model's runs repeatable.
+        sampling_args: more fields for the request body: one dict for every depth, or a list of dicts, one
+            per depth (index = depth; depths past the end use the last). Any chat-completions field
+            (``temperature``, ``top_p``, ``max_tokens``, ``seed``, ...) or a server's own (vLLM's and
+            llama.cpp's ``top_k``, ``min_p``, ``repeat_penalty``). They win over ``temperature``;
+            ``Limits.max_tokens_per_turn`` and a sub-call's own ``max_tokens`` win over theirs.
         sandbox: where model-written code runs (:class:`Sandbox`, or its level as a str): ``"strict"`` (the
             default) runs each agent's REPL in its own worker process confined by every layer this machine
             supports (bubblewrap namespaces, Landlock, seccomp, rlimits, no keys in its environment);
@@ -236,6 +260,7 @@ class RLM:
         on_event: Callable[[Event], None] | None = None,
         system_prompt: str | None = None,
         temperature: float | None = None,
+        sampling_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         sandbox: Sandbox | Literal["strict", "process", "none"] = "strict",
     ) -> None:
         if not model or not isinstance(model, str):
@@ -257,6 +282,7 @@ class RLM:
         if temperature is not None and not 0 <= temperature <= 2:
             raise ConfigError(f"temperature must be in [0, 2], got {temperature!r}")
         self.temperature = temperature
+        self.sampling_args = _check_sampling(sampling_args)
         self._check_prices(self.limits)
         if http not in ("openai", "aiohttp"):
             raise ConfigError(f"http must be 'openai' or 'aiohttp', got {http!r}")
@@ -278,6 +304,12 @@ class RLM:
             unpriced = sorted({self.model_for(d) for d in range(limits.max_depth + 1)} - set(self.prices))
             if unpriced:
                 raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
+
+    def sampling_for(self, depth: int) -> Mapping[str, Any]:
+        """The ``sampling_args`` for calls at ``depth`` (empty when none)."""
+        if not self.sampling_args:
+            return {}
+        return self.sampling_args[min(depth, len(self.sampling_args) - 1)]
 
     def model_for(self, depth: int) -> str:
         """The model for calls at ``depth`` (root turns are depth 0)."""
@@ -469,6 +501,30 @@ class RLM:
                 await self.aclose()
 
         return asyncio.run(once())
+
+
+_NOT_SAMPLING = frozenset({"model", "messages", "stream", "stream_options", "n", "stop", "tools"})
+
+
+def _check_sampling(
+    args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+) -> tuple[dict[str, Any], ...]:
+    """``sampling_args`` as one dict per depth.
+
+    Raises:
+        ConfigError: not a dict or a list of dicts with str keys, or a key the engine sets itself.
+    """
+    if args is None:
+        return ()
+    per_depth = [args] if isinstance(args, Mapping) else list(args)
+    if not per_depth:
+        raise ConfigError("sampling_args must be a dict, or a non-empty list of dicts (one per depth)")
+    for one in per_depth:
+        if not isinstance(one, Mapping) or not all(isinstance(k, str) for k in one):
+            raise ConfigError(f"sampling_args must hold dicts with str keys, got {one!r}"[:200])
+        if taken := sorted(_NOT_SAMPLING & set(one)):
+            raise ConfigError(f"sampling_args cannot set {taken}: the engine sets them")
+    return tuple(dict(one) for one in per_depth)
 
 
 def _require_asyncio() -> None:

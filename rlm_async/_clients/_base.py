@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
 
 __all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message"]
@@ -25,6 +26,9 @@ class ChatRequest:
         max_tokens: cap on completion tokens, or None for the provider's default.
         stop: up to 4 stop sequences (OpenAI's limit), or empty.
         temperature: sampling temperature, or None for the provider's default.
+        sampling: more body fields, sent as they are (``top_p``, ``seed``, ``presence_penalty``, or a
+            server's own such as vLLM's and llama.cpp's ``top_k`` / ``min_p``); the fields above win over
+            the same names here.
     """
 
     model: str
@@ -32,10 +36,11 @@ class ChatRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     temperature: float | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def body(self) -> dict[str, Any]:
         """The JSON body of ``POST /chat/completions`` for this request (fields left unset are not sent)."""
-        body: dict[str, Any] = {"model": self.model, "messages": list(self.messages)}
+        body: dict[str, Any] = {**self.sampling, "model": self.model, "messages": list(self.messages)}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         if self.stop:

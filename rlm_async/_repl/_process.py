@@ -284,7 +284,8 @@ class ProcessRepl:
             done = await self._exchange({"op": "cell", "code": code}, "done")
         except _WorkerGone as gone:
             note = await self._restart(gone.note)
-            return CellResult("", None, (note,), timed_out=gone.note.startswith("the cell was killed after"))
+            timed_out = gone.note.startswith("the cell was killed after")
+            return CellResult("", None, (note,), timed_out=timed_out, restarted=True)
         self._answer = (done["answer"]["content"], done["answer"]["ready"])
         # The worker cuts its output to max_output_chars (plus its note on the cut), but it is not trusted
         # to: cut again here, leaving room for that note.

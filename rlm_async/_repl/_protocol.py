@@ -56,6 +56,7 @@ class CellResult:
         timed_out: the cell ran past the per-cell time limit and was interrupted.
         variables: the user variables after the cell, shown as a last ``REPL variables: [...]`` line, as the
             official RLM shows them.
+        restarted: the cell's worker was killed or died and was replaced (its variables are gone).
     """
 
     output: str
@@ -63,6 +64,12 @@ class CellResult:
     notes: tuple[str, ...] = ()
     timed_out: bool = False
     variables: tuple[str, ...] = ()
+    restarted: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """The cell raised, ran past its time limit, or lost its worker."""
+        return self.error is not None or self.timed_out or self.restarted
 
     def render(self) -> str:
         """The text shown to the model for this cell."""
