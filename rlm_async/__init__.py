@@ -19,12 +19,14 @@ from ._errors import (
     ProviderTimeoutError,
     RLMError,
     RunTimeout,
+    ToolError,
     WorkerError,
 )
 from ._repl import SubcallFailure
 from ._retry import RetryPolicy, parse_retry_after
 from ._sandbox import Sandbox
 from ._scheduler import SchedulerStats
+from ._tools import Tool
 from ._trace import EventName, RunEvent
 
 __all__ = [
@@ -62,6 +64,8 @@ __all__ = [
     "SchedulerStats",
     "StopReason",
     "SubcallFailure",
+    "Tool",
+    "ToolError",
     "Usage",
     "UsageTotals",
     "WorkerError",

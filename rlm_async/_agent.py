@@ -18,8 +18,18 @@ import anyio
 
 from . import _prompts
 from ._clients import Message
-from ._errors import BudgetExceeded, ConfigError, EngineError, LLMCallError, RLMError, RunTimeout, WorkerError
+from ._errors import (
+    BudgetExceeded,
+    ConfigError,
+    EngineError,
+    LLMCallError,
+    RLMError,
+    RunTimeout,
+    ToolError,
+    WorkerError,
+)
 from ._repl import Outcome, ProcessRepl, ReplSession, ThreadRepl
+from ._tools import call_tool
 from ._trace import bound
 
 if TYPE_CHECKING:
@@ -169,12 +179,15 @@ class Agent:
     def _new_repl(self, context: Any) -> ReplSession:
         """A worker-process REPL under the run's sandbox plan, or an in-thread one for ``sandbox="none"``."""
         run, limits = self._run, self._run.limits
+        tools = run.tools_for(self.depth)
         common: dict[str, Any] = {
             "context": context,
             "host": self,
             "max_output_chars": limits.max_output_chars,
             "cell_timeout_s": limits.cell_timeout_s,
             "name": self.agent_id,
+            "tools": tuple(name for name, tool in tools.items() if tool.callable),
+            "values": {name: tool.value for name, tool in tools.items() if not tool.callable},
         }
         if run.worker_plan is None:
             return ThreadRepl(**common)
@@ -215,6 +228,7 @@ class Agent:
                     max_fanout=limits.max_fanout,
                     max_output_chars=limits.max_output_chars,
                     kind=_prompts.describe_kind(context),
+                    tools=run.tools_for(self.depth),
                 ),
             },
             {"role": "user", "content": _prompts.first_user_message(query, context)},
@@ -397,6 +411,22 @@ class Agent:
             for index, (query, context) in enumerate(zip(queries, contexts, strict=True)):
                 tg.start_soon(child, index, query, context)
         return results
+
+    async def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Call this agent's custom tool ``name`` in the engine process (see ``rlm_async._tools``).
+
+        Raises:
+            ToolError: no such callable tool, or it raised (the original is the cause).
+        """
+        tool = self._run.tools_for(self.depth).get(name)
+        if tool is None or not tool.callable:
+            raise ToolError(f"there is no custom tool named {name!r}")
+        with self._bound():
+            self._run.tracer.emit("tool_call", tool=name)
+            try:
+                return await call_tool(tool.value, args, kwargs)
+            except Exception as exc:
+                raise ToolError(f"tool {name!r} raised {type(exc).__name__}: {exc}") from exc
 
     def budget(self) -> dict[str, Any]:
         """What is left: calls, agents, tokens, USD, seconds (None: no cap), and the depth picture."""

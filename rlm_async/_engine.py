@@ -24,6 +24,7 @@ from ._errors import ConfigError, RLMError, RunTimeout
 from ._retry import RetryPolicy
 from ._sandbox import Sandbox, plan_for
 from ._scheduler import Scheduler
+from ._tools import Tool, normalise_tools
 from ._trace import Event, RunEvent, Tracer, bound
 
 __all__ = ["RLM", "RLMResult", "Run", "RunStats"]
@@ -123,6 +124,7 @@ class Run:
         self._model_for = rlm.model_for
         self.temperature = rlm.temperature
         self._sampling = rlm.sampling_for
+        self.tools_for = rlm.tools_for
         self.worker_plan = rlm.worker_plan
         self.worker_slots = anyio.Semaphore(limits.max_workers)
         self.started = anyio.current_time()
@@ -225,6 +227,13 @@ class RLM:
             (``temperature``, ``top_p``, ``max_tokens``, ``seed``, ...) or a server's own (vLLM's and
             llama.cpp's ``top_k``, ``min_p``, ``repeat_penalty``). They win over ``temperature``;
             ``Limits.max_tokens_per_turn`` and a sub-call's own ``max_tokens`` win over theirs.
+        custom_tools: name -> a function or a value for the REPL, or ``{"tool": x, "description": "..."}``
+            (the official RLM's form), or a :class:`Tool`. A function runs in this process, called through
+            the REPL channel (so it can hold a connection or a key model code never sees; ``async def`` is
+            awaited, a plain function runs in a thread); it takes and returns plain data (str, numbers,
+            lists, dicts, bytes). A value is copied into the REPL. Descriptions are listed in the system
+            prompt. A tool that raises raises ``ToolError`` in model code.
+        custom_sub_tools: the tools of child agents (depth >= 1); default: ``custom_tools``.
         sandbox: where model-written code runs (:class:`Sandbox`, or its level as a str): ``"strict"`` (the
             default) runs each agent's REPL in its own worker process confined by every layer this machine
             supports (bubblewrap namespaces, Landlock, seccomp, rlimits, no keys in its environment);
@@ -261,6 +270,8 @@ class RLM:
         system_prompt: str | None = None,
         temperature: float | None = None,
         sampling_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        custom_tools: Mapping[str, Any] | None = None,
+        custom_sub_tools: Mapping[str, Any] | None = None,
         sandbox: Sandbox | Literal["strict", "process", "none"] = "strict",
     ) -> None:
         if not model or not isinstance(model, str):
@@ -283,6 +294,10 @@ class RLM:
             raise ConfigError(f"temperature must be in [0, 2], got {temperature!r}")
         self.temperature = temperature
         self.sampling_args = _check_sampling(sampling_args)
+        self.custom_tools = normalise_tools(custom_tools)
+        self.custom_sub_tools = (
+            None if custom_sub_tools is None else normalise_tools(custom_sub_tools, "custom_sub_tools")
+        )
         self._check_prices(self.limits)
         if http not in ("openai", "aiohttp"):
             raise ConfigError(f"http must be 'openai' or 'aiohttp', got {http!r}")
@@ -304,6 +319,13 @@ class RLM:
             unpriced = sorted({self.model_for(d) for d in range(limits.max_depth + 1)} - set(self.prices))
             if unpriced:
                 raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
+
+    def tools_for(self, depth: int) -> Mapping[str, Tool]:
+        """The custom tools of an agent at ``depth``: ``custom_tools`` for the root, ``custom_sub_tools`` (when
+        given, else ``custom_tools``) below it."""
+        if depth == 0 or self.custom_sub_tools is None:
+            return self.custom_tools
+        return self.custom_sub_tools
 
     def sampling_for(self, depth: int) -> Mapping[str, Any]:
         """The ``sampling_args`` for calls at ``depth`` (empty when none)."""

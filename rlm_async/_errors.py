@@ -15,6 +15,8 @@
     │                          carries call_id, depth, agent_id, model, status, attempts and the last cause
     ├── RunTimeout             a run passed ``timeout_s``, or a child agent its ``agent_timeout_s``
     ├── EngineError            an unexpected exception inside the engine, kept as ``__cause__``
+    ├── ToolError              a custom tool raised (or is unknown, or returned what cannot reach the REPL);
+    │                          raised in model code
     └── WorkerError            a REPL worker process could not start, or did not confine itself as the
                                sandbox level requires
 
@@ -42,6 +44,7 @@ __all__ = [
     "ProviderTimeoutError",
     "RLMError",
     "RunTimeout",
+    "ToolError",
     "WorkerError",
 ]
 
@@ -175,3 +178,8 @@ class EngineError(RLMError):
     def __init__(self, message: str, traceback: str = "") -> None:
         super().__init__(message)
         self.traceback = traceback
+
+
+class ToolError(RLMError):
+    """A custom tool raised, is unknown, or returned a value that cannot reach the REPL. Raised in model code
+    at the tool's call; the message names the tool and the original error."""

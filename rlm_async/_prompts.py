@@ -9,7 +9,11 @@ they have seen one.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._tools import Tool
 
 __all__ = [
     "STOP_SEQUENCES",
@@ -80,20 +84,46 @@ answer["ready"] = True
 Work in small steps, look at the data before you trust an idea, and verify your answer with code."""
 
 
-def system_prompt(*, depth: int, max_depth: int, max_fanout: int | None, max_output_chars: int, kind: str) -> str:
-    """The system prompt for an agent at ``depth`` (children are told when they cannot recurse further)."""
+def system_prompt(
+    *,
+    depth: int,
+    max_depth: int,
+    max_fanout: int | None,
+    max_output_chars: int,
+    kind: str,
+    tools: Mapping[str, Tool] | None = None,
+) -> str:
+    """The system prompt for an agent at ``depth`` (children are told when they cannot recurse further),
+    with its custom tools listed after the REPL's own functions."""
     can_recurse = depth + 1 < max_depth
     depth_note = (
         ""
         if can_recurse
         else "\n  (At your depth, rlm_agent / rlm_batch run plain sub-model calls: there is no deeper REPL.)"
     )
-    return _SYSTEM.format(
+    text = _SYSTEM.format(
         context_kind=kind,
         depth_note=depth_note,
         max_fanout="unlimited" if max_fanout is None else f"{max_fanout:,}",
         max_output_chars=f"{max_output_chars:,}",
     )
+    return text + _tools_section(tools) if tools else text
+
+
+def _tools_section(tools: Mapping[str, Tool]) -> str:
+    lines = [
+        "",
+        "",
+        "Custom tools in the REPL (functions run outside it: call them like llm_query, with await in async code):",
+    ]
+    for name, tool in tools.items():
+        about = f": {tool.description}" if tool.description else ""
+        if tool.callable:
+            lines.append(f"- `{name}{tool.signature()}`{about}")
+        else:
+            lines.append(f"- `{name}` (a {type(tool.value).__name__} value){about}")
+    lines.append("A tool that fails raises `ToolError`.")
+    return "\n".join(lines)
 
 
 def context_metadata(context: Any, prefix_chars: int = 300) -> dict[str, Any]:

@@ -54,3 +54,83 @@ async def test_sampling_args_per_depth_reach_the_request_body():
 def test_sampling_args_that_the_engine_owns_are_refused(bad):
     with pytest.raises(ConfigError):
         RLM("m", client=FakeClient(lambda r: "x"), sampling_args=bad)
+
+
+# -- custom tools --------------------------------------------------------------------------------------------
+SECRET_TABLE = {"alice": "sk-live-ALICE-not-for-models", "bob": "42"}
+
+
+def lookup(user: str) -> str:
+    """Reads a table the model never sees."""
+    return SECRET_TABLE["bob"] if user == "bob" else "hidden"
+
+
+async def double(x: int, *, times: int = 2) -> int:
+    return x * times
+
+
+def broken(x):
+    raise KeyError(x)
+
+
+def opaque():
+    return object()
+
+
+TOOLS = {
+    "lookup": {"tool": lookup, "description": "look a user up"},
+    "double": double,
+    "broken": broken,
+    "opaque": opaque,
+    "table": {"tool": {"a": 1}, "description": "a small table"},
+}
+
+
+@pytest.mark.parametrize("sandbox", ["strict", "none"])
+async def test_custom_tools_run_in_the_engine_in_both_call_forms(sandbox):
+    plain = "p = lookup('bob')\ntry:\n    broken('k')\nexcept ToolError as e:\n    err = str(e)\n"
+    awaited = "d = await double(21)\nt = await double(2, times=5)\n"
+    awaited += "FINAL(f\"{p} {d} {t} {table['a']} {err}\")"
+    prompts: list[str] = []
+    script = Script({"q": [repl(plain) + "\n" + repl(awaited)]})
+
+    async def endpoint(request: ChatRequest):
+        prompts.append(request.messages[0]["content"])
+        return await script(request)
+
+    rlm = RLM("m", client=FakeClient(endpoint), sandbox=sandbox, custom_tools=TOOLS)
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "42 42 10 1 tool 'broken' raised KeyError: 'k'", result.answer
+    assert "`lookup(user: str) -> str`: look a user up" in prompts[0]
+    assert "`table` (a dict value): a small table" in prompts[0]
+
+
+async def test_a_tool_result_that_cannot_reach_the_worker_is_a_tool_error():
+    code = "try:\n    opaque()\nexcept ToolError as e:\n    FINAL(str(e))"
+    rlm = RLM("m", client=FakeClient(Script({"q": [repl(code)]})), custom_tools=TOOLS)
+    result = await rlm.completion("q", "ctx")
+    assert "returned what cannot reach the REPL" in result.answer
+
+
+async def test_the_tool_and_its_secrets_stay_out_of_the_worker():
+    code = "import gc\nhits = [o for o in gc.get_objects() if isinstance(o, str) and 'ALICE' in o]\nFINAL(len(hits))"
+    rlm = RLM("m", client=FakeClient(Script({"q": [repl(code)]})), custom_tools=TOOLS)
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "0"
+
+
+async def test_children_inherit_tools_unless_given_their_own():
+    kid = "try:\n    FINAL(await lookup('bob'))\nexcept NameError:\n    FINAL(str(await only_kids(3)))"
+    root = "FINAL(await rlm_agent('kid', 'c'))"
+    script = Script({"q": [repl(root)], "kid": [repl(kid)]})
+    inherited = await RLM("m", client=FakeClient(script), custom_tools=TOOLS).completion("q", "ctx")
+    own = await RLM(
+        "m", client=FakeClient(script), custom_tools=TOOLS, custom_sub_tools={"only_kids": double}
+    ).completion("q", "ctx")
+    assert (inherited.answer, own.answer) == ("42", "6")
+
+
+@pytest.mark.parametrize("tools", [{"llm_query": len}, {"not a name": len}, {"_hidden": len}])
+def test_tool_names_are_checked(tools):
+    with pytest.raises(ConfigError):
+        RLM("m", client=FakeClient(lambda r: "x"), custom_tools=tools)

@@ -112,6 +112,7 @@ class ReplFunctions:
             ``results`` (outcome dicts) are turned into model values on the way.
         answer: the dict model code sees as ``answer`` (default a plain ``{"content": "", "ready": False}``;
             the worker passes one that reports every change to the engine).
+        tool_error: the exception class a failing custom tool raises in model code (``ToolError``).
     """
 
     def __init__(
@@ -121,20 +122,23 @@ class ReplFunctions:
         namespace: dict[str, Any],
         budget_error: type[Exception],
         answer: dict[str, Any] | None = None,
+        tool_error: type[Exception] = RuntimeError,
     ) -> None:
         self._submit = submit
         self._call = call
         self._ns = namespace
         self._budget_error = budget_error
+        self._tool_error = tool_error
         #: coroutines handed to async code in the current cell, with their labels (see ``unawaited_note``)
         self._handed_out: dict[Coroutine[Any, Any, Any], str] = {}
         self._reserved: dict[str, Any] = {}
         self._answer_value: Any = _UNSET  # what model code last bound to the name `answer`, if not a dict
         self.answer: dict[str, Any] = {"content": "", "ready": False} if answer is None else answer
 
-    def build(self, context: Any) -> dict[str, Any]:
+    def build(self, context: Any, tools: Iterable[str] = (), values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The reserved names, bound to this session: the engine owns them, and model code that rebinds one
-        gets it back after the cell (:meth:`restore_reserved`)."""
+        gets it back after the cell (:meth:`restore_reserved`). ``tools``: names of the custom tools the
+        engine calls (each gets a proxy here); ``values``: custom tool values, copied in as they are."""
         self._reserved = {
             "context": context,
             "answer": self.answer,
@@ -152,8 +156,22 @@ class ReplFunctions:
             "SubcallFailure": SubcallFailure,
             "BudgetExceeded": self._budget_error,
             "is_failure": is_failure,
+            "ToolError": self._tool_error,
+            **{name: self._tool_proxy(name) for name in tools},
+            **(values or {}),
         }
         return dict(self._reserved)
+
+    def _tool_proxy(self, name: str) -> Callable[..., Any]:
+        """A stand-in for the engine-side tool ``name``: same dual form as ``llm_query``."""
+
+        def tool(*args: Any, **kwargs: Any) -> Any:
+            start = lambda: self._submit("tool", name, list(args), dict(kwargs))  # noqa: E731
+            return self._dual(name, sys._getframe(1), start, lambda value: value)
+
+        tool.__name__ = tool.__qualname__ = name
+        tool.__doc__ = f"The custom tool {name!r}; it runs outside the REPL (await it in async code)."
+        return tool
 
     def restore_reserved(self) -> list[str]:
         """Put back every reserved name model code rebound or deleted; one note per name for the model.

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from .._errors import BudgetExceeded, ConfigError, WorkerError
+from .._errors import BudgetExceeded, ConfigError, ToolError, WorkerError
 from .._sandbox._layers import WorkerPlan, read_only_roots
 from . import _wire
 from ._cell import CappedText
@@ -139,6 +139,8 @@ class ProcessRepl:
     Args:
         context: the agent's ``context`` (pickled once into the worker's workdir; keeps its type).
         host: the engine side of the seam (the agent).
+        tools: names of the custom tools the host calls (proxies in the REPL).
+        values: custom tool values, pickled into the worker with the context.
         plan: the sandbox layers to apply (:func:`rlm_async._sandbox.plan_for`).
         max_output_chars: characters of output shown per cell (``Limits.max_output_chars``).
         cell_timeout_s: seconds one cell may run before its worker is killed and replaced; None: no limit.
@@ -159,16 +161,22 @@ class ProcessRepl:
         max_output_chars: int,
         cell_timeout_s: float | None = None,
         name: str = "repl",
+        tools: tuple[str, ...] = (),
+        values: dict[str, Any] | None = None,
     ) -> None:
         self._host = host
         self._plan = plan
+        self._tools = tools
         self._max_output_chars = max_output_chars
         self._cell_timeout_s = cell_timeout_s
         self._name = name
         try:
-            self._context_bytes = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = {"context": context, "values": dict(values or {})}
+            self._context_bytes = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise ConfigError(f"the context cannot be sent to a REPL worker: {type(exc).__name__}: {exc}") from exc
+            raise ConfigError(
+                f"the context (or a custom tool value) cannot be sent to a REPL worker: {type(exc).__name__}: {exc}"
+            ) from exc
         self._answer: tuple[str, bool] = ("", False)
         self._worker: _Worker | None = None
         self._ids = itertools.count(1)
@@ -210,6 +218,7 @@ class ProcessRepl:
             "max_output_chars": self._max_output_chars,
             "name": self._name,
             "answer": self._answer[0],
+            "tools": list(self._tools),
             "rlimits": {
                 "as": sandbox.memory_bytes,
                 "cpu": sandbox.cpu_s,
@@ -363,6 +372,12 @@ class ProcessRepl:
             elif method == "rlm_batch":
                 contexts = [_wire.decode_value(c) for c in args[1]]
                 value = await self._host.rlm_batch(args[0], contexts, args[2])
+            elif method == "tool":
+                result = await self._host.tool(args[0], _wire.decode_value(args[1]), _wire.decode_value(args[2]))
+                try:
+                    value = _wire.encode_value(result)
+                except TypeError as exc:
+                    raise ToolError(f"tool {args[0]!r} returned what cannot reach the REPL: {exc}") from None
             else:
                 value = await self._host.llm_batch(*args)
             reply = {"op": "reply", "id": message["id"], "ok": True, "value": value}
@@ -371,6 +386,9 @@ class ProcessRepl:
                 "type": "BudgetExceeded", "message": str(exc), "limit": exc.limit, "cap": exc.cap,
                 "used": exc.used, "results": list(exc.results),
             }  # fmt: skip
+            reply = {"op": "reply", "id": message["id"], "ok": False, "error": error}
+        except ToolError as exc:
+            error = {"type": "ToolError", "message": str(exc)}
             reply = {"op": "reply", "id": message["id"], "ok": False, "error": error}
         except (ConfigError, _wire.ProtocolError) as exc:
             reply = {"op": "reply", "id": message["id"], "ok": False, "error": {"type": "Error", "message": str(exc)}}

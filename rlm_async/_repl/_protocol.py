@@ -40,6 +40,14 @@ class Host(Protocol):
         children's depth); outcomes in order. Raises BudgetExceeded."""
         ...
 
+    async def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Call the custom tool ``name`` in the engine process; its result as it returned it.
+
+        Raises:
+            ToolError: no such tool, or the tool raised.
+        """
+        ...
+
     def budget(self) -> dict[str, Any]:
         """What is left: calls, agents, input/output tokens, USD, seconds, depth (None: no cap)."""
         ...

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from .._errors import BudgetExceeded, RLMError
+from .._errors import BudgetExceeded, RLMError, ToolError
 from ._cell import SHOW, CappedText, compile_cell, format_traceback, show_value
 from ._functions import ReplFunctions
 from ._protocol import CellResult, Host
@@ -63,6 +63,8 @@ class ThreadRepl:
         cell_timeout_s: seconds one cell may run before it is interrupted, or None for no limit.
         interrupt_grace_s: seconds to wait for an interrupted thread to finish before abandoning it.
         name: a label for thread names and tracebacks (the agent id).
+        tools: names of the custom tools the host calls (proxies in the REPL).
+        values: custom tool values, put in the namespace as they are.
     """
 
     def __init__(
@@ -74,7 +76,11 @@ class ThreadRepl:
         cell_timeout_s: float | None = None,
         interrupt_grace_s: float = 2.0,
         name: str = "repl",
+        tools: tuple[str, ...] = (),
+        values: dict[str, Any] | None = None,
     ) -> None:
+        self._tools = tools
+        self._values = dict(values or {})
         self._host = host
         self._context = context
         self._max_output_chars = max_output_chars
@@ -84,7 +90,7 @@ class ThreadRepl:
         self._portal: BlockingPortal | None = None
         self._out = CappedText(max_output_chars)
         self._ns: dict[str, Any] = {}
-        self._fns = ReplFunctions(self._submit, self._call, self._ns, BudgetExceeded)
+        self._fns = ReplFunctions(self._submit, self._call, self._ns, BudgetExceeded, tool_error=ToolError)
         self._filenames: list[str] = []
         self._cell_scopes: set[anyio.CancelScope] = set()
         self._stopping = False  # set while a cell is being stopped: its late sub-calls are refused
@@ -97,7 +103,7 @@ class ThreadRepl:
         await self._portal.__aenter__()
         own_builtins = dict(vars(builtins))
         own_builtins["print"] = self._print
-        self._ns.update(self._fns.build(self._context))
+        self._ns.update(self._fns.build(self._context, self._tools, self._values))
         self._ns.update({"__name__": "__rlm_repl__", "__builtins__": own_builtins, SHOW: self._show})
         return self
 

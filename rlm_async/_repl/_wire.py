@@ -13,8 +13,8 @@ model code has run, so the engine checks the shape of every message it reads (:f
 =============  ==================================================================================
 ``cell``       ``{"op": "cell", "id": int, "code": str}``: run one cell
 ``reply``      ``{"op": "reply", "id": int, "ok": true, "value": ...}`` or ``{"op": "reply", "id": int,
-               "ok": false, "error": {"type": "BudgetExceeded" | "Error", "message": str, ...}}``: the
-               answer to a worker's ``call``
+               "ok": false, "error": {"type": "BudgetExceeded" | "ToolError" | "Error", "message": str,
+               ...}}``: the answer to a worker's ``call``
 ``get_var``    ``{"op": "get_var", "id": int, "name": str}``: ``str()`` of one REPL variable
 =============  ==================================================================================
 
@@ -24,7 +24,8 @@ model code has run, so the engine checks the shape of every message it reads (:f
 ``ready``      ``{"op": "ready", "version": 1, "pid": int, "layers": [str, ...]}``: sent once, after the
                worker confined itself and loaded ``context``
 ``call``       ``{"op": "call", "id": int, "method": "llm_batch" | "rlm_batch" | "budget", "args": [...]}``
-               (``llm_batch``: prompts, model, max_tokens; ``rlm_batch``: queries, contexts, model)
+               (``llm_batch``: prompts, model, max_tokens; ``rlm_batch``: queries, contexts, model;
+               ``tool``: name, encoded args list, encoded kwargs dict; the reply's value is encoded too)
 ``answer``     ``{"op": "answer", "content": str, "ready": bool}``: model code changed ``answer`` (sent at
                once, so a draft outlives a cell that is killed or cancelled)
 ``done``       ``{"op": "done", "id": int, "output": str, "error": str | null, "notes": [str, ...],
@@ -68,7 +69,7 @@ MAX_TOKENS_LIMIT = 1 << 24
 HEADER = struct.Struct(">I")
 
 _BYTES, _TUPLE, _DICT = "\x00b", "\x00t", "\x00d"
-_METHODS = {"llm_batch": 3, "rlm_batch": 3, "budget": 0}
+_METHODS = {"llm_batch": 3, "rlm_batch": 3, "budget": 0, "tool": 3}
 
 
 class ProtocolError(Exception):
@@ -230,4 +231,7 @@ def _call_args_ok(method: str, args: list[Any]) -> bool:
             and len(contexts) == len(queries)
             and (model is None or isinstance(model, str))
         )
+    if method == "tool":
+        name, tool_args, tool_kwargs = args
+        return isinstance(name, str) and isinstance(tool_args, list) and isinstance(tool_kwargs, dict)
     return True

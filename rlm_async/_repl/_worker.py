@@ -67,6 +67,10 @@ class SubcallError(Exception):
     """The engine refused or could not run a request from this REPL (not a model answer)."""
 
 
+class ToolError(Exception):
+    """A custom tool raised, is unknown, or returned a value that cannot reach the REPL."""
+
+
 class AnswerDict(dict[str, Any]):
     """The ``answer`` dict of model code: each change is reported to the engine at once, so a draft survives
     a cell that is killed or cancelled after writing it."""
@@ -91,7 +95,14 @@ class AnswerDict(dict[str, Any]):
 class Worker:
     """The worker's state: the channel, the namespace and the pending sub-calls."""
 
-    def __init__(self, sock: socket.socket, context: Any, config: dict[str, Any], mods: dict[str, ModuleType]):
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: Any,
+        values: dict[str, Any],
+        config: dict[str, Any],
+        mods: dict[str, ModuleType],
+    ) -> None:
         self._sock = sock
         self._send_lock = threading.Lock()
         self._wire, self._cell = mods["wire"], mods["cell"]
@@ -105,8 +116,10 @@ class Worker:
         self._real_streams = (sys.stdout, sys.stderr)
         self.ns: dict[str, Any] = {}
         self._answer = AnswerDict(self._answer_changed, str(config.get("answer", "")))
-        self._fns = mods["functions"].ReplFunctions(self._submit, self._call, self.ns, BudgetExceeded, self._answer)
-        self.ns.update(self._fns.build(context))
+        self._fns = mods["functions"].ReplFunctions(
+            self._submit, self._call, self.ns, BudgetExceeded, self._answer, ToolError
+        )
+        self.ns.update(self._fns.build(context, config.get("tools", ()), values))
         self.ns.update({"__name__": "__main__", "__builtins__": builtins, self._cell.SHOW: self._show})
 
     # -- the channel ----------------------------------------------------------------------------------
@@ -147,7 +160,9 @@ class Worker:
             future.set_result(message.get("value"))
             return
         error = message.get("error") or {}
-        if error.get("type") == "BudgetExceeded":
+        if error.get("type") == "ToolError":
+            future.set_exception(ToolError(error.get("message", "")))
+        elif error.get("type") == "BudgetExceeded":
             future.set_exception(
                 BudgetExceeded(
                     error.get("message", ""),
@@ -164,6 +179,23 @@ class Worker:
         if method == "rlm_batch":
             queries, contexts, model = args
             args = (queries, [self._wire.encode_value(c) for c in contexts], model)
+        elif method == "tool":
+            name, tool_args, tool_kwargs = args
+            args = (name, self._wire.encode_value(tool_args), self._wire.encode_value(tool_kwargs))
+            future = self._new_call(method, args)
+            decoded: Future[Any] = Future()
+
+            def decode(done: Future[Any]) -> None:
+                if done.exception() is not None:
+                    decoded.set_exception(done.exception())
+                else:
+                    decoded.set_result(self._wire.decode_value(done.result()))
+
+            future.add_done_callback(decode)
+            return decoded
+        return self._new_call(method, args)
+
+    def _new_call(self, method: str, args: Any) -> Future[Any]:
         future: Future[Any] = Future()
         call_id = next(self._ids)
         self._pending[call_id] = future
@@ -244,7 +276,7 @@ def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType,
     """Load the context, confine this process, say ``ready``, then serve cells until the engine hangs up."""
     context_path = Path(config["workdir"]) / config["context_file"]
     with open(context_path, "rb") as f:
-        context = pickle.load(f)  # written by the engine (trusted), before any model code ran here
+        payload = pickle.load(f)  # written by the engine (trusted), before any model code ran here
     context_path.unlink()
     layers = ["env", *confine.apply_rlimits(config["rlimits"])]
     if config.get("bwrap"):
@@ -255,7 +287,7 @@ def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType,
         layers += confine.load_seccomp(bytes.fromhex(config["seccomp_bpf"]))
     if "as" in layers:
         layers.append("rlimits")
-    worker = Worker(sock, context, config, mods)
+    worker = Worker(sock, payload["context"], payload["values"], config, mods)
     worker.send({"op": "ready", "version": mods["wire"].PROTOCOL_VERSION, "pid": os.getpid(), "layers": layers})
     threading.Thread(target=worker.reader, name="rlm-worker-reader", daemon=True).start()
     worker.serve()

@@ -32,6 +32,9 @@ class _EchoHost:
     async def rlm_batch(self, queries: list[str], contexts: list[Any], model: str | None = None) -> list[Any]:
         return [{"ok": True, "text": q} for q in queries]
 
+    async def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        return None
+
     def budget(self) -> dict[str, Any]:
         return {}
 
