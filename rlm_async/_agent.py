@@ -7,6 +7,7 @@ An :class:`Agent` is also the :class:`~rlm_async._repl.Host` of its own REPL: ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import re
 import traceback
@@ -28,12 +29,17 @@ from ._errors import (
     ToolError,
     WorkerError,
 )
-from ._repl import Outcome, ProcessRepl, ReplSession, ThreadRepl
+from ._repl import Host, Outcome, ProcessRepl, ReplSession, ThreadRepl
 from ._tools import call_tool
 from ._trace import bound
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ._budget import Limits
     from ._engine import Run
+    from ._sandbox import WorkerPlan
+    from ._tools import Tool
 
 __all__ = ["CONFIG_STATUSES", "Agent", "AgentResult", "StopReason", "parse_code_blocks", "parse_text_final"]
 
@@ -99,12 +105,14 @@ class AgentResult:
         iterations: model turns taken.
         error: the typed error when it stopped early (:class:`BudgetExceeded`, :class:`RunTimeout`,
             :class:`LLMCallError`, :class:`ConfigError`, :class:`WorkerError`, :class:`EngineError`), else None.
+        history: the agent's conversation with its model (system prompt first), as far as it got.
     """
 
     answer: str
     stop_reason: StopReason
     iterations: int
     error: RLMError | None = None
+    history: tuple[Message, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -131,6 +139,7 @@ class Agent:
         self._iterations = 0
         self._holds_worker_slot = False
         self._lends = 0
+        self.messages: list[Message] = []  # the conversation with the model, as far as it got
 
     @property
     def draft(self) -> str:
@@ -141,9 +150,16 @@ class Agent:
         """Bind this agent's ids for events: host calls arrive from a REPL thread with no context of their own."""
         return bound(run_id=self._run.run_id, agent_id=self.agent_id, depth=self.depth)
 
-    async def run(self, query: str, context: Any) -> AgentResult:
+    async def run(self, query: str, context: Any, *, repl: ReplSession | None = None, note: str = "") -> AgentResult:
         """Run the loop to an answer or a stop. Never raises for model, provider or budget trouble: those end
-        in ``stop_reason``; cancellation propagates."""
+        in ``stop_reason``; cancellation propagates.
+
+        Args:
+            query, context: the task.
+            repl: a REPL to use instead of a new one (a session's, which outlives this agent: it is neither
+                entered nor closed here).
+            note: appended to the first user message (a session's word on earlier turns).
+        """
         run = self._run
         with self._bound():
             run.agent_started(self.depth)
@@ -153,9 +169,9 @@ class Agent:
                 with anyio.move_on_after(timeout) as deadline:
                     await self._take_worker_slot()
                     try:
-                        self._repl = repl = self._new_repl(context)
-                        async with repl:
-                            result = await self._loop(repl, query, context)
+                        self._repl = session = repl or self._new_repl(context)
+                        async with contextlib.nullcontext(session) if repl else session:
+                            result = await self._loop(session, query, context, note)
                     finally:
                         self._give_worker_slot()
                 if deadline.cancelled_caught:
@@ -169,6 +185,7 @@ class Agent:
                 bug = EngineError(f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
                 bug.__cause__ = exc
                 result = AgentResult(self.draft, "error", self._iterations, bug)
+            result = dataclasses.replace(result, history=tuple(self.messages))
             if result.stop_reason.startswith("budget:"):
                 run.tracer.emit("budget_stop", reason=result.stop_reason, error=str(result.error))
             run.tracer.emit(
@@ -178,20 +195,8 @@ class Agent:
 
     def _new_repl(self, context: Any) -> ReplSession:
         """A worker-process REPL under the run's sandbox plan, or an in-thread one for ``sandbox="none"``."""
-        run, limits = self._run, self._run.limits
-        tools = run.tools_for(self.depth)
-        common: dict[str, Any] = {
-            "context": context,
-            "host": self,
-            "max_output_chars": limits.max_output_chars,
-            "cell_timeout_s": limits.cell_timeout_s,
-            "name": self.agent_id,
-            "tools": tuple(name for name, tool in tools.items() if tool.callable),
-            "values": {name: tool.value for name, tool in tools.items() if not tool.callable},
-        }
-        if run.worker_plan is None:
-            return ThreadRepl(**common)
-        return ProcessRepl(plan=run.worker_plan, **common)
+        run = self._run
+        return make_repl(run.worker_plan, run.limits, run.tools_for(self.depth), context, self, self.agent_id)
 
     async def _take_worker_slot(self) -> None:
         await self._run.worker_slots.acquire()
@@ -216,7 +221,7 @@ class Agent:
             if self._lends == 0:
                 await self._take_worker_slot()
 
-    async def _loop(self, repl: ReplSession, query: str, context: Any) -> AgentResult:
+    async def _loop(self, repl: ReplSession, query: str, context: Any, note: str = "") -> AgentResult:
         run, limits = self._run, self._run.limits
         messages: list[Message] = [
             {
@@ -231,8 +236,9 @@ class Agent:
                     tools=run.tools_for(self.depth),
                 ),
             },
-            {"role": "user", "content": _prompts.first_user_message(query, context)},
+            {"role": "user", "content": _prompts.first_user_message(query, context) + note},
         ]
+        self.messages = messages
         ran: dict[str, int] = {}  # code (whitespace-normalised) -> the turn that first ran it
         last_answer = ("", False)
         errors = 0  # consecutive turns that went wrong (Limits.max_errors)
@@ -438,6 +444,25 @@ class Agent:
         left["can_spawn_agents"] = self.depth + 1 < run.limits.max_depth
         left["max_fanout"] = run.limits.max_fanout
         return left
+
+
+def make_repl(
+    plan: WorkerPlan | None, limits: Limits, tools: Mapping[str, Tool], context: Any, host: Host, name: str
+) -> ReplSession:
+    """A REPL for one agent: a worker process under ``plan``, or in-thread when ``plan`` is None (the
+    ``"none"`` sandbox); callable tools become proxies, tool values are copied in."""
+    common: dict[str, Any] = {
+        "context": context,
+        "host": host,
+        "max_output_chars": limits.max_output_chars,
+        "cell_timeout_s": limits.cell_timeout_s,
+        "name": name,
+        "tools": tuple(tool_name for tool_name, tool in tools.items() if tool.callable),
+        "values": {tool_name: tool.value for tool_name, tool in tools.items() if not tool.callable},
+    }
+    if plan is None:
+        return ThreadRepl(**common)
+    return ProcessRepl(plan=plan, **common)
 
 
 def _failure(kind: str, message: str, partial: str = "") -> Outcome:

@@ -6,7 +6,7 @@ import asyncio
 import math
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,9 +21,11 @@ from ._budget import Ledger, Limits, Price, Usage
 from ._clients import AiohttpClient, ChatClient, ChatRequest, Message, OpenAIClient
 from ._endpoint import Endpoint, RateLimit
 from ._errors import ConfigError, RLMError, RunTimeout
+from ._repl import ReplSession
 from ._retry import RetryPolicy
 from ._sandbox import Sandbox, plan_for
 from ._scheduler import Scheduler
+from ._session import Session
 from ._tools import Tool, normalise_tools
 from ._trace import Event, RunEvent, Tracer, bound
 
@@ -80,6 +82,8 @@ class RLMResult:
             :class:`~rlm_async.EngineError`; None when the run answered.
         run_id: the id bound to every event of the run.
         metadata: what the caller passed to ``completion(metadata=...)``.
+        history: the root's conversation with its model (``{"role", "content"}`` dicts, the system prompt
+            first), as far as it got.
     """
 
     answer: str
@@ -89,6 +93,7 @@ class RLMResult:
     error: RLMError | None
     run_id: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    history: tuple[Message, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -401,6 +406,32 @@ class RLM:
             asyncio.CancelledError: when the caller cancels; every descendant task, connection and REPL
                 worker is stopped first.
         """
+        return await self._complete(
+            query, context, limits=limits, on_event=on_event, trace_path=trace_path, metadata=metadata
+        )
+
+    def session(self, limits: Limits | None = None) -> Session:
+        """A multi-turn session: ``async with rlm.session() as s: await s.completion(q1, ctx1); await
+        s.completion(q2)``. The root's REPL and its variables persist across turns; see :class:`Session`.
+
+        Args:
+            limits: caps over all the session's turns (calls, tokens, USD); each turn also keeps its own.
+        """
+        return Session(self, limits)
+
+    async def _complete(
+        self,
+        query: str,
+        context: Any,
+        *,
+        limits: Limits | None,
+        on_event: Callable[[Event], None] | None,
+        trace_path: str | Path | None,
+        metadata: Mapping[str, Any] | None,
+        attach: Callable[[Agent], Awaitable[tuple[ReplSession, str]]] | None = None,
+    ) -> RLMResult:
+        """:meth:`completion`, and a session's turn: ``attach(root)`` gives the root the session's REPL and a
+        note on earlier turns."""
         if not isinstance(query, str):
             raise ConfigError(f"query must be a str, got {type(query).__name__}")
         _require_asyncio()
@@ -425,7 +456,8 @@ class RLM:
                 run.ledger.reserve_agents(1)
                 root = Agent(run, 0, "0")
                 with run.scope, anyio.move_on_after(limits.timeout_s) as deadline:
-                    outcome = await root.run(query, context)
+                    repl, note = await attach(root) if attach is not None else (None, "")
+                    outcome = await root.run(query, context, repl=repl, note=note)
                 error: RLMError | None
                 stop_reason: StopReason
                 if run.fatal is not None:
@@ -447,7 +479,7 @@ class RLM:
                     cost_usd=usage.cost_usd,
                     error=None if error is None else str(error),
                 )
-                return RLMResult(answer, stop_reason, usage, stats, error, run_id, metadata)
+                return RLMResult(answer, stop_reason, usage, stats, error, run_id, metadata, tuple(root.messages))
         finally:
             tracer.close()
 

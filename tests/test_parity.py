@@ -134,3 +134,43 @@ async def test_children_inherit_tools_unless_given_their_own():
 def test_tool_names_are_checked(tools):
     with pytest.raises(ConfigError):
         RLM("m", client=FakeClient(lambda r: "x"), custom_tools=tools)
+
+
+# -- multi-turn sessions -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sandbox", ["strict", "none"])
+async def test_a_session_keeps_the_repl_and_its_variables_across_turns(sandbox):
+    first = repl("total = len(context)\nFINAL(total)")
+    second = repl(
+        "FINAL(f\"{total} {context_0} {context_1} {len(context)} {type(history_0).__name__} {history_0[0]['role']}\")"
+    )
+    third = repl("FINAL(f'{total} {context} {len(history_1)}')")
+    prompts: list[str] = []
+    script = Script({"first": [first], "second": [second], "third": [third]})
+
+    async def endpoint(request: ChatRequest):
+        prompts.append(request.messages[1]["content"])
+        return await script(request)
+
+    rlm = RLM("m", client=FakeClient(endpoint), sandbox=sandbox)
+    async with rlm.session() as session:
+        r1 = await session.completion("first", "abcd")
+        r2 = await session.completion("second", "xyz")
+        r3 = await session.completion("third")
+    assert (r1.answer, r2.answer) == ("4", "4 abcd xyz 3 list system")
+    assert r3.answer.startswith("4 xyz ")
+    assert "turn 1 of a session" in prompts[1] and "turn 2 of a session" in prompts[2]
+    assert session.turns == 3 and session.usage.calls == 3
+
+
+async def test_session_limits_cap_all_turns_together():
+    script = Script({"q": [repl("r = await llm_batch(['a', 'b'])\nFINAL(len(r))")]})
+    rlm = RLM("m", client=FakeClient(script), sandbox="none")
+    async with rlm.session(limits=Limits(max_calls=7)) as session:
+        first = await session.completion("q", "c")
+        second = await session.completion("q")
+        assert (first.answer, second.answer) == ("2", "2")
+        third = await session.completion("q")  # one call left of 7: the root turn, then the batch is refused
+        assert third.stop_reason == "budget:max_calls" or not third.ok
+        with pytest.raises(ConfigError, match="used up"):
+            await session.completion("q")
+    assert session.usage.calls == 7

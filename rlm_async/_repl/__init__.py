@@ -3,10 +3,11 @@ inside the engine process (``sandbox="none"``, for trusted code)."""
 
 from ._functions import SubcallFailure
 from ._process import ProcessRepl
-from ._protocol import CellResult, Host, Outcome, ReplSession
+from ._protocol import KEEP, CellResult, Host, Outcome, ReplSession
 from ._thread import CellInterrupted, ThreadRepl
 
 __all__ = [
+    "KEEP",
     "CellInterrupted",
     "CellResult",
     "Host",

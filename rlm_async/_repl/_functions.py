@@ -173,6 +173,14 @@ class ReplFunctions:
         tool.__doc__ = f"The custom tool {name!r}; it runs outside the REPL (await it in async code)."
         return tool
 
+    def next_turn(self, context: Any, keep: Any) -> None:
+        """A session's next turn: an empty answer, and ``context`` as the new reserved ``context`` unless it
+        is ``keep``."""
+        self.answer.update(content="", ready=False)
+        self._answer_value = _UNSET
+        if context is not keep:
+            self._reserved["context"] = self._ns["context"] = context
+
     def restore_reserved(self) -> list[str]:
         """Put back every reserved name model code rebound or deleted; one note per name for the model.
 

@@ -29,12 +29,13 @@ from .._errors import BudgetExceeded, ConfigError, ToolError, WorkerError
 from .._sandbox._layers import WorkerPlan, read_only_roots
 from . import _wire
 from ._cell import CappedText
-from ._protocol import CellResult, Host
+from ._protocol import KEEP, CellResult, Host
 from ._zygote import WorkerProcess, new_spool, remove_tree, start_worker
 
 __all__ = ["ProcessRepl"]
 
 _CONTEXT_FILE = ".rlm_context.pkl"
+_TURN_FILE = ".rlm_turn.pkl"
 #: Bytes of a dead worker's stderr shown to the model (the tail holds the fatal error).
 _STDERR_TAIL = 1500
 #: Seconds a worker that closed its channel gets to exit by itself, so its own exit status can be reported.
@@ -171,7 +172,8 @@ class ProcessRepl:
         self._cell_timeout_s = cell_timeout_s
         self._name = name
         try:
-            payload = {"context": context, "values": dict(values or {})}
+            self._values = dict(values or {})
+            payload = {"context": context, "values": self._values}
             self._context_bytes = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise ConfigError(
@@ -274,6 +276,35 @@ class ProcessRepl:
     # -- state the agent reads ------------------------------------------------------------------------
     def answer(self) -> tuple[str, bool]:
         return self._answer
+
+    async def next_turn(self, host: Host, values: dict[str, Any], context: Any) -> None:
+        """Rebind the host and hand the worker the turn's variables (pickled into its workdir, as the first
+        context was). Kept for a restarted worker too: the context becomes the one it reloads.
+
+        Raises:
+            ConfigError: a value cannot be pickled.
+        """
+        self._host = host
+        self._answer = ("", False)
+        payload: dict[str, Any] = {"values": values}
+        if context is not KEEP:
+            payload["context"] = context
+        try:
+            data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise ConfigError(
+                f"a session turn's values cannot be sent to the REPL: {type(exc).__name__}: {exc}"
+            ) from exc
+        if context is not KEEP:
+            self._context_bytes = pickle.dumps({"context": context, "values": self._values}, pickle.HIGHEST_PROTOCOL)
+        worker = self._worker
+        if worker is None:
+            raise RuntimeError("this REPL has been closed")
+        (Path(worker.spool) / "work" / _TURN_FILE).write_bytes(data)
+        try:
+            await self._exchange({"op": "turn", "file": _TURN_FILE}, "turned")
+        except _WorkerGone as gone:
+            await self._restart(gone.note)
 
     async def final_var(self, name: str) -> str | None:
         """``str()`` of the REPL variable ``name`` in the worker, or None (also when the worker cannot say)."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
-__all__ = ["CellResult", "Host", "Outcome", "ReplSession"]
+__all__ = ["KEEP", "CellResult", "Host", "Outcome", "ReplSession"]
+
+#: ``next_turn(..., context=KEEP)``: the turn brings no new context.
+KEEP: Any = object()
 
 
 class Outcome(TypedDict, total=False):
@@ -105,6 +108,11 @@ class ReplSession(Protocol):
 
     def answer(self) -> tuple[str, bool]:
         """``(answer["content"], answer["ready"])`` as it stands, content coerced to str."""
+        ...
+
+    async def next_turn(self, host: Host, values: dict[str, Any], context: Any) -> None:
+        """Start a session's next turn: calls go to ``host`` (the new turn's agent), ``answer`` is empty again,
+        ``values`` become REPL variables, and ``context`` (unless it is :data:`KEEP`) becomes ``context``."""
         ...
 
     async def final_var(self, name: str) -> str | None:

@@ -33,7 +33,7 @@ from anyio.from_thread import BlockingPortal
 from .._errors import BudgetExceeded, RLMError, ToolError
 from ._cell import SHOW, CappedText, compile_cell, format_traceback, show_value
 from ._functions import ReplFunctions
-from ._protocol import CellResult, Host
+from ._protocol import KEEP, CellResult, Host
 
 __all__ = ["CellInterrupted", "ThreadRepl"]
 
@@ -152,6 +152,11 @@ class ThreadRepl:
     def answer(self) -> tuple[str, bool]:
         content = self._fns.answer.get("content", "")
         return ("" if content is None else str(content)), bool(self._fns.answer.get("ready"))
+
+    async def next_turn(self, host: Host, values: dict[str, Any], context: Any) -> None:
+        self._host = host
+        self._ns.update(values)
+        self._fns.next_turn(context, KEEP)
 
     async def final_var(self, name: str) -> str | None:
         return self._fns.variable_text(name)

@@ -16,6 +16,8 @@ model code has run, so the engine checks the shape of every message it reads (:f
                "ok": false, "error": {"type": "BudgetExceeded" | "ToolError" | "Error", "message": str,
                ...}}``: the answer to a worker's ``call``
 ``get_var``    ``{"op": "get_var", "id": int, "name": str}``: ``str()`` of one REPL variable
+``turn``       ``{"op": "turn", "id": int, "file": str}``: a session's next turn; its variables (and a new
+               context, if any) are pickled in ``file`` in the workdir
 =============  ==================================================================================
 
 **Worker -> engine** (checked by the engine):
@@ -31,6 +33,7 @@ model code has run, so the engine checks the shape of every message it reads (:f
 ``done``       ``{"op": "done", "id": int, "output": str, "error": str | null, "notes": [str, ...],
                "variables": [str, ...], "answer": {"content": str, "ready": bool}}``: a cell finished
 ``var``        ``{"op": "var", "id": int, "text": str | null}``: the answer to ``get_var``
+``turned``     ``{"op": "turned", "id": int}``: the turn's variables are in place
 =============  ==================================================================================
 
 **Values** that are not JSON types (a child agent's ``context`` may be bytes, a tuple or a dict with
@@ -208,6 +211,8 @@ def check_worker_message(message: dict[str, Any]) -> dict[str, Any]:
         ok = ok and isinstance(answer, dict) and isinstance(answer.get("ready"), bool)
     elif op == "answer":
         ok = isinstance(message.get("content"), str) and isinstance(message.get("ready"), bool)
+    elif op == "turned":
+        ok = _is_id(message.get("id"))
     elif op == "var":
         ok = _is_id(message.get("id")) and (message.get("text") is None or isinstance(message.get("text"), str))
     if not ok:

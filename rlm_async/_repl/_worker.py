@@ -41,6 +41,7 @@ from types import ModuleType
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
+_KEEP = object()  # a turn that brings no new context
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -212,6 +213,19 @@ class Worker:
                 self.send(self._run_cell(message["id"], message["code"]))
             elif message["op"] == "get_var":
                 self.send({"op": "var", "id": message["id"], "text": self._var_text(message["name"])})
+            elif message["op"] == "turn":
+                self._next_turn(message["file"])
+                self.send({"op": "turned", "id": message["id"]})
+
+    def _next_turn(self, file: str) -> None:
+        """A session's next turn: the engine pickled its variables (and maybe a new context) into ``file``."""
+        path = Path(file)
+        with open(path, "rb") as f:
+            payload = pickle.load(f)  # written by the engine (trusted)
+        path.unlink()
+        self.ns.update(payload["values"])
+        self._fns.next_turn(payload.get("context", _KEEP), _KEEP)
+        self._answer_changed()
 
     def _var_text(self, name: str) -> str | None:
         try:
