@@ -6,6 +6,7 @@ import asyncio
 import math
 import os
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,6 +436,7 @@ class RLM:
         if not isinstance(query, str):
             raise ConfigError(f"query must be a str, got {type(query).__name__}")
         _require_asyncio()
+        _warn_if_swapped(query, context)
         limits = limits or self.limits
         if limits is not self.limits:
             self._check_prices(limits)
@@ -579,6 +581,24 @@ def _check_sampling(
         if taken := sorted(_NOT_SAMPLING & set(one)):
             raise ConfigError(f"sampling_args cannot set {taken}: the engine sets them")
     return tuple(dict(one) for one in per_depth)
+
+
+#: A query this long next to a much shorter context is most likely a document passed first.
+_SWAPPED_QUERY_CHARS = 10_000
+
+
+def _warn_if_swapped(query: str, context: Any) -> None:
+    """Warn (``UserWarning``) when the query looks like the document: the official ``rlms`` takes the context
+    first (``completion(prompt, root_prompt)``), rlm_async the query first, so a port can swap them."""
+    context_chars = len(context) if isinstance(context, str | bytes | list | tuple | dict) else 0
+    if len(query) > _SWAPPED_QUERY_CHARS and context_chars * 10 < len(query):
+        warnings.warn(
+            f"the query is {len(query):,} characters and the context {context_chars:,}: rlm_async takes "
+            "completion(query, context), the query first (the official rlms takes the context first); the "
+            "root model sees the whole query as tokens",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _require_asyncio() -> None:

@@ -174,3 +174,9 @@ async def test_session_limits_cap_all_turns_together():
         with pytest.raises(ConfigError, match="used up"):
             await session.completion("q")
     assert session.usage.calls == 7
+
+
+async def test_a_document_passed_as_the_query_is_warned_about():
+    rlm = RLM("m", client=FakeClient(Script({"x": [repl("FINAL(1)")]})), sandbox="none")
+    with pytest.warns(UserWarning, match="the query first"):
+        await rlm.completion("x" * 50_000)
