@@ -19,6 +19,7 @@ import anyio
 
 from . import _prompts
 from ._clients import Message
+from ._compaction import SUMMARY_REQUEST, compaction_point
 from ._errors import (
     BudgetExceeded,
     ConfigError,
@@ -238,7 +239,16 @@ class Agent:
             },
             {"role": "user", "content": _prompts.first_user_message(query, context) + note},
         ]
-        self.messages = messages
+        self.messages = messages  # the whole conversation; `messages` is what is sent (compacted when long)
+
+        def say(role: Literal["user", "assistant"], content: str) -> None:
+            message: Message = {"role": role, "content": content}
+            messages.append(message)
+            if self.messages is not messages:
+                self.messages.append(message)
+
+        model = self._model or run.model_for(self.depth)
+        window = run.window_for(model)
         ran: dict[str, int] = {}  # code (whitespace-normalised) -> the turn that first ran it
         last_answer = ("", False)
         errors = 0  # consecutive turns that went wrong (Limits.max_errors)
@@ -246,14 +256,16 @@ class Agent:
             self._iterations = iteration
             run.tracer.emit("turn", iteration=iteration)
             try:
+                if compaction_point(messages, window, limits.max_tokens_per_turn):
+                    messages = await self._compact(repl, messages)
                 text = await self._turn(messages, stop=_prompts.STOP_SEQUENCES)
             except (BudgetExceeded, LLMCallError, ConfigError) as exc:
                 return self._stopped(exc, iteration - 1)
-            messages.append({"role": "assistant", "content": text})
+            say("assistant", text)
             blocks = parse_code_blocks(text)
             final = parse_text_final(text)
             if not blocks and final is None:
-                messages.append({"role": "user", "content": _prompts.NO_CODE_MESSAGE})
+                say("user", _prompts.NO_CODE_MESSAGE)
                 errors += 1
                 if limits.max_errors is not None and errors >= limits.max_errors:
                     return self._too_many_errors(errors, iteration)
@@ -287,13 +299,31 @@ class Agent:
             errors = errors + 1 if turn_failed else 0
             if limits.max_errors is not None and errors >= limits.max_errors:
                 return self._too_many_errors(errors, iteration)
-            messages.append({"role": "user", "content": _prompts.format_outputs(outputs)})
-        messages.append({"role": "user", "content": _prompts.final_answer_prompt(self.draft, query)})
+            say("user", _prompts.format_outputs(outputs))
+        say("user", _prompts.final_answer_prompt(self.draft, query))
         try:
+            if compaction_point(messages, window, limits.max_tokens_per_turn):
+                messages = await self._compact(repl, messages)
             text = await self._turn(messages, stop=())
         except (BudgetExceeded, LLMCallError, ConfigError) as exc:
             return self._stopped(exc, limits.max_iterations)
         return AgentResult(text.strip(), "max_iterations", limits.max_iterations + 1)
+
+    async def _compact(self, repl: ReplSession, messages: list[Message]) -> list[Message]:
+        """Fold the turns between the first prompt and the latest one into a summary the model writes, and put
+        the whole conversation in the REPL variable ``history`` (see ``rlm_async._compaction``)."""
+        summary = await self._turn([*messages, {"role": "user", "content": SUMMARY_REQUEST}], stop=())
+        await repl.set_variables({"history": [dict(m) for m in self.messages]})
+        first = messages[1]
+        merged: Message = {"role": "user", "content": first["content"] + _prompts.compacted_note(summary)}
+        compacted = [messages[0], merged, *messages[-2:]]
+        self._run.tracer.emit(
+            "compaction",
+            chars_before=sum(len(m["content"]) for m in messages),
+            chars_after=sum(len(m["content"]) for m in compacted),
+            turns_folded=(len(messages) - 4) // 2,
+        )
+        return compacted
 
     async def _turn(self, messages: list[Message], *, stop: tuple[str, ...]) -> str:
         limits = self._run.limits

@@ -20,6 +20,7 @@ from ._agent import Agent, StopReason
 from ._breaker import DEFAULT_BREAKER, CircuitBreaker
 from ._budget import Ledger, Limits, Price, Usage
 from ._clients import AiohttpClient, ChatClient, ChatRequest, Message, OpenAIClient
+from ._compaction import window_for
 from ._endpoint import Endpoint, RateLimit
 from ._errors import ConfigError, RLMError, RunTimeout
 from ._repl import ReplSession
@@ -131,6 +132,7 @@ class Run:
         self.temperature = rlm.temperature
         self._sampling = rlm.sampling_for
         self.tools_for = rlm.tools_for
+        self.window_for = rlm.window_for
         self.worker_plan = rlm.worker_plan
         self.worker_slots = anyio.Semaphore(limits.max_workers)
         self.started = anyio.current_time()
@@ -239,7 +241,12 @@ class RLM:
             awaited, a plain function runs in a thread); it takes and returns plain data (str, numbers,
             lists, dicts, bytes). A value is copied into the REPL. Descriptions are listed in the system
             prompt. A tool that raises raises ``ToolError`` in model code.
-        custom_sub_tools: the tools of child agents (depth >= 1); default: ``custom_tools``.
+        custom_sub_tools: the tools of child agents (depth >= 1); default: ``custom_tools``; ``{}``: none.
+        context_windows: model name -> context window, tokens; models not named use the published windows
+            in ``rlm_async._compaction.KNOWN_WINDOWS``, or have no compaction.
+        compaction: when an agent's conversation reaches 85% of its model's window, fold its older turns
+            into a summary the model writes, and keep the whole conversation in the REPL variable
+            ``history`` (the official RLM's ``compaction``). On by default; False: never.
         sandbox: where model-written code runs (:class:`Sandbox`, or its level as a str): ``"strict"`` (the
             default) runs each agent's REPL in its own worker process confined by every layer this machine
             supports (bubblewrap namespaces, Landlock, seccomp, rlimits, no keys in its environment);
@@ -278,6 +285,8 @@ class RLM:
         sampling_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         custom_tools: Mapping[str, Any] | None = None,
         custom_sub_tools: Mapping[str, Any] | None = None,
+        context_windows: Mapping[str, int] | None = None,
+        compaction: bool = True,
         sandbox: Sandbox | Literal["strict", "process", "none"] = "strict",
     ) -> None:
         if not model or not isinstance(model, str):
@@ -300,6 +309,8 @@ class RLM:
             raise ConfigError(f"temperature must be in [0, 2], got {temperature!r}")
         self.temperature = temperature
         self.sampling_args = _check_sampling(sampling_args)
+        self.context_windows = dict(context_windows or {})
+        self.compaction = compaction
         self.custom_tools = normalise_tools(custom_tools)
         self.custom_sub_tools = (
             None if custom_sub_tools is None else normalise_tools(custom_sub_tools, "custom_sub_tools")
@@ -325,6 +336,10 @@ class RLM:
             unpriced = sorted({self.model_for(d) for d in range(limits.max_depth + 1)} - set(self.prices))
             if unpriced:
                 raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
+
+    def window_for(self, model: str) -> int | None:
+        """The context window of ``model`` in tokens for compaction, or None (compaction off for it)."""
+        return window_for(model, self.context_windows) if self.compaction else None
 
     def tools_for(self, depth: int) -> Mapping[str, Tool]:
         """The custom tools of an agent at ``depth``: ``custom_tools`` for the root, ``custom_sub_tools`` (when

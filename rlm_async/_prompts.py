@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STOP_SEQUENCES",
+    "compacted_note",
     "context_metadata",
     "final_answer_prompt",
     "first_user_message",
@@ -221,4 +222,13 @@ def missing_final_var(name: str) -> str:
     return (
         f"FINAL_VAR({name}): there is no variable named {name!r} in the REPL, so the run did not end. "
         "Assign it in a ```repl block first (SHOW_VARS() lists your variables), or write FINAL(your answer)."
+    )
+
+
+def compacted_note(summary: str) -> str:
+    """Appended to the first user message when the turns after it were folded into a summary."""
+    return (
+        "\n\nYour earlier turns were summarised to fit your context window (the full conversation is in the "
+        "REPL variable `history`, a list of role/content dicts; your REPL variables are all still there).\n"
+        f"Summary of your earlier turns:\n{summary.strip()}"
     )

@@ -5,7 +5,7 @@ context bound with structlog's contextvars (``run_id``, ``agent_id``, ``depth``)
 Event names (:data:`EventName`): ``run_start``, ``run_end``, ``agent_start``, ``agent_end``,
 ``agent_fallback``, ``turn``, ``reply``, ``code``, ``output``, ``answer`` (a draft changed), ``call_queued``,
 ``call_started``, ``call_finished``, ``call_retried``, ``call_failed``, ``call_crashed``, ``budget_stop``,
-``config_error``, ``tool_call``. :class:`RunEvent` is the typed form ``RLM.stream`` yields.
+``config_error``, ``tool_call``, ``compaction``. :class:`RunEvent` is the typed form ``RLM.stream`` yields.
 
 The structlog logger is, by default, a structlog wrapper around the stdlib logger ``"rlm_async"`` at DEBUG
 level, so a library user sees nothing unless they enable that logger; pass ``logger=structlog.get_logger()``
@@ -33,7 +33,7 @@ Listener = Callable[[Event], None]
 EventName = Literal[
     "run_start", "run_end", "agent_start", "agent_end", "agent_fallback", "turn", "reply", "code", "output",
     "answer", "call_queued", "call_started", "call_finished", "call_retried", "call_failed", "call_crashed",
-    "budget_stop", "config_error", "tool_call",
+    "budget_stop", "config_error", "tool_call", "compaction",
 ]  # fmt: skip
 EventName.__doc__ = "The name of an event (see the module docstring of ``rlm_async._trace``)."
 

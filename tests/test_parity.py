@@ -180,3 +180,43 @@ async def test_a_document_passed_as_the_query_is_warned_about():
     rlm = RLM("m", client=FakeClient(Script({"x": [repl("FINAL(1)")]})), sandbox="none")
     with pytest.warns(UserWarning, match="the query first"):
         await rlm.completion("x" * 50_000)
+
+
+# -- history compaction --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sandbox", ["strict", "none"])
+async def test_a_conversation_near_the_window_is_compacted_instead_of_failing(sandbox):
+    """A model with a 4,000-token window (16,000 characters) and turns that print 3,000 characters each:
+    without compaction the sixth turn overflows (HTTP 400, as llama.cpp answers); with it the older turns
+    are summarised, the full conversation stays in `history`, and the run ends with an answer."""
+    from rlm_async import ProviderStatusError
+    from rlm_async._compaction import SUMMARY_REQUEST
+
+    turn = repl("n = globals().get('n', 0) + 1\nprint(str(n) * 3000)")
+    last = repl("FINAL(f'{n} turns, {len(history)} messages kept')")
+    summaries = turns = 0
+
+    async def endpoint(request: ChatRequest):
+        nonlocal summaries, turns
+        if request.messages[-1]["content"] == SUMMARY_REQUEST:
+            summaries += 1
+            return "SUMMARY: printed digits; n counts turns"
+        if sum(len(m["content"]) for m in request.messages) / 4 > 4000:
+            raise ProviderStatusError("HTTP 400: the request exceeds the available context size", status=400)
+        turns += 1  # counted here: a compacted conversation no longer tells which turn it is
+        return last if turns == 10 else turn
+
+    def rlm(compaction: bool) -> RLM:
+        nonlocal turns
+        turns = 0
+        return RLM(
+            "m", client=FakeClient(endpoint), sandbox=sandbox, context_windows={"m": 4000}, compaction=compaction,
+            limits=Limits(max_iterations=12),
+        )  # fmt: skip
+
+    failed = await rlm(False).completion("q", "ctx")
+    assert failed.stop_reason == "config_error" or failed.stop_reason == "llm_error"
+    result = await rlm(True).completion("q", "ctx")
+    assert result.ok and result.answer.startswith("9 turns,"), result.answer
+    assert summaries >= 1
+    kept = int(result.answer.split(", ")[1].split()[0])
+    assert kept >= 10  # history holds the turns the summary folded

@@ -278,25 +278,33 @@ class ProcessRepl:
         return self._answer
 
     async def next_turn(self, host: Host, values: dict[str, Any], context: Any) -> None:
-        """Rebind the host and hand the worker the turn's variables (pickled into its workdir, as the first
-        context was). Kept for a restarted worker too: the context becomes the one it reloads.
+        """Rebind the host, empty the answer, and hand the worker the turn's variables (and a new context).
+        A new context is also the one a restarted worker reloads.
 
         Raises:
             ConfigError: a value cannot be pickled.
         """
         self._host = host
         self._answer = ("", False)
-        payload: dict[str, Any] = {"values": values}
+        payload: dict[str, Any] = {"values": values, "reset": True}
         if context is not KEEP:
             payload["context"] = context
+            self._context_bytes = pickle.dumps({"context": context, "values": self._values}, pickle.HIGHEST_PROTOCOL)
+        await self._send_variables(payload)
+
+    async def set_variables(self, values: dict[str, Any]) -> None:
+        """Put ``values`` into the worker's REPL (pickled into its workdir); the answer draft is kept.
+
+        Raises:
+            ConfigError: a value cannot be pickled.
+        """
+        await self._send_variables({"values": values, "reset": False})
+
+    async def _send_variables(self, payload: dict[str, Any]) -> None:
         try:
             data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise ConfigError(
-                f"a session turn's values cannot be sent to the REPL: {type(exc).__name__}: {exc}"
-            ) from exc
-        if context is not KEEP:
-            self._context_bytes = pickle.dumps({"context": context, "values": self._values}, pickle.HIGHEST_PROTOCOL)
+            raise ConfigError(f"values for the REPL cannot be sent: {type(exc).__name__}: {exc}") from exc
         worker = self._worker
         if worker is None:
             raise RuntimeError("this REPL has been closed")

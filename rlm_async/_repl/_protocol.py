@@ -115,6 +115,10 @@ class ReplSession(Protocol):
         ``values`` become REPL variables, and ``context`` (unless it is :data:`KEEP`) becomes ``context``."""
         ...
 
+    async def set_variables(self, values: dict[str, Any]) -> None:
+        """Put ``values`` into the REPL as variables (the answer draft is left alone)."""
+        ...
+
     async def final_var(self, name: str) -> str | None:
         """``str()`` of the REPL variable ``name``, or None when it does not exist."""
         ...

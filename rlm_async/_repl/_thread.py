@@ -153,6 +153,9 @@ class ThreadRepl:
         content = self._fns.answer.get("content", "")
         return ("" if content is None else str(content)), bool(self._fns.answer.get("ready"))
 
+    async def set_variables(self, values: dict[str, Any]) -> None:
+        self._ns.update(values)
+
     async def next_turn(self, host: Host, values: dict[str, Any], context: Any) -> None:
         self._host = host
         self._ns.update(values)

@@ -224,8 +224,9 @@ class Worker:
             payload = pickle.load(f)  # written by the engine (trusted)
         path.unlink()
         self.ns.update(payload["values"])
-        self._fns.next_turn(payload.get("context", _KEEP), _KEEP)
-        self._answer_changed()
+        if payload.get("reset"):
+            self._fns.next_turn(payload.get("context", _KEEP), _KEEP)
+            self._answer_changed()
 
     def _var_text(self, name: str) -> str | None:
         try:
