@@ -279,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
         err = Console(stderr=True)
         with local.serving(args.local_model, keep=args.keep_server, log=lambda s: err.print(f"[dim]{s}[/dim]")) as srv:
             err.print(f"[yellow]local model {srv.model.name} at {srv.base_url} ({srv.parallel} slots)[/yellow]")
-            args.base_url, args.api_key = srv.base_url, "local"
+            args.base_url, args.api_key = srv.base_url, srv.api_key or "local"
             args.model = args.sub_model = srv.model.name
             args.temperature = 0.0 if args.temperature is None else args.temperature
             result = asyncio.run(_run_async(args, context, limits))

