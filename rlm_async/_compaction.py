@@ -2,11 +2,12 @@
 summarised by the model and the full conversation is kept in the REPL variable ``history``, instead of
 failing with an HTTP 400 for context length (what a llama.cpp slot answered after 14 turns).
 
-The window of a model comes from ``RLM(context_windows={model: tokens})``, else from :data:`KNOWN_WINDOWS`
-(the providers' published figures), else compaction is off for that model. The conversation's size is
-estimated as characters / 4 (``rlm_async._budget.estimate_tokens``); compaction starts at
-``threshold`` (0.85, the official RLM's ``compaction_threshold_pct`` default) of the window, less the turn's
-``max_tokens``.
+The window of a model comes from ``RLM(context_windows={model: tokens})``, else from the endpoint's
+``GET /models`` where the server reports it (vLLM, llama.cpp, OpenRouter; asked once), else from
+:data:`KNOWN_WINDOWS` (the providers' published figures), else compaction is off for that model. The
+conversation's size is estimated as characters / 4 (``rlm_async._budget.estimate_tokens``); compaction
+starts at :data:`THRESHOLD` (0.85, the official RLM's ``compaction_threshold_pct`` default) of the window,
+less the turn's ``max_tokens``.
 """
 
 from __future__ import annotations

@@ -242,8 +242,9 @@ class RLM:
             lists, dicts, bytes). A value is copied into the REPL. Descriptions are listed in the system
             prompt. A tool that raises raises ``ToolError`` in model code.
         custom_sub_tools: the tools of child agents (depth >= 1); default: ``custom_tools``; ``{}``: none.
-        context_windows: model name -> context window, tokens; models not named use the published windows
-            in ``rlm_async._compaction.KNOWN_WINDOWS``, or have no compaction.
+        context_windows: model name -> context window, tokens. Models not named use what the endpoint's
+            ``GET /models`` reports (vLLM's ``max_model_len``, llama.cpp's per-slot ``n_ctx``; asked once),
+            else the published windows in ``rlm_async._compaction.KNOWN_WINDOWS``, else no compaction.
         compaction: when an agent's conversation reaches 85% of its model's window, fold its older turns
             into a summary the model writes, and keep the whole conversation in the REPL variable
             ``history`` (the official RLM's ``compaction``). On by default; False: never.
@@ -310,6 +311,7 @@ class RLM:
         self.temperature = temperature
         self.sampling_args = _check_sampling(sampling_args)
         self.context_windows = dict(context_windows or {})
+        self._windows_asked = False
         self.compaction = compaction
         self.custom_tools = normalise_tools(custom_tools)
         self.custom_sub_tools = (
@@ -336,6 +338,22 @@ class RLM:
             unpriced = sorted({self.model_for(d) for d in range(limits.max_depth + 1)} - set(self.prices))
             if unpriced:
                 raise ConfigError(f"max_cost_usd needs a price for every model; missing: {unpriced}")
+
+    async def _discover_windows(self, limits: Limits) -> None:
+        """Once per RLM, with compaction on and a model of the run without a known window: ask the endpoint's
+        ``GET /models`` (vLLM, llama.cpp and OpenRouter report windows there). Never fails a run."""
+        if not self.compaction or self._windows_asked:
+            return
+        models = {self.model_for(d) for d in range(limits.max_depth + 1)}
+        if all(self.window_for(m) is not None for m in models):
+            return
+        self._windows_asked = True
+        ask = getattr(self._ensure_client(), "context_windows", None)
+        if ask is None:
+            return
+        with anyio.move_on_after(10):
+            reported = await ask()
+            self.context_windows = {**reported, **self.context_windows}  # the user's own table wins
 
     def window_for(self, model: str) -> int | None:
         """The context window of ``model`` in tokens for compaction, or None (compaction off for it)."""
@@ -452,6 +470,7 @@ class RLM:
             raise ConfigError(f"query must be a str, got {type(query).__name__}")
         _require_asyncio()
         _warn_if_swapped(query, context)
+        await self._discover_windows(limits or self.limits)
         limits = limits or self.limits
         if limits is not self.limits:
             self._check_prices(limits)

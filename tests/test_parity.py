@@ -220,3 +220,34 @@ async def test_a_conversation_near_the_window_is_compacted_instead_of_failing(sa
     assert summaries >= 1
     kept = int(result.answer.split(", ")[1].split()[0])
     assert kept >= 10  # history holds the turns the summary folded
+
+
+def test_windows_are_read_from_what_servers_report_in_v1_models():
+    from rlm_async._clients import windows_from_models
+
+    payload = {
+        "data": [
+            {"id": "vllm-model", "max_model_len": 32768},
+            {"id": "qwen", "meta": {"n_ctx": 8192, "n_ctx_train": 32768}},
+            {"id": "routed", "context_length": 200000},
+            {"id": "silent"},
+            "junk",
+        ]
+    }
+    assert windows_from_models(payload) == {"vllm-model": 32768, "qwen": 8192, "routed": 200000}
+    assert windows_from_models({"data": "nope"}) == {} and windows_from_models(None) == {}
+
+
+async def test_the_engine_asks_the_endpoint_for_unknown_windows_once():
+    asked = 0
+
+    class Reporting(FakeClient):
+        async def context_windows(self):
+            nonlocal asked
+            asked += 1
+            return {"m": 4000, "other": 10}
+
+    rlm = RLM("m", client=Reporting(Script({"q": [repl("FINAL(1)")]})), sandbox="none", context_windows={"other": 99})
+    await rlm.completion("q", "ctx")
+    await rlm.completion("q", "ctx")
+    assert asked == 1 and rlm.window_for("m") == 4000 and rlm.window_for("other") == 99

@@ -183,3 +183,12 @@ async def test_a_small_rlm_run_executes_repl_cells_and_ends_with_an_answer(llama
     assert cells, [e.get("text") for e in events if e["event"] == "reply"]
     assert result.stop_reason in ("answer", "max_iterations") and result.answer.strip()
     assert cell_threads() == []
+
+
+async def test_the_server_reports_its_per_slot_window_for_compaction(llama):
+    client = OpenAIClient(base_url=llama.base_url, api_key=llama.api_key)
+    try:
+        windows = await client.context_windows()
+    finally:
+        await client.aclose()
+    assert windows == {llama.model.name: 32_768 // llama.parallel}

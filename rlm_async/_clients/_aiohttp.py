@@ -22,7 +22,7 @@ from .._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
-from ._base import ChatRequest, ChatResponse
+from ._base import ChatRequest, ChatResponse, windows_from_models
 
 __all__ = ["AiohttpClient"]
 
@@ -49,6 +49,7 @@ class AiohttpClient:
         if not base_url:
             raise ConfigError("AiohttpClient needs a base_url")
         self._url = base_url.rstrip("/") + "/chat/completions"
+        self._models_url = base_url.rstrip("/") + "/models"
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -82,6 +83,16 @@ class AiohttpClient:
         except ValueError as exc:
             raise ProviderResponseError(f"malformed response: {exc}") from exc
         return _response(data)
+
+    async def context_windows(self) -> dict[str, int]:
+        """Context windows (tokens) the server reports in ``GET /models``; {} when it reports none or fails."""
+        try:
+            async with self._open().get(self._models_url, headers=self._headers) as resp:
+                if resp.status != 200:
+                    return {}
+                return windows_from_models(await resp.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return {}
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

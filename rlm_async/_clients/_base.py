@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
 
-__all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message"]
+__all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message", "windows_from_models"]
 
 
 class Message(TypedDict):
@@ -72,6 +72,22 @@ class ChatResponse:
     completion_tokens: int = 0
     cost_usd: float | None = None
     finish_reason: str | None = None
+
+
+def windows_from_models(payload: Any) -> dict[str, int]:
+    """Context windows (tokens) from a ``GET /v1/models`` body, where the server reports them: vLLM's
+    ``max_model_len``, llama.cpp's ``meta.n_ctx`` (per slot), OpenRouter's ``context_length``."""
+    windows: dict[str, int] = {}
+    entries = payload.get("data") if isinstance(payload, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        meta: dict[str, Any] = entry["meta"] if isinstance(entry.get("meta"), dict) else {}
+        for value in (entry.get("max_model_len"), meta.get("n_ctx"), entry.get("context_length")):
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                windows[entry["id"]] = value
+                break
+    return windows
 
 
 class ChatClient(Protocol):

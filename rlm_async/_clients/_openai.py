@@ -16,7 +16,7 @@ from .._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
-from ._base import ChatRequest, ChatResponse
+from ._base import ChatRequest, ChatResponse, windows_from_models
 
 __all__ = ["OpenAIClient"]
 
@@ -68,6 +68,14 @@ class OpenAIClient:
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
             raise ProviderResponseError(f"malformed response: {exc}") from exc
         return _to_response(completion)
+
+    async def context_windows(self) -> dict[str, int]:
+        """Context windows (tokens) the server reports in ``GET /models``; {} when it reports none or fails."""
+        try:
+            payload = await self._client.get("/models", cast_to=object)
+        except (openai.OpenAIError, ValueError):
+            return {}
+        return windows_from_models(payload)
 
     async def aclose(self) -> None:
         await self._client.close()
