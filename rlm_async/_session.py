@@ -97,7 +97,7 @@ class Session:
         self.turns += 1
         self.usage = self.usage + result.usage.total
         history = [dict(m) for m in result.history]
-        await repl.next_turn(_NoHost(), {f"history_{turn}": history}, KEEP)
+        await repl.set_variables({f"history_{turn}": history})
         return result
 
     def _turn_limits(self, limits: Limits) -> Limits:

@@ -232,13 +232,13 @@ class ReplFunctions:
     def unawaited_note(self) -> str | None:
         """At the end of a cell: a note naming the sub-calls that were created in async code but never
         awaited (so never sent), or None. Closes them, so Python does not warn about them later."""
-        never = sorted(
-            {label for coro, label in self._handed_out.items() if inspect.getcoroutinestate(coro) == "CORO_CREATED"}
-        )
-        for coro in self._handed_out:
-            if inspect.getcoroutinestate(coro) == "CORO_CREATED":
-                coro.close()
+        unstarted = {
+            c: label for c, label in self._handed_out.items() if inspect.getcoroutinestate(c) == "CORO_CREATED"
+        }
+        for coro in unstarted:
+            coro.close()
         self._handed_out.clear()
+        never = sorted(set(unstarted.values()))
         if not never:
             return None
         shown = "; ".join(f"<pending {label}(...): not awaited yet; write `await {label}(...)`>" for label in never)

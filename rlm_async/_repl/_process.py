@@ -52,9 +52,10 @@ _REPLY_BUFFER_BYTES = 64 * 1024 * 1024
 class _WorkerGone(Exception):
     """The worker died, timed out or broke the protocol while the engine waited on it."""
 
-    def __init__(self, note: str) -> None:
+    def __init__(self, note: str, *, timed_out: bool = False) -> None:
         super().__init__(note)
         self.note = note
+        self.timed_out = timed_out
 
 
 class _Worker:
@@ -171,18 +172,25 @@ class ProcessRepl:
         self._max_output_chars = max_output_chars
         self._cell_timeout_s = cell_timeout_s
         self._name = name
-        try:
-            self._values = dict(values or {})
-            payload = {"context": context, "values": self._values}
-            self._context_bytes = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise ConfigError(
-                f"the context (or a custom tool value) cannot be sent to a REPL worker: {type(exc).__name__}: {exc}"
-            ) from exc
+        self._values = dict(values or {})
+        self._context_bytes = self._start_payload(context)
         self._answer: tuple[str, bool] = ("", False)
         self._worker: _Worker | None = None
         self._ids = itertools.count(1)
         self.restarts = 0
+
+    def _start_payload(self, context: Any) -> bytes:
+        """What a (re)started worker loads: the context and the tool values, pickled.
+
+        Raises:
+            ConfigError: they cannot be pickled.
+        """
+        try:
+            return pickle.dumps({"context": context, "values": self._values}, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise ConfigError(
+                f"the context (or a custom tool value) cannot be sent to a REPL worker: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -289,7 +297,7 @@ class ProcessRepl:
         payload: dict[str, Any] = {"values": values, "reset": True}
         if context is not KEEP:
             payload["context"] = context
-            self._context_bytes = pickle.dumps({"context": context, "values": self._values}, pickle.HIGHEST_PROTOCOL)
+            self._context_bytes = self._start_payload(context)
         await self._send_variables(payload)
 
     async def set_variables(self, values: dict[str, Any]) -> None:
@@ -332,8 +340,7 @@ class ProcessRepl:
             done = await self._exchange({"op": "cell", "code": code}, "done")
         except _WorkerGone as gone:
             note = await self._restart(gone.note)
-            timed_out = gone.note.startswith("the cell was killed after")
-            return CellResult("", None, (note,), timed_out=timed_out, restarted=True)
+            return CellResult("", None, (note,), timed_out=gone.timed_out, restarted=True)
         self._answer = (done["answer"]["content"], done["answer"]["ready"])
         # The worker cuts its output to max_output_chars (plus its note on the cut), but it is not trusted
         # to: cut again here, leaving room for that note.
@@ -389,7 +396,7 @@ class ProcessRepl:
             raise _WorkerGone(f"the REPL worker died ({worker.exit_description()})" + (f": {reason}" if reason else ""))
         if reply is None:
             await worker.kill()
-            raise _WorkerGone(f"the cell was killed after {self._cell_timeout_s:g} s")
+            raise _WorkerGone(f"the cell was killed after {self._cell_timeout_s:g} s", timed_out=True)
         return reply
 
     async def _serve_call(self, worker: _Worker, message: dict[str, Any], calls: anyio.Semaphore) -> None:

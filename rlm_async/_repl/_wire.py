@@ -200,8 +200,13 @@ def check_worker_message(message: dict[str, Any]) -> dict[str, Any]:
         ok = ok and _is_str_list(message.get("layers"))
     elif op == "call":
         method, args = message.get("method"), message.get("args")
-        ok = _is_id(message.get("id")) and method in _METHODS and isinstance(args, list)
-        ok = ok and isinstance(args, list) and len(args) == _METHODS[str(method)] and _call_args_ok(str(method), args)
+        ok = (
+            _is_id(message.get("id"))
+            and method in _METHODS
+            and isinstance(args, list)
+            and len(args) == _METHODS[str(method)]
+            and _call_args_ok(str(method), args)
+        )
     elif op == "done":
         answer = message.get("answer")
         ok = _is_id(message.get("id")) and isinstance(message.get("output"), str)
