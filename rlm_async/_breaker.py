@@ -11,11 +11,16 @@ endpoint that is down or drowning. A 429 is the provider pacing the caller (Retr
 is the request's own fault, so neither counts, and neither does a malformed body.
 
 When to open: at least ``failure_threshold`` failures since the last success, *and* at least ``failure_ratio``
-of the attempts started since then. The ratio matters under concurrency: in a wave of simultaneous requests
-the instant failures (a 503 from a load balancer, a refused connection) come back before the slower successes
-still in flight, so a run of consecutive failures alone opens the breaker on a healthy endpoint (a 60 s soak at
-the reliability suite's 6.5% fault rate did exactly that with waves of 64). A dead endpoint fails every attempt,
-so it still opens at once.
+of the attempts at stake since then: those started since, plus those already in flight when that success
+came back (their failures count, so they count in the denominator too). The ratio matters under concurrency:
+in a wave of simultaneous requests the instant failures (a 503 from a load balancer, a refused connection)
+come back before the slower successes still in flight, so a run of consecutive failures alone opens the
+breaker on a healthy endpoint (a 60 s soak at the reliability suite's 6.5% fault rate did exactly that with
+waves of 64). Leaving the in-flight attempts out of the denominator did the same in a subtler way: one
+success reset it to zero while 255 attempts were still out, and the next burst of ten instant 5xx among
+them opened the circuit (the flaky 10,000-call reliability run on a loaded machine: 121 calls refused with
+``circuit_open``). A dead endpoint fails every attempt, so it still opens once half the attempts out
+have failed.
 
 One breaker serves one scheduler, i.e. one run and its one client endpoint.
 """
@@ -90,7 +95,8 @@ class Circuit:
         self._policy = policy
         self._clock = clock
         self._failures = 0
-        self._started = 0  # attempts admitted since the last success
+        self._started = 0  # attempts at stake since the last success: started since, or in flight then
+        self._in_flight = 0  # admitted attempts not yet recorded
         self._open_until: float | None = None
         self._open_for = policy.reset_timeout_s
         self._probing = False
@@ -124,10 +130,12 @@ class Circuit:
         state = self.state
         if state == "closed":
             self._started += 1
+            self._in_flight += 1
             return False
         if state == "half_open":
             self._probing = True
             self._started += 1
+            self._in_flight += 1
             return True
         self._refuse()
 
@@ -141,6 +149,7 @@ class Circuit:
 
     def record(self, error: BaseException | None, *, probe: bool) -> None:
         """Record how an admitted attempt ended: None for a response, else its error."""
+        self._in_flight = max(self._in_flight - 1, 0)
         if probe:
             self._probing = False
         failed = error is not None and counts_as_failure(error)
@@ -160,11 +169,15 @@ class Circuit:
             self._open_until = self._clock() + self._open_for
             self.opened += 1
 
-    def probe_abandoned(self) -> None:
-        """The probe was cancelled before it ended: let the next attempt probe instead."""
-        self._probing = False
+    def abandoned(self, *, probe: bool) -> None:
+        """An admitted attempt was cancelled before it ended: it proves nothing either way. When it was the
+        probe, the next attempt probes instead."""
+        self._in_flight = max(self._in_flight - 1, 0)
+        if probe:
+            self._probing = False
 
     def _close(self) -> None:
-        self._failures = self._started = 0
+        self._failures = 0
+        self._started = self._in_flight  # still out: their failures will count, so must they
         self._open_until = None
         self._open_for = self._policy.reset_timeout_s

@@ -71,6 +71,34 @@ def test_fast_failures_overtaking_slow_successes_in_a_wave_do_not_open_it():
     assert c.state == "closed"
 
 
+def test_failures_of_attempts_out_before_a_success_count_against_them_too():
+    """Regression (the flaky 10,000-call reliability run): 256 attempts out, one success comes back and resets
+    the count, then ten instant 5xx among the other 255 arrive. Counting them against only the attempts started
+    after the success (none) opened the circuit on a healthy endpoint, and 121 calls failed with
+    ``circuit_open``."""
+    c, _ = circuit(failure_threshold=10)
+    probes = [c.before_attempt() for _ in range(256)]
+    c.record(None, probe=probes[0])
+    for probe in probes[1:11]:
+        c.record(ProviderStatusError("500", status=500), probe=probe)
+    assert c.state == "closed"
+    for probe in probes[11:128]:  # 127 of the 255 out have failed: under half
+        c.record(DOWN, probe=probe)
+    assert c.state == "closed"
+    c.record(DOWN, probe=probes[128])  # the 128th: half of those at stake since the success
+    assert c.state == "open"
+
+
+def test_a_cancelled_attempt_leaves_the_count_of_attempts_out():
+    c, _ = circuit(failure_threshold=2)
+    probes = [c.before_attempt() for _ in range(4)]
+    for probe in probes[:3]:
+        c.abandoned(probe=probe)
+    c.record(None, probe=probes[3])  # nothing is out any more: the next two failures are all there is
+    fail(c, times=2)
+    assert c.state == "open"
+
+
 def test_half_of_a_wave_failing_opens_it():
     c, _ = circuit(failure_threshold=10)
     probes = [c.before_attempt() for _ in range(40)]
@@ -144,7 +172,7 @@ def test_an_abandoned_probe_lets_the_next_attempt_probe():
     fail(c, times=3)
     clock.now = 5.0
     assert c.before_attempt() is True
-    c.probe_abandoned()
+    c.abandoned(probe=True)
     assert c.before_attempt() is True
 
 
