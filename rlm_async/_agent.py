@@ -6,6 +6,7 @@ An :class:`Agent` is also the :class:`~rlm_async._repl.Host` of its own REPL: ``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -30,6 +31,7 @@ from ._errors import (
     ToolError,
     WorkerError,
 )
+from ._fanout import fan_out
 from ._repl import Host, Outcome, ProcessRepl, ReplSession, ThreadRepl
 from ._tools import call_tool
 from ._trace import bound
@@ -395,9 +397,7 @@ class Agent:
             else:
                 results[index] = {"ok": True, "text": response.text}
 
-        async with anyio.create_task_group() as tg:
-            for index, prompt in enumerate(prompts):
-                tg.start_soon(one, index, prompt)
+        await fan_out(prompts, one, self._run.scheduler.concurrency)
         if refused:
             first = refused[0]
             raise BudgetExceeded(
@@ -443,9 +443,9 @@ class Agent:
             else:
                 results[index] = _failure(outcome.stop_reason, str(outcome.error or ""), outcome.answer)
 
-        async with self._lend_worker_slot(), anyio.create_task_group() as tg:
+        async with self._lend_worker_slot(), asyncio.TaskGroup() as tg:
             for index, (query, context) in enumerate(zip(queries, contexts, strict=True)):
-                tg.start_soon(child, index, query, context)
+                tg.create_task(child(index, query, context))
         return results
 
     async def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:

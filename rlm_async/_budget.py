@@ -197,6 +197,29 @@ class Usage:
         return self.total.cost_usd
 
 
+class _Sum:
+    """Running totals, mutated in place: the ledger's hot path builds no objects per call."""
+
+    __slots__ = ("calls", "completion_tokens", "cost_usd", "prompt_tokens")
+
+    def __init__(self) -> None:
+        self.calls = self.prompt_tokens = self.completion_tokens = 0
+        self.cost_usd = 0.0
+
+    def add(self, calls: int, prompt_tokens: int, completion_tokens: int, cost_usd: float) -> None:
+        self.calls += calls
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.cost_usd += cost_usd
+
+    def frozen(self) -> UsageTotals:
+        return UsageTotals(self.calls, self.prompt_tokens, self.completion_tokens, self.cost_usd)
+
+
+#: What :meth:`Ledger.hold` returns and :meth:`Ledger.release` takes: (prompt tokens, completion tokens, USD).
+Hold = tuple[int, int, float]
+
+
 class Ledger:
     """The run's budget ledger: reserve, hold, settle, refund. Used only from the event loop thread."""
 
@@ -205,9 +228,22 @@ class Ledger:
         self.prices = dict(prices or {})
         self.calls_reserved = 0
         self.agents = 0
-        self._totals: dict[tuple[int, str, str], UsageTotals] = defaultdict(UsageTotals)
-        self.total = UsageTotals()
-        self.held = UsageTotals()  # estimates of the attempts in flight
+        self._totals: dict[tuple[int, str, str], _Sum] = defaultdict(_Sum)
+        self._total = _Sum()
+        self._held = _Sum()  # estimates of the attempts in flight
+        self._spend_capped = any(
+            cap is not None for cap in (limits.max_input_tokens, limits.max_output_tokens, limits.max_cost_usd)
+        )
+
+    @property
+    def total(self) -> UsageTotals:
+        """Usage settled so far, the whole tree."""
+        return self._total.frozen()
+
+    @property
+    def held(self) -> UsageTotals:
+        """The estimates held by the attempts in flight (``calls`` is always 0)."""
+        return UsageTotals(0, self._held.prompt_tokens, self._held.completion_tokens, self._held.cost_usd)
 
     # -- reserved counts: never exceeded -------------------------------------------------------------
     def reserve_calls(self, n: int) -> None:
@@ -240,7 +276,9 @@ class Ledger:
     def check_spend(self) -> None:
         """Raises BudgetExceeded when input tokens, output tokens or USD are spent, counting the estimates
         held by the attempts in flight."""
-        lim, tot, held = self.limits, self.total, self.held
+        if not self._spend_capped:
+            return
+        lim, tot, held = self.limits, self._total, self._held
         for name, cap, used, holding in (
             ("max_input_tokens", lim.max_input_tokens, tot.prompt_tokens, held.prompt_tokens),
             ("max_output_tokens", lim.max_output_tokens, tot.completion_tokens, held.completion_tokens),
@@ -250,7 +288,7 @@ class Ledger:
                 detail = f"{holding:g} more held by attempts in flight" if holding else ""
                 raise BudgetExceeded(name, cap, used, detail=detail)
 
-    def hold(self, model: str, prompt_tokens: int, max_tokens: int) -> UsageTotals:
+    def hold(self, model: str, prompt_tokens: int, max_tokens: int) -> Hold:
         """Check the spend (holds included), then hold one attempt's estimate until :meth:`release`.
 
         Args:
@@ -267,18 +305,16 @@ class Ledger:
         self.check_spend()
         price = self.prices.get(model)
         cost = price.cost_usd(prompt_tokens, max_tokens) if price else 0.0
-        hold = UsageTotals(0, prompt_tokens, max_tokens, cost)
-        self.held = self.held + hold
-        return hold
+        self._held.add(0, prompt_tokens, max_tokens, cost)
+        return (prompt_tokens, max_tokens, cost)
 
-    def release(self, hold: UsageTotals) -> None:
+    def release(self, hold: Hold) -> None:
         """End a hold (the attempt settled, failed or was cancelled)."""
-        self.held = UsageTotals(
-            0,
-            self.held.prompt_tokens - hold.prompt_tokens,
-            self.held.completion_tokens - hold.completion_tokens,
-            max(self.held.cost_usd - hold.cost_usd, 0.0),
-        )
+        prompt_tokens, max_tokens, cost = hold
+        held = self._held
+        held.prompt_tokens -= prompt_tokens
+        held.completion_tokens -= max_tokens
+        held.cost_usd = max(held.cost_usd - cost, 0.0)
 
     def check_priced(self, model: str) -> None:
         """With a USD cap, a model must have a price (or the cap could not be kept). Raises ConfigError."""
@@ -296,23 +332,21 @@ class Ledger:
         prompt_tokens: int,
         completion_tokens: int,
         cost_usd: float | None,
-    ) -> UsageTotals:
-        """Record one billed response; returns its totals (cost from the provider, else the price table)."""
+    ) -> None:
+        """Record one billed response (its cost from the provider, else the price table)."""
         if cost_usd is None:
             price = self.prices.get(model)
             cost_usd = price.cost_usd(prompt_tokens, completion_tokens) if price else 0.0
-        one = UsageTotals(1, prompt_tokens, completion_tokens, cost_usd)
-        key = (depth, agent_id, model)
-        self._totals[key] = self._totals[key] + one
-        self.total = self.total + one
-        return one
+        self._totals[(depth, agent_id, model)].add(1, prompt_tokens, completion_tokens, cost_usd)
+        self._total.add(1, prompt_tokens, completion_tokens, cost_usd)
 
     def usage(self) -> Usage:
         """A frozen snapshot of tree-wide usage with per-depth, per-agent and per-model breakdowns."""
         by_depth: dict[int, UsageTotals] = defaultdict(UsageTotals)
         by_agent: dict[str, UsageTotals] = defaultdict(UsageTotals)
         by_model: dict[str, UsageTotals] = defaultdict(UsageTotals)
-        for (depth, agent_id, model), t in self._totals.items():
+        for (depth, agent_id, model), running in self._totals.items():
+            t = running.frozen()
             by_depth[depth] += t
             by_agent[agent_id] += t
             by_model[model] += t
@@ -320,7 +354,7 @@ class Ledger:
 
     def remaining(self) -> dict[str, float | None]:
         """What is left of each cap (None: no cap). Units: counts, tokens, USD."""
-        lim, tot = self.limits, self.total
+        lim, tot = self.limits, self._total
 
         def left(cap: float | None, used: float) -> float | None:
             return None if cap is None else max(cap - used, 0)

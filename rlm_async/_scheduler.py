@@ -10,7 +10,8 @@ of every agent at every depth goes through :meth:`Scheduler.call`, which in orde
    run (when the run has its own lower ``max_concurrency``) and one of the endpoint's for exactly one HTTP
    attempt; with the slot held it checks the token and USD budgets again, counting the estimates of the
    attempts in flight, and holds its own estimate until it settles; then it asks the circuit breaker and
-   sends the attempt under the per-attempt timeout;
+   sends the attempt under the per-attempt deadline (:class:`AttemptDeadline`, the one timeout mechanism: the
+   clients the engine builds have none of their own);
 3. settles the usage of every billed response into the ledger;
 4. retries per :class:`RetryPolicy`, sleeping *without* a slot, and finally raises a typed
    :class:`LLMCallError` or returns the response.
@@ -22,7 +23,7 @@ A slot is never held while anything else is awaited, so ``max_concurrency=1`` ca
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import itertools
 import random
 import time
@@ -46,10 +47,12 @@ from ._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
+from ._fanout import LANE
 from ._retry import RetryPolicy
 from ._trace import Tracer
 
-__all__ = ["RateLimit", "Scheduler", "SchedulerStats"]  # RateLimit lives in _endpoint, re-exported here
+# RateLimit lives in _endpoint, re-exported here.
+__all__ = ["AttemptDeadline", "RateLimit", "Scheduler", "SchedulerStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,7 @@ class Scheduler:
             endpoint = Endpoint(max_concurrency=max_concurrency, rate_limits=rate_limits, breaker=breaker)
         self._endpoint = endpoint
         self._run_slots = Slots(max_concurrency) if max_concurrency < endpoint.max_concurrency else None
+        self._run_slots_n = max_concurrency
         self._circuit = endpoint.circuit
         self._opened_before = self._circuit.opened if self._circuit is not None else 0
         self._sleep = sleep
@@ -136,6 +140,11 @@ class Scheduler:
         self._calls = self._attempts = self._retries = self._failed = 0
         self._in_flight = self._peak = 0
         self._queued_s = self._running_s = 0.0
+
+    @property
+    def concurrency(self) -> int:
+        """The most attempts this run may have in flight: its own cap, or the endpoint's when that is lower."""
+        return min(self._run_slots_n, self._endpoint.max_concurrency)
 
     def stats(self) -> SchedulerStats:
         """A frozen snapshot of the counters."""
@@ -175,9 +184,11 @@ class Scheduler:
             self._ledger.reserve_calls(1)
         call_id = next(self._ids)
         self._calls += 1
-        started = anyio.current_time()
-        state = _CallState(call_id, depth, agent_id, request.model, started)
-        self._tracer.emit("call_queued", call_id=call_id, model=request.model, call_depth=depth)
+        clock = asyncio.get_running_loop().time
+        tracer = self._tracer
+        state = _CallState(call_id, depth, agent_id, request.model, clock())
+        if tracer.active:
+            tracer.emit("call_queued", call_id=call_id, model=request.model, call_depth=depth)
         try:
             response = await self._with_retries(request, state)
         except ProviderError as exc:
@@ -185,7 +196,7 @@ class Scheduler:
             if state.attempts == 0:  # refused unsent (the circuit was open): nothing was spent
                 self._ledger.refund_calls(1)
             error = _call_error(exc, state, self._retry, self._wall())
-            self._tracer.emit("call_failed", call_id=call_id, kind=error.kind, error=str(exc))
+            tracer.emit("call_failed", call_id=call_id, kind=error.kind, error=str(exc))
             raise error from exc
         except (BudgetExceeded, ConfigError):
             if state.attempts == 0:
@@ -196,14 +207,15 @@ class Scheduler:
             if state.attempts == 0:
                 self._ledger.refund_calls(1)
             raise
-        self._tracer.emit(
-            "call_finished",
-            call_id=call_id,
-            attempts=state.attempts,
-            prompt_tokens=response.prompt_tokens,
-            completion_tokens=response.completion_tokens,
-            latency_s=round(anyio.current_time() - started, 6),
-        )
+        if tracer.active:
+            tracer.emit(
+                "call_finished",
+                call_id=call_id,
+                attempts=state.attempts,
+                prompt_tokens=response.prompt_tokens,
+                completion_tokens=response.completion_tokens,
+                latency_s=round(clock() - state.started, 6),
+            )
         return response
 
     async def _with_retries(self, request: ChatRequest, state: _CallState) -> ChatResponse:
@@ -224,7 +236,14 @@ class Scheduler:
                 retries += 1
                 wait = self._retry.wait_s(retries, exc, now=self._wall(), rand=self._rand)
                 self._tracer.emit("call_retried", call_id=state.call_id, attempt=retries, wait_s=wait, error=str(exc))
-                await self._sleep(wait)
+                lane = LANE.get()  # a batch's worker lends its lane while it waits (see _fanout)
+                if lane is not None:
+                    lane.lend()
+                try:
+                    await self._sleep(wait)
+                finally:
+                    if lane is not None:
+                        lane.back()
 
     async def _attempt(self, request: ChatRequest, state: _CallState) -> ChatResponse:
         endpoint, ledger = self._endpoint, self._ledger
@@ -232,19 +251,15 @@ class Scheduler:
         ledger.check_spend()  # early: a refused attempt should not take a rate-limit token
         if self._circuit is not None:
             self._circuit.check_open()
-        estimate = estimate_tokens_for(request)
         limiter = endpoint.limiters.get(request.model)
         if limiter is not None:
-            await limiter.acquire(estimate)
-        async with contextlib.AsyncExitStack() as slots:
-            if self._run_slots is not None:
-                await slots.enter_async_context(self._run_slots)
-            await slots.enter_async_context(endpoint.slots)
-            hold = ledger.hold(request.model, estimate_tokens(request.prompt_chars), request.max_tokens or 0)
-            try:
+            await limiter.acquire(estimate_tokens_for(request))
+        if self._run_slots is None:
+            async with endpoint.slots:
                 response = await self._send(request, state)
-            finally:
-                ledger.release(hold)
+        else:
+            async with self._run_slots, endpoint.slots:
+                response = await self._send(request, state)
         ledger.settle(
             depth=state.depth,
             agent_id=state.agent_id,
@@ -256,9 +271,17 @@ class Scheduler:
         return response
 
     async def _send(self, request: ChatRequest, state: _CallState) -> ChatResponse:
-        """One HTTP attempt, with a slot held: the breaker's verdict, the counters, the per-attempt timeout."""
-        probe = self._circuit.before_attempt() if self._circuit is not None else False
-        now = anyio.current_time()
+        """One HTTP attempt, with a slot held: the spend check and hold, the breaker's verdict, the counters,
+        the per-attempt deadline."""
+        hold = self._ledger.hold(request.model, estimate_tokens(request.prompt_chars), request.max_tokens or 0)
+        circuit = self._circuit
+        try:
+            probe = circuit.before_attempt() if circuit is not None else False
+        except BaseException:
+            self._ledger.release(hold)
+            raise
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if state.attempts == 0:
             self._queued_s += now - state.started
         state.attempts += 1
@@ -267,27 +290,89 @@ class Scheduler:
         self._in_flight += 1
         self._endpoint.in_flight += 1
         self._peak = max(self._peak, self._in_flight)
-        self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
+        if self._tracer.active:
+            self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
+        timeout_s = self._retry.attempt_timeout_s
         outcome: BaseException | None = None
         try:
-            with anyio.fail_after(self._retry.attempt_timeout_s):
+            with AttemptDeadline(loop, timeout_s):
                 return await self._client.chat(request)
         except TimeoutError as exc:
-            outcome = ProviderTimeoutError(f"attempt ran past {self._retry.attempt_timeout_s:g} s", status=None)
+            outcome = ProviderTimeoutError(f"attempt ran past {timeout_s:g} s", status=None)
             raise outcome from exc
         except BaseException as exc:
             outcome = exc
             raise
         finally:
+            self._ledger.release(hold)
             self._in_flight -= 1
             self._endpoint.in_flight -= 1
-            self._running_s += anyio.current_time() - now
-            if self._circuit is not None:
-                if isinstance(outcome, anyio.get_cancelled_exc_class()):
-                    if probe:
-                        self._circuit.probe_abandoned()
+            self._running_s += loop.time() - now
+            if circuit is not None:
+                if isinstance(outcome, asyncio.CancelledError):
+                    circuit.abandoned(probe=probe)
                 else:
-                    self._circuit.record(outcome, probe=probe)
+                    circuit.record(outcome, probe=probe)
+
+
+class AttemptDeadline:
+    """The per-attempt timeout: ``with AttemptDeadline(loop, timeout_s):`` raises ``TimeoutError`` when the
+    block runs past ``timeout_s`` seconds, and never charges the engine's own event-loop lag to the server.
+
+    A plain ``asyncio.timeout`` cancels an attempt whose response arrived before the deadline whenever the
+    loop is too busy to read it in time: asyncio polls the sockets, then runs the timers that fell due, and
+    only after both resumes the tasks whose data arrived, so the timer's cancellation wins and a loaded engine
+    reports a healthy server as slow (and feeds those timeouts to the circuit breaker). anyio's ``fail_after``
+    avoids that by re-checking the task's waiter, at several times the CPU. Here the deadline, when it falls
+    due, lets the loop poll once more and resume the tasks that poll woke before it cancels: an answer that
+    had arrived by the deadline is read; one still missing times out. The two extra callback hops are paid
+    only by attempts that time out; on an idle loop the timeout fires on time.
+
+    Cancellation follows ``asyncio.timeout`` (Python 3.11+): the deadline cancels the task, and on leaving
+    the block turns that cancellation, and only that one, into ``TimeoutError`` (``Task.uncancel`` keeps
+    count, so a cancellation from outside, say a cancel scope, is passed on untouched). A synchronous
+    context manager, so entering one costs no coroutine. ``timeout_s=None`` sets no deadline.
+
+    Raises:
+        TimeoutError: on leaving the block, when the deadline cancelled it.
+    """
+
+    __slots__ = ("_cancelling", "_expired", "_handle", "_loop", "_task", "_timeout_s")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> None:
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._handle: asyncio.Handle | None = None
+        self._expired = False
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task(self._loop)
+        if task is None:
+            raise RuntimeError("AttemptDeadline must be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        if self._timeout_s is not None:
+            self._handle = self._loop.call_later(self._timeout_s, self._due)
+
+    def _due(self) -> None:
+        # A timer due now runs in the next loop iteration, after that iteration's socket poll ...
+        self._handle = self._loop.call_at(self._loop.time(), self._polled)
+
+    def _polled(self) -> None:
+        # ... and call_soon queues the cancellation behind the wake-ups that poll queued.
+        self._handle = self._loop.call_soon(self._expire)
+
+    def _expire(self) -> None:
+        self._handle = None
+        self._expired = True
+        self._task.cancel()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._expired and self._task.uncancel() <= self._cancelling and et is asyncio.CancelledError:
+            raise TimeoutError(f"ran past {self._timeout_s:g} s") from ev
 
 
 def estimate_tokens_for(request: ChatRequest) -> int:

@@ -11,6 +11,12 @@ The structlog logger is, by default, a structlog wrapper around the stdlib logge
 level, so a library user sees nothing unless they enable that logger; pass ``logger=structlog.get_logger()``
 to route events through your own structlog configuration. The bound context is passed to the logger with each
 event, so it arrives whether or not your processors merge contextvars. Nothing is configured at import time.
+
+Events cost nothing when nobody listens: :attr:`Tracer.active` is False when there is no JSONL file, no
+listener, and the logger is not enabled for DEBUG (the stdlib logger's ``isEnabledFor``, a structlog filtering
+logger's ``is_enabled_for``; a logger that says neither counts as listening). ``emit`` then returns before
+building the event, and hot paths test ``active`` before computing an event's fields. The level is read at
+each event, so enabling the logger mid-run takes effect at once.
 """
 
 from __future__ import annotations
@@ -86,6 +92,19 @@ def _default_logger() -> Any:
     )
 
 
+def _debug_check(logger: Any) -> Callable[[], bool]:
+    """A cheap "would this logger emit at DEBUG?" for a stdlib-backed or a structlog filtering logger."""
+    if logger is None:
+        return lambda: False
+    wrapped = getattr(logger, "_logger", None)
+    if isinstance(wrapped, logging.Logger) and isinstance(logger, structlog.stdlib.BoundLogger):
+        return lambda: wrapped.isEnabledFor(logging.DEBUG)
+    is_enabled_for = getattr(logger, "is_enabled_for", None)
+    if callable(is_enabled_for):  # structlog's make_filtering_bound_logger (structlog >= 22.1)
+        return lambda: bool(is_enabled_for(logging.DEBUG))
+    return lambda: True  # a logger that cannot say: assume it listens
+
+
 class Tracer:
     """Sends each event to the structlog logger, the JSONL file (when ``trace_path`` is set) and listeners.
 
@@ -106,17 +125,29 @@ class Tracer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log = logger if logger is not None else _default_logger()
+        self._log_enabled = _debug_check(self._log)
         self._listeners = list(listeners)
         self._clock = clock
         self._t0 = clock()
         self._file: IO[str] | None = open(trace_path, "a", encoding="utf-8") if trace_path else None  # noqa: SIM115
+        self._always = self._file is not None or bool(self._listeners)
+
+    @property
+    def active(self) -> bool:
+        """Whether an event emitted now would reach anyone (a file, a listener, or a logger enabled for DEBUG)."""
+        return self._always or self._log_enabled()
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Record one event. Never raises for an unserialisable field: JSON falls back to ``repr``."""
+        """Record one event, or do nothing when :attr:`active` is False. Never raises for an unserialisable
+        field: JSON falls back to ``repr``."""
+        logged = self._log_enabled()
+        if not (logged or self._always):
+            return
         record: Event = {"event": event, "t": round(self._clock() - self._t0, 6)}
         record.update(structlog.contextvars.get_contextvars())
         record.update(fields)
-        self._log.debug(**record)
+        if logged:
+            self._log.debug(**record)
         if self._file is not None:
             self._file.write(json.dumps(record, default=repr) + "\n")
         for listener in self._listeners:

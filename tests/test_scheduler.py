@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import anyio
 import pytest
@@ -202,6 +203,54 @@ async def test_attempt_timeout_becomes_a_typed_timeout():
     with pytest.raises(LLMCallError) as info:
         await sched.call(request(), depth=0, agent_id="0")
     assert info.value.kind == "timeout" and info.value.attempts == 2
+
+
+async def test_an_answer_that_arrived_before_the_deadline_is_read_even_when_the_loop_runs_late():
+    """The engine's own loop lag is not the server's slowness: the answer is there 20 ms into a 100 ms attempt,
+    but the loop is stuck until 300 ms, past the deadline. A plain ``asyncio.timeout`` runs its timer after the
+    wake-up is queued and cancels the attempt; the deadline lets the loop deliver what arrived first."""
+    loop = asyncio.get_running_loop()
+    sent = anyio.Event()
+
+    async def answer_at_20_ms(req: ChatRequest) -> str:
+        answered: asyncio.Future[str] = loop.create_future()
+        loop.call_later(0.02, answered.set_result, "on time")
+        sent.set()
+        return await answered
+
+    def stuck_loop(until: float) -> None:
+        while time.perf_counter() < until:  # a CPU-bound stretch of the engine: the loop cannot run
+            pass
+
+    retry = RetryPolicy(max_retries=0, attempt_timeout_s=0.1)
+    sched, _, _ = scheduler(FakeClient(answer_at_20_ms), max_concurrency=1, retry=retry)
+
+    async def call() -> None:
+        await sched.call(request(), depth=0, agent_id="0")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await sent.wait()
+        loop.call_soon(stuck_loop, time.perf_counter() + 0.3)
+    assert sched.stats().failed_calls == 0
+
+
+@on_fake_clock
+async def test_an_answer_still_missing_after_the_loop_has_polled_times_out():
+    """...while one that had not come by the deadline still times out, on the dot (fake clock)."""
+    loop = asyncio.get_running_loop()
+
+    async def answer_at(req: ChatRequest) -> str:
+        answered: asyncio.Future[str] = loop.create_future()
+        loop.call_later(float(req.messages[0]["content"]), answered.set_result, "late")
+        return await answered
+
+    sched, _, _ = scheduler(FakeClient(answer_at), max_concurrency=1, retry=RetryPolicy(0, attempt_timeout_s=5.0))
+    started = loop.time()
+    with pytest.raises(LLMCallError) as info:
+        await sched.call(request("5.001"), depth=0, agent_id="0")
+    assert info.value.kind == "timeout" and loop.time() - started == pytest.approx(5.0, abs=1e-6)
+    assert (await sched.call(request("4.999"), depth=0, agent_id="0")).text == "late"
 
 
 async def test_cancellation_is_never_retried_or_wrapped():
