@@ -219,11 +219,12 @@ class RLM:
             the breaker off.
         prices: model name -> :class:`Price` (USD per million tokens), for ``usage.cost_usd`` and
             ``Limits.max_cost_usd`` when the provider does not report ``usage.cost``.
-        client: a :class:`ChatClient` to use instead of the OpenAI SDK client (tests, custom transports);
+        client: a :class:`ChatClient` to use instead of the one ``http`` names (tests, custom transports);
             the caller keeps ownership and closes it.
-        http: the client this RLM builds when none is passed: ``"openai"`` (:class:`OpenAIClient`, the SDK;
-            the default) or ``"aiohttp"`` (:class:`AiohttpClient`: the same request with a third of the CPU
-            per call, for large fan-outs against a fast endpoint).
+        http: the client this RLM builds when none is passed: ``"aiohttp"`` (the default,
+            :class:`AiohttpClient`: the request on aiohttp alone, at 0.4 of the SDK's CPU per call) or
+            ``"openai"`` (:class:`OpenAIClient`, openai-python, for what only it does: Azure authentication,
+            organisations, proxies). Both send the same body and raise the same errors (docs/benchmarks.md).
         trace_path: append every event of every run as JSON lines to this file.
         logger: a structlog logger for events (default: the stdlib logger ``"rlm_async"`` at DEBUG).
         on_event: a callable given every event dict (progress bars, metrics).
@@ -277,7 +278,7 @@ class RLM:
         circuit_breaker: CircuitBreaker | None = DEFAULT_BREAKER,
         prices: Mapping[str, Price] | None = None,
         client: ChatClient | None = None,
-        http: Literal["openai", "aiohttp"] = "openai",
+        http: Literal["aiohttp", "openai"] = "aiohttp",
         trace_path: str | Path | None = None,
         logger: Any = None,
         on_event: Callable[[Event], None] | None = None,
@@ -394,15 +395,12 @@ class RLM:
             await client.aclose()
 
     def _ensure_client(self) -> ChatClient:
-        if self._client is None:
-            timeout_s = self.retry.attempt_timeout_s + 10
+        if self._client is None:  # no timeout of its own: the scheduler's attempt deadline is the one
             if self._http == "aiohttp":
                 base_url = self._base_url or "https://api.openai.com/v1"
-                self._client = AiohttpClient(base_url=base_url, api_key=self._api_key or "EMPTY", timeout_s=timeout_s)
+                self._client = AiohttpClient(base_url=base_url, api_key=self._api_key or "EMPTY")
             else:
-                self._client = OpenAIClient(
-                    base_url=self._base_url, api_key=self._api_key or "EMPTY", timeout_s=timeout_s
-                )
+                self._client = OpenAIClient(base_url=self._base_url, api_key=self._api_key or "EMPTY")
         return self._client
 
     async def completion(

@@ -50,7 +50,7 @@ class RootHere:
         self,
         script: Any,
         base_url: str,
-        http: type[OpenAIClient | AiohttpClient] = OpenAIClient,
+        http: type[OpenAIClient | AiohttpClient] = AiohttpClient,
         api_key: str = "k",
     ) -> None:
         self.root = FakeClient(script)
@@ -118,8 +118,8 @@ def leftover_tasks() -> list[asyncio.Task[Any]]:
 # -- G1, G6, G8: 10,000 calls ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("faults", "http"),
-    [({}, OpenAIClient), (FAULT_MIX, OpenAIClient), (FAULT_MIX, AiohttpClient)],
-    ids=["no_faults", "fault_mix", "fault_mix_aiohttp"],
+    [({}, AiohttpClient), (FAULT_MIX, AiohttpClient), (FAULT_MIX, OpenAIClient)],
+    ids=["no_faults", "fault_mix", "fault_mix_openai"],
 )
 async def test_ten_thousand_calls_at_256_in_flight(faults, http):
     n = 10_000

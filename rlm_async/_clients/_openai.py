@@ -25,20 +25,21 @@ class OpenAIClient:
     """A :class:`ChatClient` for any OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
     Built on ``openai.AsyncOpenAI`` with ``http_client=openai.DefaultAioHttpClient()`` (aiohttp) and
-    ``max_retries=0``: the scheduler is the one retry layer. The SDK's own timeout is set a little above the
-    scheduler's per-attempt timeout, which is the one that fires.
+    ``max_retries=0``: the scheduler is the one retry layer, and its per-attempt deadline the one timeout
+    (``RetryPolicy.attempt_timeout_s``), so the SDK gets none by default. ``RLM(http="openai")`` builds it;
+    the default is the lean :class:`~rlm_async.AiohttpClient` (docs/benchmarks.md says why).
 
     Args:
         base_url: e.g. ``"http://127.0.0.1:8000/v1"``; None reads ``OPENAI_BASE_URL`` (the SDK's default).
         api_key: None reads ``OPENAI_API_KEY``; local servers accept any non-empty key.
-        timeout_s: the SDK's timeout in seconds.
+        timeout_s: the SDK's timeout in seconds (httpx's, per phase), or None (the default) for none.
 
     Raises (from ``chat``): ``ProviderStatusError`` (non-2xx, with headers), ``ProviderTimeoutError``,
     ``ProviderConnectionError``, ``ProviderResponseError`` (malformed body, no choices, no content),
     ``ConfigError`` (a request that cannot be encoded as UTF-8 JSON; nothing was sent).
     """
 
-    def __init__(self, *, base_url: str | None, api_key: str | None, timeout_s: float = 610.0) -> None:
+    def __init__(self, *, base_url: str | None, api_key: str | None, timeout_s: float | None = None) -> None:
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key,
