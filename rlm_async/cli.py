@@ -22,6 +22,7 @@ from ._engine import RLM, RLMResult
 from ._errors import ConfigError
 from ._sandbox import describe as describe_sandbox
 from ._trace import Event
+from .eval import _cli as eval_cli
 from .local import MODELS, LocalSetupError
 from .sim import FAULT_KINDS, PROFILES, FaultPlan, SimConfig, SimServer
 
@@ -43,6 +44,7 @@ examples:
   rlm-async run "Summarise" --context - --base-url http://127.0.0.1:8000/v1 < notes.txt
   rlm-async sim --port 8000 --profile fast --faults "429=0.05,500=0.01"
   rlm-async bench --quick --out bench-results      # speedups, ideal bounds, the official rlms side by side
+  rlm-async eval oolong --n 20 --length 8k,32k     # quality: S-NIAH, OOLONG, OOLONG-Pairs (docs/eval.md)
   rlm-async local setup                            # llama.cpp + Qwen2.5-Coder-0.5B, cached (once, ~8 min)
   rlm-async run --local "How many lines mention a cat?" --context notes.txt
 
@@ -147,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--time-scale", type=float, default=0.1)
     bench.add_argument("--seed", type=int, default=0)
 
+    eval_cli.add_parser(sub)
+
     demo = sub.add_parser("demo", help="the main job: word counts per book over the whole KJV, checked")
     demo.add_argument("--word", default="shepherd")
     demo.add_argument("--max-concurrency", type=int, default=64)
@@ -168,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "local": _local,
         "doctor": _doctor,
         "serve": _serve,
+        "eval": eval_cli.main,
     }
     try:
         return handlers[args.command](args)

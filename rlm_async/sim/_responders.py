@@ -48,7 +48,8 @@ class RuleBasedSubModel:
     """Answers the sub-tasks it recognises; anything else gets a short, deterministic generic reply.
 
     Recognised: the verse-count prompt (:data:`VERSE_COUNT_PROMPT`), ``Find the line holding the key "K"``,
-    ``Count the lines that mention "W"``, ``Reply with the word W``.
+    ``Count the lines that mention "W"``, ``Reply with the word W``, and the eval tasks' prompts
+    (``rlm_async.eval._simulated.sub_answer``).
     """
 
     _VERSES = re.compile(r'Count the verses that contain the word "([^"]+)"')
@@ -68,6 +69,10 @@ class RuleBasedSubModel:
             return str(sum(word in line.lower() for line in body.splitlines()))
         if m := self._REPLY.match(prompt):
             return m.group(1)
+        from ..eval._simulated import sub_answer  # lazy: rlm_async.eval imports the simulator
+
+        if (reply := sub_answer(prompt)) is not None:
+            return reply
         words = prompt.split()
         return f"Noted {len(words)} words, starting: {' '.join(words[:8])}"
 
@@ -132,6 +137,7 @@ class ScriptedRoot:
       ``rlm_query``); answer how many returned ``LEAF``.
     - an agent with no query whose ``context`` reads ``"Chain d"`` (an official child) or a query
       ``"Chain d"``: the chain step above.
+    - the eval tasks' questions (S-NIAH, OOLONG, OOLONG-Pairs): ``rlm_async.eval._simulated.root_program``.
     - anything else: peek; chunk; one batch asking for notes; answer with the number of notes.
     """
 
@@ -165,7 +171,9 @@ class ScriptedRoot:
             return [self._loop_agents(int(m.group(1)), asynchronous)]
         if not query or query.startswith("Chain "):
             return [self._chain_step(asynchronous)]
-        return self._generic(asynchronous)
+        from ..eval._simulated import root_program  # lazy: rlm_async.eval imports the simulator
+
+        return root_program(query, asynchronous) or self._generic(asynchronous)
 
     def _chunking(self) -> str:
         return f"""

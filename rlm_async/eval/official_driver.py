@@ -1,0 +1,65 @@
+"""Runs one eval item on the official ``rlms`` package (import ``rlm``); executed by *its* interpreter.
+
+rlm_async never imports this file: ``rlm-async eval --engine official`` runs it with the python of a separate
+virtual environment that has ``rlms`` installed (the benchmark's, ``rlm_async.bench.ensure_official_venv``).
+The request is a JSON file (the context can be far longer than a command-line argument may be):
+``{"query", "context", "model", "sub_model", "base_url", "api_key", "max_depth", "max_iterations",
+"workers", "timeout_s", "max_budget", "sampling"}``. It prints one JSON line: ``answer``, ``ok``, ``error``,
+``wall_s`` and ``usage`` (``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``).
+
+    python official_driver.py request.json
+"""
+
+import importlib
+import json
+import sys
+import time
+import traceback
+from typing import Any
+
+
+def _usage(result: Any) -> dict[str, Any]:
+    summary = getattr(result, "usage_summary", None)
+    models = getattr(summary, "model_usage_summaries", None) or {}
+    cost = getattr(summary, "total_cost", None)
+    return {
+        "calls": sum(int(getattr(m, "total_calls", 0) or 0) for m in models.values()),
+        "prompt_tokens": sum(int(getattr(m, "total_input_tokens", 0) or 0) for m in models.values()),
+        "completion_tokens": sum(int(getattr(m, "total_output_tokens", 0) or 0) for m in models.values()),
+        "cost_usd": float(cost) if cost is not None else 0.0,
+    }
+
+
+def main() -> None:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        req = json.load(f)
+    started = time.perf_counter()
+    record: dict[str, Any] = {"ok": False, "answer": "", "error": None, "usage": {}}
+    try:
+        rlm_module = importlib.import_module("rlm")
+        backend = {"model_name": req["model"], "base_url": req["base_url"], "api_key": req["api_key"]}
+        kwargs: dict[str, Any] = {
+            "backend": "openai",
+            "backend_kwargs": backend,
+            "environment": "local",
+            "max_depth": req.get("max_depth", 1),
+            "max_iterations": req.get("max_iterations", 30),
+            "max_concurrent_subcalls": req.get("workers", 4),
+        }
+        if req.get("sub_model") and req["sub_model"] != req["model"]:
+            kwargs["other_backends"] = ["openai"]
+            kwargs["other_backend_kwargs"] = [{**backend, "model_name": req["sub_model"]}]
+        for ours, theirs in (("timeout_s", "max_timeout"), ("max_budget", "max_budget"), ("sampling", "sampling_args")):
+            if req.get(ours) is not None:
+                kwargs[theirs] = req[ours]
+        rlm = rlm_module.RLM(**kwargs)
+        result = rlm.completion(req["context"], root_prompt=req["query"])
+        record.update(ok=True, answer=str(getattr(result, "response", result)), usage=_usage(result))
+    except Exception as exc:  # the comparison records the peer's failures too
+        record["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    record["wall_s"] = time.perf_counter() - started
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
