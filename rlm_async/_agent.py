@@ -377,9 +377,10 @@ class Agent:
         results: list[Outcome] = [{} for _ in prompts]
         refused: list[BudgetExceeded] = []
 
+        template = self._run.request(model, (), depth, max_tokens=max_tokens)  # sampling resolved once a batch
+
         async def one(index: int, prompt: str) -> None:
-            messages: tuple[Message, ...] = ({"role": "user", "content": prompt},)
-            request = self._run.request(model, messages, depth, max_tokens=max_tokens)
+            request = template.with_messages(({"role": "user", "content": prompt},))
             try:
                 response = await self._run.scheduler.call(request, depth=depth, agent_id=self.agent_id, reserved=True)
             except BudgetExceeded as exc:

@@ -4,14 +4,14 @@
 scheduler's slots. Here ``min(N, C)`` worker tasks take the items in order, one at a time each, in an
 ``asyncio.TaskGroup`` (structured: cancelling the batch cancels its workers; an error in one cancels the
 others, as with any task group). For 10,000 items through the scheduler with an in-process fake client,
-the CPU per item was (benchmarks/spawn.py, this 2-core machine):
+the CPU per item was (``benchmarks/micro.py``, results in benchmarks/results/micro.json, this 2-core machine):
 
 =============================  =======  =======
 primitive                       C=64     C=256
 =============================  =======  =======
-anyio task group, a task each   80 µs    81 µs
-asyncio.TaskGroup, a task each  44 µs    39 µs
-this pool                       16 µs    20 µs
+anyio task group, a task each   77 µs    76 µs
+asyncio.TaskGroup, a task each  38 µs    37 µs
+this pool                       13 µs    15 µs
 =============================  =======  =======
 
 Most of the difference is the garbage collector walking 10,000 live tasks and coroutines, and the slot

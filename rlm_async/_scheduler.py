@@ -323,7 +323,8 @@ class AttemptDeadline:
     loop is too busy to read it in time: asyncio polls the sockets, then runs the timers that fell due, and
     only after both resumes the tasks whose data arrived, so the timer's cancellation wins and a loaded engine
     reports a healthy server as slow (and feeds those timeouts to the circuit breaker). anyio's ``fail_after``
-    avoids that by re-checking the task's waiter, at several times the CPU. Here the deadline, when it falls
+    avoids that by re-checking the task's waiter, at 10.3 µs of CPU an attempt against this class's 2.8 µs
+    (``asyncio.timeout``: 4.4 µs; benchmarks/micro.py). Here the deadline, when it falls
     due, lets the loop poll once more and resume the tasks that poll woke before it cancels: an answer that
     had arrived by the deadline is read; one still missing times out. The two extra callback hops are paid
     only by attempts that time out; on an idle loop the timeout fires on time.

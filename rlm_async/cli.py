@@ -514,7 +514,9 @@ def _bench(args: argparse.Namespace) -> int:
     with console.status("benchmarking") as status:
         rows = bench.run(cfg, progress=lambda step: status.update(f"benchmarking: {step}"))
     table = Table(title=f"rlm-async bench ({'quick' if args.quick else 'full'}; results in {args.out})")
-    for col in ("scenario", "engine", "params", "wall s", "speedup", "/ideal", "CPU ms/call", "peak", "RSS MiB", "ok"):
+    columns = ("scenario", "engine", "params", "wall s", "speedup", "/ideal", "CPU ms/call", "CPU/floor", "wall/floor",
+               "peak", "RSS MiB", "ok")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col in ("scenario", "engine", "params") else "right")
 
     def fmt(value: float | None, spec: str) -> str:
@@ -524,7 +526,8 @@ def _bench(args: argparse.Namespace) -> int:
         params = " ".join(f"{k}={v}" for k, v in r.params.items())
         table.add_row(
             r.scenario, r.engine, params, fmt(r.wall_s, ".3f"), fmt(r.speedup, ".1f"), fmt(r.ideal_ratio, ".2f"),
-            fmt(r.cpu_ms_per_call, ".2f"), fmt(r.peak_in_flight, "d"), fmt(r.peak_rss_mb, ".0f"),
+            fmt(r.cpu_ms_per_call, ".3f"), fmt(r.cpu_vs_floor, ".2f"), fmt(r.wall_vs_floor, ".3f"),
+            fmt(r.peak_in_flight, "d"), fmt(r.peak_rss_mb, ".0f"),
             "yes" if r.ok else "[red]NO[/red]",
         )  # fmt: skip
     console.print(table)

@@ -66,3 +66,24 @@ def test_official_driver_reports_a_missing_package_as_a_failure(tmp_path):
     )  # fmt: skip
     record = json.loads(done.stdout)
     assert record["ok"] is False and "rlm" in record["error"]
+
+
+async def test_the_floor_makes_the_same_calls_and_engine_rows_carry_ratios_to_it(cfg):
+    from rlm_async.bench._floor import bare_fanout, floor_targets
+
+    async with sim_process(SimConfig(latency=cfg.latency, time_scale=cfg.time_scale)) as sim:
+        floor = await bare_fanout(sim.base_url, 30, 8)
+        stats = await sim.stats()
+        rows = await floor_targets(sim.base_url, bench._engine_run, bench._measure, n=20, reps=1)
+    assert floor.ok and floor.calls == 31 == stats.completed and floor.cpu_ms_per_call > 0
+    assert stats.peak_in_flight <= 8
+    by = {(r.params["C"], r.params["config"]): r for r in rows}
+    assert set(by) == {
+        (64, "bare aiohttp"), (64, "default"), (64, "http=openai"), (64, "trace_on"), (64, "rlm_batch"),
+        (256, "bare aiohttp"), (256, "default"), (256, "http=openai"), (256, "trace_on"),
+    }  # fmt: skip
+    for (c, config), row in by.items():
+        assert row.ok, (c, config, row.answer)
+        assert row.cpu_vs_floor is not None and row.cpu_vs_floor > 0
+        assert (row.wall_vs_floor is None) == (config == "rlm_batch")
+    assert by[(64, "default")].calls == by[(64, "bare aiohttp")].calls == 21

@@ -73,13 +73,14 @@ class AiohttpClient:
         try:
             async with self._open().post(self._url, data=body, headers=self._headers) as resp:
                 raw = await resp.read()
-                status, headers = resp.status, dict(resp.headers)
+                status = resp.status
+                if not 200 <= status < 300:  # the headers are copied only here: Retry-After lives in them
+                    message = f"HTTP {status}: {_error_message(raw)}"
+                    raise ProviderStatusError(message, status=status, headers=dict(resp.headers))
         except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one too
             raise ProviderTimeoutError(f"timed out: {exc!r}") from exc
         except aiohttp.ClientError as exc:  # refused, reset, disconnected, payload cut short
             raise ProviderConnectionError(f"connection failed: {exc!r}") from exc
-        if not 200 <= status < 300:
-            raise ProviderStatusError(f"HTTP {status}: {_error_message(raw)}", status=status, headers=headers)
         try:
             data = json.loads(raw)
         except ValueError as exc:

@@ -49,6 +49,11 @@ class ChatRequest:
             body["temperature"] = self.temperature
         return body
 
+    def with_messages(self, messages: tuple[Message, ...]) -> ChatRequest:
+        """This request with other messages (what a batch does per prompt; half the CPU of
+        ``dataclasses.replace``)."""
+        return ChatRequest(self.model, messages, self.max_tokens, self.stop, self.temperature, self.sampling)
+
     @property
     def prompt_chars(self) -> int:
         """Characters of message content (for the token estimate used by TPM limits)."""

@@ -1,8 +1,8 @@
 """The benchmark suite: latency speedups against sequential runs, the ideal bound, and the official RLM.
 
-Every scenario runs the full engine (root turn, REPL cell, scheduler, OpenAI SDK over HTTP) against the
-simulator in a child process, with a fixed latency model (every call takes ``call_s`` seconds, no jitter, no
-outliers) so that the ideal lower bound is exact:
+Every scenario runs the full engine (root turn, REPL cell in its worker process, scheduler, the default
+client over HTTP) against the simulator in a child process, with a fixed latency model (every call takes
+``call_s`` seconds, no jitter, no outliers) so that the ideal lower bound is exact:
 
 - fan-out: ``ceil(N / C)`` waves of ``call_s`` plus the root's one turn;
 - recursive fan-out (k chains of depth d, run at once): ``(d + 2) * call_s`` (root turn, d agent turns, the
@@ -11,8 +11,13 @@ outliers) so that the ideal lower bound is exact:
   bucket holds a minute's worth and refills continuously).
 
 Figures per run: makespan, speedup over the same workload at ``max_concurrency=1``, ratio to the ideal
-bound, CPU milliseconds of the engine process per call (SDK and HTTP included; the scheduler alone is
+bound, CPU milliseconds of the engine process per call (client and HTTP included; the scheduler alone is
 measured separately with the in-process fake client), peak in-flight, and peak RSS of the engine process.
+Fan-out rows at C >= 8 also carry their ratios to the floor, a bare aiohttp loop doing the same HTTP work
+against the same simulator in the same run (:mod:`rlm_async.bench._floor`).
+
+The suite lives here, importable, so that ``rlm-async bench`` runs from an installed package; the repository's
+``benchmarks/`` folder holds the latest full run's results, the microbenchmarks and how to read them.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from .._engine import RLM, RLMResult
 from .._retry import RetryPolicy
 from .._scheduler import RateLimit, Scheduler
 from .._trace import Event, Tracer
-from ..sim import FaultPlan, LatencyModel, SimConfig, sim_process
+from ..sim import PROFILES, FaultPlan, LatencyModel, SimConfig, sim_process
+from ._floor import bare_fanout, floor_targets
 
 __all__ = ["BenchConfig", "Measurement", "run_benchmarks"]
 
@@ -97,6 +103,8 @@ class Measurement:
         answer: the run's answer.
         speedup: filled in afterwards: the C=1 run's wall_s / this wall_s.
         extra: anything else worth keeping (retries, 429s served, errors).
+        cpu_vs_floor: cpu_ms_per_call / the floor's, measured in the same run (None where no floor ran).
+        wall_vs_floor: wall_s / the floor's.
     """
 
     scenario: str
@@ -112,6 +120,8 @@ class Measurement:
     answer: str
     speedup: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_vs_floor: float | None = None
+    wall_vs_floor: float | None = None
 
     @property
     def ideal_ratio(self) -> float | None:
@@ -137,18 +147,20 @@ def _peak_rss_mb() -> float:
 
 
 async def _engine_run(
-    base_url: str, query: str, context: Any, limits: Limits, **rlm_kwargs: Any
+    base_url: str, query: str, context: Any, limits: Limits, *, events: bool = False, **rlm_kwargs: Any
 ) -> tuple[RLMResult, float, float, list[Event]]:
-    """One completion; returns the result, CPU seconds of this process, peak RSS (MiB) and the events."""
-    events: list[Event] = []
+    """One completion; returns the result, CPU seconds of this process, peak RSS (MiB) and the events (only
+    with ``events=True``: a listener makes every event cost its CPU, which the figures should not carry)."""
+    seen: list[Event] = []
+    if events:
+        rlm_kwargs["on_event"] = seen.append
     _reset_peak_rss()
     cpu = time.process_time()
     async with RLM(
-        "sim-root", sub_model="sim-sub", base_url=base_url, api_key="sim", limits=limits, on_event=events.append,
-        **rlm_kwargs,
-    ) as rlm:  # fmt: skip
+        "sim-root", sub_model="sim-sub", base_url=base_url, api_key="sim", limits=limits, **rlm_kwargs
+    ) as rlm:
         result = await rlm.completion(query, context)
-    return result, time.process_time() - cpu, _peak_rss_mb(), events
+    return result, time.process_time() - cpu, _peak_rss_mb(), seen
 
 
 def _measure(
@@ -182,7 +194,7 @@ def _with_speedups(rows: list[Measurement], key: Callable[[Measurement], Any]) -
 
 # -- scenarios --------------------------------------------------------------------------------------------
 async def fanout(cfg: BenchConfig, base_url: str) -> list[Measurement]:
-    """Scenario 1: one ``llm_batch`` of N calls at max_concurrency C."""
+    """Scenario 1: one ``llm_batch`` of N calls at max_concurrency C; at C >= 8, the floor beside each point."""
     ns = (10, 100, 1000) if cfg.quick else (10, 100, 1000, 10_000)
     cs = (1, 8, 64) if cfg.quick else (1, 8, 64, 256)
     rows = []
@@ -190,16 +202,22 @@ async def fanout(cfg: BenchConfig, base_url: str) -> list[Measurement]:
         for c in cs:
             if cfg.quick and n > 100 and c < 8:
                 continue  # quick: the 50 s one-at-a-time baseline for N=1000 is left to the full run
-            rows.append(await _fanout_row(cfg, base_url, "fanout", n, c))
+            row = await _fanout_row(cfg, base_url, "fanout", n, c)
+            if c >= 8:
+                floor = await bare_fanout(base_url, n, c)
+                row.cpu_vs_floor = (row.cpu_ms_per_call or 0.0) / floor.cpu_ms_per_call
+                row.wall_vs_floor = row.wall_s / floor.wall_s
+                row.extra.update(floor_cpu_ms_per_call=floor.cpu_ms_per_call, floor_wall_s=floor.wall_s)
+            rows.append(row)
     _with_speedups(rows, lambda r: r.params["N"])
     return rows
 
 
-async def fanout_aiohttp(cfg: BenchConfig, base_url: str) -> list[Measurement]:
-    """Scenario 1 again with ``RLM(http="aiohttp")`` for N <= 1000 at C >= 8: what the lean client buys where
-    the engine's CPU per call, not the latency, sets the makespan."""
-    cs = (8, 64) if cfg.quick else (8, 64, 256)
-    return [await _fanout_row(cfg, base_url, "fanout_aiohttp", n, c, http="aiohttp") for n in (100, 1000) for c in cs]
+async def fanout_openai(cfg: BenchConfig, base_url: str) -> list[Measurement]:
+    """Scenario 1 again with ``RLM(http="openai")`` (the OpenAI SDK client) for N = 1000 at C >= 8: what the SDK
+    costs where the engine's CPU per call, not the latency, sets the makespan."""
+    cs = (64,) if cfg.quick else (8, 64, 256)
+    return [await _fanout_row(cfg, base_url, "fanout_openai", 1000, c, http="openai") for c in cs]
 
 
 async def _fanout_row(cfg: BenchConfig, base_url: str, scenario: str, n: int, c: int, **rlm_kwargs: Any) -> Measurement:
@@ -210,6 +228,25 @@ async def _fanout_row(cfg: BenchConfig, base_url: str, scenario: str, n: int, c:
     return _measure(scenario, {"N": n, "C": c}, ideal, run, f"{n} of {n} right")
 
 
+async def throughput(cfg: BenchConfig) -> Measurement:
+    """Calls per second one engine process sustains: 10,000 calls at C=256 (2,000 quick) against a simulator
+    that answers at once, so the engine's CPU (and the simulator's, on the other core) is all there is."""
+    n = 2000 if cfg.quick else 10_000
+    instant = SimConfig(latency=PROFILES["instant"], seed=cfg.seed, capacity=4096)
+    async with sim_process(instant) as sim:
+        run = await _engine_run(sim.base_url, f"Fan out {n} sub-calls", "", Limits(max_concurrency=256,
+                                max_calls=n + 10, max_fanout=n))  # fmt: skip
+        floor = await bare_fanout(sim.base_url, n, 256)
+    row = _measure("throughput", {"N": n, "C": 256}, None, run, f"{n} of {n} right")
+    row.cpu_vs_floor = (row.cpu_ms_per_call or 0.0) / floor.cpu_ms_per_call
+    row.wall_vs_floor = row.wall_s / floor.wall_s
+    row.extra.update(
+        calls_per_s=round(row.calls / row.wall_s), cpu_bound_calls_per_s=round(1000 / (row.cpu_ms_per_call or 1)),
+        floor_calls_per_s=round(floor.calls / floor.wall_s),
+    )  # fmt: skip
+    return row
+
+
 async def recursive(cfg: BenchConfig, base_url: str, k: int = 10) -> tuple[list[Measurement], list[Event]]:
     """Scenario 2: k child agents at once, each heading a chain of ``depth`` agents."""
     depths = (1, 2) if cfg.quick else (1, 2, 3, 4)
@@ -217,11 +254,12 @@ async def recursive(cfg: BenchConfig, base_url: str, k: int = 10) -> tuple[list[
     for depth in depths:
         for c in (1, 64):
             limits = Limits(max_concurrency=c, max_depth=depth + 1, max_agents=1 + k * depth)
-            run = await _engine_run(base_url, f"Recursive fan-out k={k} depth={depth}", "", limits)
+            timed = depth == 2 and c == 64
+            run = await _engine_run(base_url, f"Recursive fan-out k={k} depth={depth}", "", limits, events=timed)
             calls = 1 + k * (depth + 1)
             ideal = (calls if c == 1 else depth + 2) * cfg.scaled_call_s
             rows.append(_measure("recursive", {"k": k, "depth": depth, "C": c}, ideal, run, f"{k} of {k} chains"))
-            if depth == 2 and c == 64:
+            if timed:
                 timeline = run[3]
     _with_speedups(rows, lambda r: r.params["depth"])
     return rows, timeline
@@ -384,9 +422,11 @@ async def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] = lam
     rows: list[Measurement] = []
     sim_config = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, capacity=4096)
     async with sim_process(sim_config) as sim:
+        progress("the floor targets (N=2000 at C=64 and 256, against a bare aiohttp loop)")
+        rows += await floor_targets(sim.base_url, _engine_run, _measure, reps=1 if cfg.quick else 5)
         progress("fan-out grid")
         rows += await fanout(cfg, sim.base_url)
-        rows += await fanout_aiohttp(cfg, sim.base_url)
+        rows += await fanout_openai(cfg, sim.base_url)
         progress("recursive fan-out")
         recursive_rows, timeline = await recursive(cfg, sim.base_url)
         rows += recursive_rows
@@ -395,6 +435,8 @@ async def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] = lam
             rows += await official_comparison(cfg, sim.base_url)
     progress("rate-limited and faulty providers")
     rows += await rate_limited_and_faulty(cfg)
+    progress("throughput")
+    rows.append(await throughput(cfg))
     progress("scheduler overhead")
     rows.append(await scheduler_overhead(10_000))
     progress("the main job")

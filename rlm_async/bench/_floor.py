@@ -1,0 +1,147 @@
+"""The floor: the same HTTP work done by a bare aiohttp loop, and the engine measured against it in the same run.
+
+The floor is what Python and aiohttp alone need for an ``llm_batch`` of N calls at C in flight: one
+``aiohttp.ClientSession``, an ``asyncio.Semaphore(C)``, a task per call (``asyncio.TaskGroup``), the
+engine's exact request body (``ChatRequest(...).body()`` with the scripted root's key-lookup prompts, encoded
+as the lean client encodes it), and the JSON of each response parsed. It first makes one call alone, standing
+for the root turn that every engine run starts with, so both sides make N + 1 calls, the batch after the one.
+
+Engine rows carry two ratios to the floor measured against the same simulator process in the same run:
+CPU milliseconds per call (``cpu_vs_floor``) and wall time (``wall_vs_floor``). The targets (issue 13):
+at most 1.2x CPU and 1.05x wall for N = 2,000 at C = 64 and C = 256, in the default configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .._budget import Limits
+from .._clients import ChatRequest
+
+__all__ = ["FloorRun", "bare_fanout", "floor_targets"]
+
+
+@dataclass(frozen=True, slots=True)
+class FloorRun:
+    """One bare-loop run: ``cpu_s`` of this process, ``wall_s`` seconds, ``calls`` made (N + 1), ``ok`` when
+    every response parsed with content."""
+
+    cpu_s: float
+    wall_s: float
+    calls: int
+    ok: bool
+
+    @property
+    def cpu_ms_per_call(self) -> float:
+        """CPU milliseconds per call."""
+        return self.cpu_s * 1000 / self.calls
+
+
+def key_prompt(i: int) -> str:
+    """The scripted root's key-lookup prompt ``i`` (``rlm_async.sim._responders.KEY_PROMPT_EXPR``)."""
+    return f'Find the line holding the key "k{i}"\n\nfiller\nkey k{i} found'
+
+
+async def bare_fanout(base_url: str, n: int, c: int, model: str = "sim-sub") -> FloorRun:
+    """One call, then ``n`` calls at ``c`` in flight, on aiohttp alone (see the module docstring)."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json", "Accept": "application/json", "Authorization": "Bearer sim"}
+    semaphore = asyncio.Semaphore(c)
+    answered = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def call(i: int) -> None:
+            nonlocal answered
+            request = ChatRequest(model, ({"role": "user", "content": key_prompt(i)},))
+            body = json.dumps(request.body(), ensure_ascii=False).encode("utf-8")
+            async with semaphore, session.post(url, data=body, headers=headers) as response:
+                data = json.loads(await response.read())
+            answered += isinstance(data["choices"][0]["message"]["content"], str)
+
+        cpu, wall = time.process_time(), time.perf_counter()
+        await call(-1)
+        async with asyncio.TaskGroup() as group:
+            for i in range(n):
+                group.create_task(call(i))
+        return FloorRun(time.process_time() - cpu, time.perf_counter() - wall, n + 1, answered == n + 1)
+
+
+EngineRun = Callable[..., Coroutine[Any, Any, Any]]
+
+
+async def floor_targets(
+    base_url: str, engine_run: EngineRun, measure: Callable[..., Any], *, n: int = 2000, reps: int = 5
+) -> list[Any]:
+    """The targets' grid: N = ``n`` at C = 64 and 256, ``reps`` rounds, each round running the floor and every
+    engine configuration once, in turn (so drift on a shared machine hits all alike); medians per row.
+
+    Engine configurations: the default (``RLM(model, base_url=...)``), the SDK client (``http="openai"``), the
+    default with a JSONL trace on (what events cost when someone listens), and, at C = 64, a child-agent
+    fan-out for comparison (``rlm_batch`` of ``min(n // 10, 100)`` children, each a turn in its own REPL
+    worker and one call; 100 is ``Limits.max_agents``' default).
+
+    Args:
+        engine_run: ``bench._engine_run``.
+        measure: ``bench._measure``.
+
+    Returns:
+        ``Measurement`` rows: a ``floor`` row and the engine rows with ``cpu_vs_floor`` and ``wall_vs_floor``.
+    """
+    rows = []
+    k = max(min(n // 10, 100), 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.jsonl"
+        configs: list[tuple[str, str, dict[str, Any]]] = [
+            ("default", f"Fan out {n} sub-calls", {}),
+            ("http=openai", f"Fan out {n} sub-calls", {"http": "openai"}),
+            ("trace_on", f"Fan out {n} sub-calls", {"trace_path": trace}),
+        ]
+        for c in (64, 256):
+            floors: list[FloorRun] = []
+            runs: dict[str, list[Any]] = {name: [] for name, _, _ in configs}
+            children: list[tuple[str, str, dict[str, Any]]] = (
+                [("rlm_batch", f"Recursive fan-out k={k} depth=1", {})] if c == 64 else []
+            )
+            runs.update({name: [] for name, _, _ in children})
+            for _ in range(reps):
+                floors.append(await bare_fanout(base_url, n, c))
+                for name, query, kwargs in configs + children:
+                    limits = Limits(
+                        max_concurrency=c, max_calls=2 * n + 10, max_fanout=n, max_depth=2, max_agents=k + 1
+                    )
+                    runs[name].append(await engine_run(base_url, query, "", limits, **kwargs))
+                    trace.unlink(missing_ok=True)
+            floor_cpu = statistics.median(f.cpu_ms_per_call for f in floors)
+            floor_wall = statistics.median(f.wall_s for f in floors)
+            rows.append(_floor_row(n, c, floor_cpu, floor_wall, all(f.ok for f in floors)))
+            for name, _, _ in configs + children:
+                right = f"{k} of {k} chains" if name == "rlm_batch" else f"{n} of {n} right"
+                each = [measure("floor_target", {"N": n, "C": c, "config": name}, None, r, right) for r in runs[name]]
+                row = each[0]
+                row.cpu_ms_per_call = statistics.median(r.cpu_ms_per_call for r in each)
+                row.wall_s = statistics.median(r.wall_s for r in each)
+                row.ok = all(r.ok for r in each)
+                row.extra["reps"] = reps
+                row.cpu_vs_floor = row.cpu_ms_per_call / floor_cpu
+                row.wall_vs_floor = None if name == "rlm_batch" else row.wall_s / floor_wall
+                rows.append(row)
+    return rows
+
+
+def _floor_row(n: int, c: int, cpu_ms: float, wall_s: float, ok: bool) -> Any:
+    from . import Measurement
+
+    return Measurement(
+        "floor_target", "floor", {"N": n, "C": c, "config": "bare aiohttp"}, wall_s, None, n + 1, cpu_ms,
+        c, None, ok, "", cpu_vs_floor=1.0, wall_vs_floor=1.0,
+    )  # fmt: skip
