@@ -145,7 +145,8 @@ async def events(n: int) -> dict[str, float]:
     return figures
 
 
-async def main(out: Path | None) -> None:
+async def measure() -> dict[str, object]:
+    """Every figure, printed as it is measured."""
     results: dict[str, object] = {"python": sys.version.split()[0], "rounds": ROUNDS, "unit": "CPU us per item"}
     for c in (64, 256):
         results[f"spawn N=10000 C={c}"] = await spawning(10_000, c)
@@ -156,11 +157,13 @@ async def main(out: Path | None) -> None:
             print(section)
             for name, value in figures.items():
                 print(f"  {name:34s} {value:7.2f} us")
-    if out is not None:
-        out.write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    asyncio.run(main(parser.parse_args().out))
+    out = parser.parse_args().out
+    figures = asyncio.run(measure())
+    if out is not None:
+        out.write_text(json.dumps(figures, indent=1) + "\n")
