@@ -376,10 +376,12 @@ class Agent:
         model = model or configured  # a model named by model code may be wrong: its 404 is the model's to see
         results: list[Outcome] = [{} for _ in prompts]
         refused: list[BudgetExceeded] = []
-
         template = self._run.request(model, (), depth, max_tokens=max_tokens)  # sampling resolved once a batch
+        started = 0
 
         async def one(index: int, prompt: str) -> None:
+            nonlocal started
+            started += 1  # from here the scheduler owns this call's reservation (and refunds it if unsent)
             request = template.with_messages(({"role": "user", "content": prompt},))
             try:
                 response = await self._run.scheduler.call(request, depth=depth, agent_id=self.agent_id, reserved=True)
@@ -398,7 +400,10 @@ class Agent:
             else:
                 results[index] = {"ok": True, "text": response.text}
 
-        await fan_out(prompts, one, self._run.scheduler.concurrency)
+        try:
+            await fan_out(prompts, one, self._run.scheduler.concurrency)
+        finally:  # cancelled mid-batch: the calls no lane reached give their reservations back
+            ledger.refund_calls(len(prompts) - started)
         if refused:
             first = refused[0]
             raise BudgetExceeded(
