@@ -62,8 +62,10 @@ class Limits:
             ``timeout_s``. Default None.
         max_output_chars: characters of one cell's printed output shown to the model; the rest is cut with
             a note. Default 20,000 (about 5,000 tokens at 4 characters per token).
-        cell_timeout_s: seconds one REPL cell may run; a slower cell is stopped and the model is told, and
-            the agent goes on. In a worker process (the default sandbox) the worker's process group is
+        cell_timeout_s: seconds one REPL cell may run, not counting the time it waits on its own sub-calls
+            (``llm_batch``, ``rlm_agent``, tools: those are bounded by ``timeout_s``, ``agent_timeout_s`` and
+            the call budgets, so a long batch is not cut short); a slower cell is stopped and the model is
+            told, and the agent goes on. In a worker process (the default sandbox) the worker's process group is
             killed and replaced, so the cell's variables are lost; in-thread (``sandbox="none"``) its
             sub-calls are cancelled and its thread interrupted. Default 120; None: no limit (``timeout_s``
             then bounds the whole run).

@@ -453,6 +453,54 @@ async def test_a_cell_past_its_time_limit_is_reported_and_the_agent_goes_on(no_l
     assert note in next(e["output"] for e in events if e["event"] == "output")
 
 
+@pytest.mark.parametrize("sandbox", ["strict", "none"])
+async def test_a_cell_waiting_on_its_sub_calls_is_not_timed_out_by_them(no_leaks, sandbox):
+    """Regression: cell_timeout_s (0.3 s here, 120 s by default) was wall time, so a batch whose calls took
+    longer (a 1,000-call batch of real calls, or here two waves of 0.4 s calls) was killed with its results.
+    The clock stops while the cell's sub-calls are in flight; a cell that spins afterwards is still stopped."""
+
+    async def slow(prompt: str) -> str:
+        await asyncio.sleep(0.4)  # the fake model's latency
+        return prompt.upper()
+
+    code = "r = await llm_batch(['a', 'b', 'c', 'd'])\nprint(r)\ns = await llm_query('e')\nFINAL(str(r) + s)"
+    spin = "await llm_query('x')\nwhile True:\n    pass"
+    script = Script({"q": [repl(code)], "spin": [repl(spin), finish("stopped")]}, sub=slow)
+    limits = Limits(cell_timeout_s=0.3, max_concurrency=2)
+    rlm, _ = make_rlm(script, limits=limits, sandbox=sandbox)
+    result = await rlm.completion("q", "ctx")
+    assert result.answer == "['A', 'B', 'C', 'D']E", result
+    events: list[dict] = []
+    result = await rlm.completion("spin", "ctx", on_event=events.append)
+    assert result.answer == "stopped"
+    output = next(e["output"] for e in events if e["event"] == "output")
+    assert "0.3 s" in output
+
+
+@on_fake_clock
+async def test_a_cancelled_batch_gives_back_the_calls_it_never_started():
+    """Regression: a batch reserves its N calls up front and its C lanes start them in turn; when the batch is
+    cancelled (here its child agent runs past agent_timeout_s), the calls no lane reached were never given
+    back, so a 1,000-prompt batch stopped after its first wave spent the run's max_calls for good."""
+
+    async def hang(prompt: str) -> str:
+        await asyncio.sleep(3600)
+        raise AssertionError
+
+    script = Script(
+        {
+            "q": [repl("r = await rlm_agent('kid', 'c')\nFINAL(str(budget()['calls']))")],
+            "kid": [repl("await llm_batch([str(i) for i in range(1000)])")],
+        },
+        sub=hang,
+    )
+    limits = Limits(max_calls=1010, max_concurrency=4, agent_timeout_s=5, cell_timeout_s=None)
+    rlm, client = make_rlm(script, limits=limits, sandbox="none")
+    result = await rlm.completion("q", "ctx")
+    sent = len(client.requests)  # the root's turn, the kid's turn, the 4 calls its lanes started
+    assert sent == 6 and result.answer == str(1010 - sent), result.answer
+
+
 async def test_models_per_depth():
     script = Script({"q": [repl("r = await rlm_agent('kid', 'c')\nFINAL(r)")], "kid": [repl("FINAL(llm_query('x'))")]})
     client = FakeClient(script)

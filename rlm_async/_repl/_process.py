@@ -29,6 +29,7 @@ from .._errors import BudgetExceeded, ConfigError, ToolError, WorkerError
 from .._sandbox._layers import WorkerPlan, read_only_roots
 from . import _wire
 from ._cell import CappedText
+from ._deadline import CellDeadline
 from ._protocol import KEEP, CellResult, Host
 from ._zygote import WorkerProcess, new_spool, remove_tree, start_worker
 
@@ -363,8 +364,9 @@ class ProcessRepl:
         reply: dict[str, Any] | None = None
         broken: BaseException | None = None
         calls = anyio.Semaphore(_CALLS_PER_WORKER)
+        deadline = CellDeadline(self._cell_timeout_s)  # stops while the cell's sub-calls are in flight
         try:
-            with anyio.move_on_after(self._cell_timeout_s):
+            with deadline.scope:
                 async with anyio.create_task_group() as tg:
                     try:
                         await worker.send({**request, "id": request_id})
@@ -372,7 +374,8 @@ class ProcessRepl:
                             message = await worker.receive()
                             if message["op"] == "call":
                                 await calls.acquire()  # backpressure: no more reading until a call ends
-                                tg.start_soon(self._serve_call, worker, message, calls)
+                                deadline.call_started()
+                                tg.start_soon(self._serve_call, worker, message, calls, deadline)
                             elif message["op"] == "answer":
                                 self._answer = (message["content"], message["ready"])
                             elif message["op"] == reply_op and message["id"] == request_id:
@@ -399,13 +402,16 @@ class ProcessRepl:
             raise _WorkerGone(f"the cell was killed after {self._cell_timeout_s:g} s", timed_out=True)
         return reply
 
-    async def _serve_call(self, worker: _Worker, message: dict[str, Any], calls: anyio.Semaphore) -> None:
+    async def _serve_call(
+        self, worker: _Worker, message: dict[str, Any], calls: anyio.Semaphore, deadline: CellDeadline
+    ) -> None:
         """Run one sub-call from the worker through the host and send the reply. Budget refusals and engine
         errors go back as typed errors; cancellation (the cell ended) sends nothing."""
         try:
             reply = await self._call_host(message)
         finally:
             calls.release()
+            deadline.call_ended()
         with contextlib.suppress(ConnectionError, _wire.ProtocolError):
             worker.send_reply(reply)
 

@@ -32,6 +32,7 @@ from anyio.from_thread import BlockingPortal
 
 from .._errors import BudgetExceeded, RLMError, ToolError
 from ._cell import SHOW, CappedText, compile_cell, format_traceback, show_value
+from ._deadline import CellDeadline
 from ._functions import ReplFunctions
 from ._protocol import KEEP, CellResult, Host
 
@@ -93,6 +94,7 @@ class ThreadRepl:
         self._fns = ReplFunctions(self._submit, self._call, self._ns, BudgetExceeded, tool_error=ToolError)
         self._filenames: list[str] = []
         self._cell_scopes: set[anyio.CancelScope] = set()
+        self._deadline: CellDeadline | None = None  # the running cell's (stops during its sub-calls)
         self._stopping = False  # set while a cell is being stopped: its late sub-calls are refused
         self._caller_context = contextvars.Context()
         self.abandoned_threads = 0
@@ -132,12 +134,17 @@ class ThreadRepl:
         # tracing context), as a task spawned by the agent would have. It is this task's copy alone.
         for var, value in self._caller_context.items():
             var.set(value)
+        deadline = self._deadline
         with anyio.CancelScope() as scope:
             self._cell_scopes.add(scope)
+            if deadline is not None:
+                deadline.call_started()
             try:
                 return await getattr(self._host, method)(*args)
             finally:
                 self._cell_scopes.discard(scope)
+                if deadline is not None:
+                    deadline.call_ended()
         raise SubcallCancelled(f"{method} was cancelled because the cell was stopped")
 
     def _call(self, method: str) -> Any:
@@ -206,19 +213,19 @@ class ThreadRepl:
         thread = threading.Thread(target=target, name=f"rlm-cell-{self._name}", daemon=True)
         thread.start()
         timed_out = False
+        self._deadline = deadline = CellDeadline(self._cell_timeout_s)
         try:
-            if self._cell_timeout_s is None:
+            with deadline.scope:
                 await done.wait()
-            else:
-                with anyio.move_on_after(self._cell_timeout_s) as scope:
-                    await done.wait()
-                if scope.cancelled_caught:
-                    timed_out = True
-                    await self._interrupt(thread, done)
+            if deadline.scope.cancelled_caught:
+                timed_out = True
+                await self._interrupt(thread, done)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._interrupt(thread, done)
             raise
+        finally:
+            self._deadline = None
         exc = box.get("error")
         if exc is None or (timed_out and isinstance(exc, CellInterrupted)):
             return None, timed_out
