@@ -82,8 +82,8 @@ class Lanes(Generic[T]):
 
     def spawn(self) -> None:
         """Start one more worker (it takes the next item)."""
-        self.running += 1
         self._group.create_task(self._worker())
+        self.running += 1
 
     async def _worker(self) -> None:
         LANE.set(self)  # type: ignore[arg-type]  # this task's own context

@@ -290,11 +290,11 @@ class Scheduler:
         self._in_flight += 1
         self._endpoint.in_flight += 1
         self._peak = max(self._peak, self._in_flight)
-        if self._tracer.active:
-            self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
         timeout_s = self._retry.attempt_timeout_s
         outcome: BaseException | None = None
         try:
+            if self._tracer.active:  # inside the try: a failing trace file must not leak the hold or the probe
+                self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
             with AttemptDeadline(loop, timeout_s):
                 return await self._client.chat(request)
         except TimeoutError as exc:
@@ -338,13 +338,13 @@ class AttemptDeadline:
         TimeoutError: on leaving the block, when the deadline cancelled it.
     """
 
-    __slots__ = ("_cancelling", "_expired", "_handle", "_loop", "_task", "_timeout_s")
+    __slots__ = ("_cancelling", "_expired", "_handle", "_loop", "_requeued", "_task", "_timeout_s")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> None:
         self._loop = loop
         self._timeout_s = timeout_s
         self._handle: asyncio.Handle | None = None
-        self._expired = False
+        self._expired = self._requeued = False
 
     def __enter__(self) -> None:
         task = asyncio.current_task(self._loop)
@@ -364,6 +364,13 @@ class AttemptDeadline:
         self._handle = self._loop.call_soon(self._expire)
 
     def _expire(self) -> None:
+        # An answer already handed to the task but not yet delivered (an event loop that orders its callbacks
+        # otherwise, such as uvloop, can get here first): one more hop delivers it; anyio re-checks likewise.
+        waiter = getattr(self._task, "_fut_waiter", None)
+        if waiter is not None and waiter.done() and not self._requeued:
+            self._requeued = True
+            self._handle = self._loop.call_soon(self._expire)
+            return
         self._handle = None
         self._expired = True
         self._task.cancel()
@@ -372,7 +379,8 @@ class AttemptDeadline:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if self._expired and self._task.uncancel() <= self._cancelling and et is asyncio.CancelledError:
+        cancelled = et is not None and issubclass(et, asyncio.CancelledError)
+        if self._expired and self._task.uncancel() <= self._cancelling and cancelled:
             raise TimeoutError(f"ran past {self._timeout_s:g} s") from ev
 
 

@@ -96,8 +96,8 @@ def _debug_check(logger: Any) -> Callable[[], bool]:
     """A cheap "would this logger emit at DEBUG?" for a stdlib-backed or a structlog filtering logger."""
     if logger is None:
         return lambda: False
-    wrapped = getattr(logger, "_logger", None)
-    if isinstance(wrapped, logging.Logger) and isinstance(logger, structlog.stdlib.BoundLogger):
+    wrapped = getattr(logger, "_logger", None)  # a BoundLogger's, or the lazy proxy wrap_logger returns
+    if isinstance(wrapped, logging.Logger):  # it filters by its level anyway: asking it is never wrong
         return lambda: wrapped.isEnabledFor(logging.DEBUG)
     is_enabled_for = getattr(logger, "is_enabled_for", None)
     if callable(is_enabled_for):  # structlog's make_filtering_bound_logger (structlog >= 22.1)

@@ -70,3 +70,16 @@ def test_a_trace_file_or_a_listener_gets_every_event_whatever_the_logger(tmp_pat
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["event"] for e in lines] == [e["event"] for e in seen] == ["call_queued", "call_finished"]
     assert all(e["run_id"] == "r" and e["depth"] == 0 for e in lines)
+
+
+def test_the_default_logger_is_asked_through_structlogs_lazy_proxy(caplog):
+    """Regression: the default logger is structlog.wrap_logger's lazy proxy, not a BoundLogger; on structlog
+    before 26.1 the proxy had no is_enabled_for, so events were built for nobody."""
+    from rlm_async._trace import _debug_check, _default_logger
+
+    logger = _default_logger()
+    check = _debug_check(logger)
+    assert isinstance(getattr(logger, "_logger", None), logging.Logger)
+    assert check() is False
+    with caplog.at_level(logging.DEBUG, logger="rlm_async"):
+        assert check() is True
