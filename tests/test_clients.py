@@ -67,14 +67,14 @@ class Server:
     def __init__(self) -> None:
         self.handler: Callable[[web.Request, dict], Any] | None = None
         self.requests: list[dict] = []
-        self.headers: list[dict[str, str]] = []
+        self.headers: list[Any] = []
         self.models: dict = {"object": "list", "data": []}
         self.url = ""
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
-        self.headers.append(dict(request.headers))
+        self.headers.append(request.headers.copy())  # case-insensitive, as HTTP headers are
         assert self.handler is not None
         return await self.handler(request, body)
 
@@ -321,3 +321,32 @@ async def test_the_engine_over_http_retries_a_429_and_counts_usage_exactly(serve
     assert result.usage.calls == len(served) == 10
     assert result.usage.prompt_tokens == sum(u["prompt_tokens"] for u in served)
     assert result.usage.completion_tokens == sum(u["completion_tokens"] for u in served)
+
+
+async def test_the_lean_client_takes_org_project_and_extra_headers_as_the_sdk_does(server, monkeypatch):
+    async def ok(req, body):
+        return web.json_response(completion("x"))
+
+    server.handler = ok
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-1")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-2")
+    for http in CLIENTS:
+        await one(http, server.url)
+    client = AiohttpClient(base_url=server.url, api_key="k", default_headers={"X-Title": "rlm"})
+    try:
+        await client.chat(request())
+    finally:
+        await client.aclose()
+    for headers in server.headers:
+        assert (headers["OpenAI-Organization"], headers["OpenAI-Project"]) == ("org-1", "proj-2")
+    assert server.headers[-1]["X-Title"] == "rlm"
+
+
+def test_the_lean_client_reads_the_proxy_from_the_environment_once(monkeypatch):
+    from rlm_async._clients._aiohttp import proxy_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert proxy_for("https://api.openai.com/v1") == "http://proxy.internal:3128"
+    assert proxy_for("http://127.0.0.1:8000/v1") is None
+    assert AiohttpClient(base_url="https://api.openai.com/v1")._proxy == "http://proxy.internal:3128"

@@ -13,6 +13,12 @@ for what only the SDK does (Azure authentication, organisations, proxies, its ty
 from __future__ import annotations
 
 import json
+import os
+import platform
+import ssl
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -39,6 +45,13 @@ class AiohttpClient:
             engine the scheduler's per-attempt deadline (``RetryPolicy.attempt_timeout_s``) is the one timeout.
         connections: the connection pool's size; default 0, no limit of its own (the scheduler's
             ``max_concurrency`` is the bound).
+        default_headers: more headers for every request (a gateway's, OpenRouter's ``HTTP-Referer``).
+
+    What it takes from the environment, as openai-python does: ``OPENAI_ORG_ID`` and ``OPENAI_PROJECT_ID``
+    (sent as ``OpenAI-Organization`` / ``OpenAI-Project``); the proxy for ``base_url`` from ``HTTPS_PROXY`` /
+    ``HTTP_PROXY`` / ``NO_PROXY``, read once here rather than per request; and for HTTPS the trust the SDK's
+    transport uses: ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set, the system's trust store through
+    ``truststore`` on macOS and Windows, OpenSSL's default paths elsewhere.
 
     Raises (from ``chat``): ``ProviderStatusError`` (non-2xx, with headers), ``ProviderTimeoutError``,
     ``ProviderConnectionError`` (refused, reset, cut mid-body), ``ProviderResponseError`` (malformed body, no
@@ -46,7 +59,13 @@ class AiohttpClient:
     """
 
     def __init__(
-        self, *, base_url: str, api_key: str | None = None, timeout_s: float | None = None, connections: int = 0
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        timeout_s: float | None = None,
+        connections: int = 0,
+        default_headers: Mapping[str, str] | None = None,
     ) -> None:
         if not base_url:
             raise ConfigError("AiohttpClient needs a base_url")
@@ -55,14 +74,20 @@ class AiohttpClient:
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        for variable, header in (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project")):
+            if os.environ.get(variable):
+                self._headers[header] = os.environ[variable]
+        self._headers.update(default_headers or {})
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=None, sock_read=None)
         self._connections = connections
+        self._proxy = proxy_for(base_url)
+        self._ssl: ssl.SSLContext | bool = _ssl_context() if base_url.startswith("https:") else True
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._connections)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, proxy=self._proxy)
         return self._session
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
@@ -101,6 +126,26 @@ class AiohttpClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY`` / ``HTTP_PROXY``, ``NO_PROXY``), or None."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """The trust openai-python's transport uses (see the class docstring)."""
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context()  # OpenSSL reads both variables
+    if platform.system() in ("Darwin", "Windows"):
+        import truststore  # the SDK's transport depends on it there
+
+        return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return ssl.create_default_context()
 
 
 def _error_message(raw: bytes) -> str:
