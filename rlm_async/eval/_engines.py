@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import tempfile
@@ -24,8 +25,9 @@ from .._budget import Limits, Price
 from .._clients import ChatRequest, OpenAIClient, windows_from_models
 from .._compaction import window_for
 from .._engine import RLM
-from .._errors import ConfigError, ProviderError, RLMError
+from .._errors import ConfigError, ProviderError, ProviderTimeoutError, RLMError
 from .._retry import RetryPolicy
+from .._scheduler import AttemptDeadline
 from ..sim._tokens import token_counter
 from ._task import Item
 
@@ -209,7 +211,11 @@ class _Plain:
         attempt = 0
         while True:
             try:
-                response = await self.client.chat(request)
+                try:
+                    with AttemptDeadline(asyncio.get_running_loop(), self.retry.attempt_timeout_s):
+                        response = await self.client.chat(request)
+                except TimeoutError as exc:  # the clients have no timeout of their own
+                    raise ProviderTimeoutError(f"attempt ran past {self.retry.attempt_timeout_s:g} s") from exc
                 break
             except ProviderError as exc:
                 attempt += 1
