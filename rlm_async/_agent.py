@@ -47,13 +47,14 @@ if TYPE_CHECKING:
 __all__ = ["CONFIG_STATUSES", "Agent", "AgentResult", "StopReason", "parse_code_blocks", "parse_text_final"]
 
 StopReason = Literal[
-    "answer", "max_iterations", "timeout", "llm_error", "config_error", "error",
+    "answer", "max_iterations", "empty_answer", "timeout", "llm_error", "config_error", "error",
     "budget:max_calls", "budget:max_input_tokens", "budget:max_output_tokens", "budget:max_cost_usd",
     "budget:max_agents", "budget:max_fanout", "budget:max_errors",
 ]  # fmt: skip
 StopReason.__doc__ = """How a run or an agent ended (a ``Literal``, so mypy catches a misspelled comparison).
 
 ``"answer"``: the model set ``answer["ready"]`` (or FINAL); ``"max_iterations"``: the last call gave the answer;
+``"empty_answer"``: the model finished with an empty answer twice (the first time it is told and goes on);
 ``"budget:<Limits field>"``: a cap stopped it; ``"timeout"``: ``timeout_s`` or ``agent_timeout_s``;
 ``"llm_error"``: one of its own turns failed for good (endpoint down, retries spent); ``"config_error"``: the
 endpoint refused the configuration (401, 403, or 404 for a configured model) for a turn or a sub-call, or a
@@ -254,6 +255,7 @@ class Agent:
         ran: dict[str, int] = {}  # code (whitespace-normalised) -> the turn that first ran it
         last_answer = ("", False)
         errors = 0  # consecutive turns that went wrong (Limits.max_errors)
+        empty_finishes = 0  # finishes refused for an empty answer (the second ends the agent)
         for iteration in range(1, limits.max_iterations + 1):
             self._iterations = iteration
             run.tracer.emit("turn", iteration=iteration)
@@ -289,15 +291,26 @@ class Agent:
                     run.tracer.emit("answer", content=content[:4000], ready=ready, iteration=iteration)
                     last_answer = (content, ready)
                 if ready:
-                    return AgentResult(content, "answer", iteration)
+                    if content.strip():
+                        return AgentResult(content, "answer", iteration)
+                    if empty_finishes:
+                        return AgentResult("", "empty_answer", iteration)
+                    empty_finishes += 1
+                    await repl.unready()
+                    outputs[-1] += "\n" + _prompts.EMPTY_ANSWER_NOTE
+                    break  # the rest of the reply was written expecting to be done
             if final is not None:  # FINAL / FINAL_VAR in the reply's prose: after its code has run
                 kind, value = final
-                if kind == "text":
-                    return AgentResult(value, "answer", iteration)
-                answer = await repl.final_var(value)
-                if answer is not None:
+                answer = value if kind == "text" else await repl.final_var(value)
+                if answer is not None and answer.strip():
                     return AgentResult(answer, "answer", iteration)
-                outputs.append(_prompts.missing_final_var(value))
+                if answer is None:
+                    outputs.append(_prompts.missing_final_var(value))
+                elif empty_finishes:
+                    return AgentResult("", "empty_answer", iteration)
+                else:
+                    empty_finishes += 1
+                    outputs.append(_prompts.EMPTY_ANSWER_NOTE)
             errors = errors + 1 if turn_failed else 0
             if limits.max_errors is not None and errors >= limits.max_errors:
                 return self._too_many_errors(errors, iteration)

@@ -200,6 +200,14 @@ def repeated_code_note(first_turn: int) -> str:
     )
 
 
+#: Shown once when a cell sets ``answer["ready"] = True`` (or FINAL) with nothing in the answer; a second empty
+#: finish ends the agent with ``stop_reason="empty_answer"`` (seen with Qwen2.5-Coder-0.5B: it printed a peek
+#: and set ready in the same cell, and the run "answered" with nothing).
+EMPTY_ANSWER_NOTE = (
+    '[note: answer["ready"] was set to True but answer["content"] is empty, so the run is not finished. Look '
+    'at the output above, put your answer in answer["content"], then set answer["ready"] = True.]'
+)
+
 NO_CODE_MESSAGE = (
     "No ```repl block found. Write Python in a ```repl block to explore `context`, or set "
     'answer["content"] and answer["ready"] = True in a ```repl block to finish.'

@@ -22,6 +22,7 @@ from rlm_async import (
     Price,
     ProviderStatusError,
     RetryPolicy,
+    RLMError,
 )
 
 from .conftest import Script, cell_threads, make_rlm, on_fake_clock, printed, query_of, repl
@@ -97,7 +98,9 @@ async def test_peak_in_flight_never_exceeds_the_cap_at_any_depth():
         await gauge.hold(0.05)
         return await base(request)
 
-    rlm, _client = make_rlm(handler, limits=Limits(max_concurrency=3), sandbox="none")  # fake clock: in-thread
+    rlm, _client = make_rlm(
+        handler, limits=Limits(max_concurrency=3, cell_timeout_s=None), sandbox="none"
+    )  # fake clock: in-thread, no cell limit
     result = await rlm.completion("q", "ctx")
     assert result.ok
     assert gauge.peak == 3 and result.stats.peak_in_flight == 3
@@ -499,6 +502,26 @@ async def test_a_cancelled_batch_gives_back_the_calls_it_never_started():
     result = await rlm.completion("q", "ctx")
     sent = len(client.requests)  # the root's turn, the kid's turn, the 4 calls its lanes started
     assert sent == 6 and result.answer == str(1010 - sent), result.answer
+
+
+@pytest.mark.parametrize("sandbox", ["strict", "none"])
+async def test_a_finish_with_an_empty_answer_is_refused_once_then_ends_the_run_as_empty_answer(no_leaks, sandbox):
+    """Qwen2.5-Coder-0.5B printed a peek and set answer["ready"] in the same cell, and the run "answered" with
+    nothing. The first empty finish is refused with a note (the draft is kept, ready is reset); a model that
+    then answers finishes normally; a second empty finish ends the agent with stop_reason "empty_answer"."""
+    peek_and_finish = repl("print(context[:5])\nanswer['ready'] = True")
+    answered = repl("answer['content'] = '42'\nanswer['ready'] = True")
+    script = Script({"q": [peek_and_finish, answered], "twice": [peek_and_finish]})
+    rlm, client = make_rlm(script, sandbox=sandbox)
+    result = await rlm.completion("q", "ctx here")
+    assert (result.answer, result.stop_reason, result.ok) == ("42", "answer", True)
+    shown = client.requests[1].messages[-1]["content"]
+    assert "ctx h" in shown and 'answer["content"] is empty' in shown
+    result = await rlm.completion("twice", "ctx here")
+    assert (result.answer, result.stop_reason, result.ok) == ("", "empty_answer", False)
+    assert len(client.requests) == 4  # the "q" run's two turns, then two refused finishes
+    with pytest.raises(RLMError, match="empty_answer"):
+        result.raise_for_status()
 
 
 async def test_models_per_depth():

@@ -309,6 +309,11 @@ class ProcessRepl:
         """
         await self._send_variables({"values": values, "reset": False})
 
+    async def unready(self) -> None:
+        """Set ``answer["ready"]`` back to False in the worker, keeping the draft."""
+        self._answer = (self._answer[0], False)
+        await self._send_variables({"values": {}, "reset": False, "unready": True})
+
     async def _send_variables(self, payload: dict[str, Any]) -> None:
         try:
             data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)

@@ -119,6 +119,10 @@ class ReplSession(Protocol):
         """Put ``values`` into the REPL as variables (the answer draft is left alone)."""
         ...
 
+    async def unready(self) -> None:
+        """Set ``answer["ready"]`` back to False, keeping the draft (a finish the engine refused)."""
+        ...
+
     async def final_var(self, name: str) -> str | None:
         """``str()`` of the REPL variable ``name``, or None when it does not exist."""
         ...

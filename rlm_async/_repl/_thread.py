@@ -163,6 +163,9 @@ class ThreadRepl:
     async def set_variables(self, values: dict[str, Any]) -> None:
         self._ns.update(values)
 
+    async def unready(self) -> None:
+        self._fns.answer["ready"] = False
+
     async def next_turn(self, host: Host, values: dict[str, Any], context: Any) -> None:
         self._host = host
         self._ns.update(values)

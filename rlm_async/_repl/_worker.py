@@ -227,6 +227,8 @@ class Worker:
         if payload.get("reset"):
             self._fns.next_turn(payload.get("context", _KEEP), _KEEP)
             self._answer_changed()
+        elif payload.get("unready"):  # the engine refused a finish: the draft stays, ready goes (reported)
+            self._answer["ready"] = False
 
     def _var_text(self, name: str) -> str | None:
         try:

@@ -197,8 +197,9 @@ def _usage(result: RLMResult) -> dict[str, int]:
 
 
 def _finish_reason(result: RLMResult) -> str:
-    """``"stop"`` for an answer, ``"length"`` for a budget or timeout stop; raises APIError otherwise."""
-    if result.ok:
+    """``"stop"`` for an answer (an empty one too: ``rlm.stop_reason`` says ``"empty_answer"``), ``"length"``
+    for a budget or timeout stop; raises APIError otherwise."""
+    if result.ok or result.stop_reason == "empty_answer":
         return "stop"
     if result.stop_reason.startswith("budget:") or result.stop_reason == "timeout":
         return "length"
