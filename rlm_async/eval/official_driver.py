@@ -30,12 +30,42 @@ def _usage(result: Any) -> dict[str, Any]:
     }
 
 
+def _merged(messages: Any) -> Any:
+    """Consecutive messages of one role merged into one, contents joined by a blank line."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if out and message.get("role") == out[-1].get("role") and isinstance(message.get("content"), str):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{message['content']}"}
+        else:
+            out.append(dict(message))
+    return out
+
+
+def _merge_consecutive_roles() -> None:
+    """rlms 0.1.3 sends two assistant messages in a row (a reply with no code block is recorded as an
+    assistant message alone, ``rlm/utils/parsing.py``; its default-answer step appends one more), which
+    llama.cpp's server refuses with HTTP 400 ("Cannot have 2 or more assistant messages at the end of the
+    list"). Merging them before they are sent keeps every word and the order (docs/eval.md)."""
+    from openai.resources.chat import completions
+
+    for cls in (completions.Completions, completions.AsyncCompletions):
+        original = cls.create
+
+        def create(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            if "messages" in kwargs:
+                kwargs["messages"] = _merged(kwargs["messages"])
+            return __original(self, *args, **kwargs)
+
+        cls.create = create
+
+
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         req = json.load(f)
     started = time.perf_counter()
     record: dict[str, Any] = {"ok": False, "answer": "", "error": None, "usage": {}}
     try:
+        _merge_consecutive_roles()
         rlm_module = importlib.import_module("rlm")
         backend = {"model_name": req["model"], "base_url": req["base_url"], "api_key": req["api_key"]}
         kwargs: dict[str, Any] = {
