@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import inspect
 import re
-import textwrap
 
+from ..sim._responders import _OK, _block  # the scripted root's own helpers, shared
 from . import _answers
 from ._answers import LABELS, oolong_answer, oolong_render, pair_users, pairs_render, parse_line
 from ._oolong import parse_question
@@ -41,16 +41,6 @@ CLASSIFY_HEAD = (
 )
 _NIAH_HEAD = re.compile(r'^Find the special magic (number|word|uuid) for "([^"]+)" in the text below\.')
 _NIAH_QUESTION = re.compile(r"What is the special magic (number|word|uuid) for (.+?) mentioned in the provided text\?")
-_OK = """
-def _ok(r):
-    return isinstance(r, str) and not r.startswith("Error")
-"""
-
-
-def _cell(*parts: str) -> str:
-    code = "\n".join(textwrap.dedent(part).strip() for part in parts)
-    return f"```repl\n{code}\n```"
-
 
 _TEXT = """
 text = context if isinstance(context, str) else "\\n".join(map(str, context))
@@ -62,12 +52,12 @@ rows = [line for line in text.splitlines() if line.startswith("Date: ")]
 
 def _peek(lines: bool) -> str:
     show = 'print(len(text), "characters;", text.count("\\n") + 1, "lines")\nprint(text[:400])'
-    return _cell(_TEXT, show, *((_ROWS, 'print(len(rows), "data lines")') if lines else ()))
+    return _block(_TEXT, show, *((_ROWS, 'print(len(rows), "data lines")') if lines else ()))
 
 
 def _niah_program(kind: str, key: str, batch: str) -> list[str]:
     head = f'Find the special magic {kind} for "{key}" in the text below. Reply with the {kind} only, or NONE.\n\n'
-    work = _cell(
+    work = _block(
         _TEXT,
         _OK,
         f"""
@@ -86,7 +76,7 @@ def _niah_program(kind: str, key: str, batch: str) -> list[str]:
 
 def _label_program(spec_literal: str, finish: str, batch: str) -> list[str]:
     """Label every line through sub-calls, then ``finish`` (an expression over ``spec`` and ``records``)."""
-    work = _cell(
+    work = _block(
         inspect.getsource(_answers),
         _TEXT,
         _ROWS,
