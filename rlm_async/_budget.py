@@ -115,9 +115,28 @@ class Limits:
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:  # counts and caps
                 raise ConfigError(f"Limits.{f.name} must be an int >= 1, got {value!r}")
 
+    @classmethod
+    def small_model(cls, **overrides: Any) -> Limits:
+        """The profile for a small model (about 0.5B-8B parameters) on any OpenAI-compatible endpoint: what
+        ``rlm-async run --local`` uses, and ``--profile small`` elsewhere.
+
+        ``max_tokens_per_turn=512`` (a small model rambles: Qwen2.5-Coder-0.5B wrote 500-token cells of
+        repeated lines), ``max_iterations=8`` (past a few turns it repeats its first cell), and
+        ``max_output_chars=2000`` (its conversation must fit a slot of llama.cpp's default 32,768-token context
+        shared by 4 slots: 8,192 tokens each). ``overrides`` replace any field.
+
+        Raises:
+            ConfigError: as the constructor does for a bad value.
+        """
+        return cls(**{**SMALL_MODEL, **overrides})
+
     def describe(self) -> dict[str, Any]:
         """The caps as a plain dict (field name -> value), for traces and the system prompt."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+#: :meth:`Limits.small_model`'s fields.
+SMALL_MODEL: dict[str, Any] = {"max_tokens_per_turn": 512, "max_iterations": 8, "max_output_chars": 2000}
 
 
 @dataclass(frozen=True, slots=True)

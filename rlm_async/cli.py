@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import local
-from ._budget import Limits
+from ._budget import SMALL_MODEL, Limits
 from ._engine import RLM, RLMResult
 from ._errors import ConfigError
 from ._sandbox import describe as describe_sandbox
@@ -28,9 +28,8 @@ from .sim import FAULT_KINDS, PROFILES, FaultPlan, SimConfig, SimServer
 
 __all__ = ["main"]
 
-#: Limits that ``run --local`` sets unless told otherwise: a small local model rambles, and its conversation
-#: must fit its slot (32,768 tokens of context over 4 slots).
-LOCAL_LIMITS = {"max_tokens_per_turn": 512, "max_iterations": 8, "max_output_chars": 2000}
+#: Limits that ``run --local`` (and ``--profile small``) set unless told otherwise: ``Limits.small_model()``.
+LOCAL_LIMITS = SMALL_MODEL
 
 #: Exit codes a shell user can act on.
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_BUDGET, EXIT_ENDPOINT = 0, 1, 2, 3, 4
@@ -93,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--local", action="store_true", help="run on a local llama.cpp server (started or reused)")
     run.add_argument("--local-model", choices=sorted(MODELS), default="0.5b")
     run.add_argument("--keep-server", action="store_true", help="leave a server --local started running")
+    run.add_argument(
+        "--profile", choices=["default", "small"], default="default",
+        help="small: Limits.small_model() for a small model on any endpoint (--local implies it)",
+    )  # fmt: skip
     run.add_argument("--max-iterations", type=int, default=None, help="turns per agent (default 20; 8 with --local)")
     run.add_argument("--max-output-chars", type=int, default=None, help="default 20,000; 2,000 with --local")
     run.add_argument("--max-tokens-per-turn", type=int, default=None, help="default: 512 with --local")
@@ -278,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
         max_cost_usd=args.max_cost_usd,
         timeout_s=args.timeout,
         cell_timeout_s=args.cell_timeout,
-        **({**LOCAL_LIMITS, **given} if args.local else given),
+        **({**LOCAL_LIMITS, **given} if args.local or args.profile == "small" else given),
     )
     if args.local:
         err = Console(stderr=True)

@@ -90,3 +90,15 @@ def test_cost_cap_needs_a_price():
     ledger.check_priced("priced")
     with pytest.raises(ConfigError, match="no price"):
         ledger.check_priced("unpriced")
+
+
+def test_the_small_model_profile_and_its_overrides():
+    from rlm_async import cli
+
+    small = Limits.small_model()
+    assert (small.max_tokens_per_turn, small.max_iterations, small.max_output_chars) == (512, 8, 2000)
+    assert Limits.small_model(max_iterations=3, max_concurrency=2).max_iterations == 3
+    assert cli.LOCAL_LIMITS == {"max_tokens_per_turn": 512, "max_iterations": 8, "max_output_chars": 2000}
+    assert cli._parser().parse_args(["run", "q", "--context", "-", "--profile", "small"]).profile == "small"
+    with pytest.raises(ConfigError):
+        Limits.small_model(max_iterations=0)
