@@ -201,3 +201,24 @@ async def test_the_server_reports_its_per_slot_window_for_compaction(llama):
     finally:
         await client.aclose()
     assert windows == {llama.model.name: 32_768 // llama.parallel}
+
+
+async def test_a_real_small_model_never_ends_with_answer_and_nothing_in_it(llama):
+    """Issue 16's guardrail on the real model: on this S-NIAH item Qwen2.5-Coder-0.5B set answer["ready"] with
+    nothing in answer["content"] (eval rows of 2026-11-30), which ended runs with stop_reason "answer" and an
+    empty answer. Whatever the model does now, an empty answer is never reported as an answer."""
+    from rlm_async.eval import generate
+
+    (item,) = generate("niah_single_2", 1, 4096, 0)
+    events: list[dict[str, Any]] = []
+    async with RLM(
+        llama.model.name, base_url=llama.base_url, api_key=llama.api_key,
+        limits=Limits.small_model(max_iterations=4, max_tokens_per_turn=256),
+        temperature=0.0, retry=RetryPolicy(attempt_timeout_s=120), on_event=events.append,
+    ) as rlm:  # fmt: skip
+        result = await rlm.completion(item.query, item.context)
+    assert result.stop_reason != "answer" or result.answer.strip(), result
+    if result.stop_reason == "empty_answer":
+        assert result.answer == "" and not result.ok
+    refused = [e for e in events if e["event"] == "answer" and e.get("ready") and not e.get("content", "").strip()]
+    assert len(refused) <= 2
