@@ -66,8 +66,8 @@ class SchedulerStats:
         failed_calls: calls that ended in ``LLMCallError`` or were refused by a token or USD budget.
         in_flight: attempts holding a slot now.
         peak_in_flight: the most attempts that ever held slots at once.
-        queued_s: seconds, summed over calls, from admission to the first attempt's slot (rate-limit waits
-            included).
+        queued_s: seconds, summed over calls, from the call entering the scheduler (for a batch: its lane
+            taking the prompt) to the first attempt's slot (rate-limit waits included).
         running_s: seconds, summed over attempts, spent holding a slot.
         circuit: the endpoint's breaker state: ``"closed"``, ``"open"`` or ``"half_open"``.
         circuit_opened: how many times the endpoint's breaker opened since this scheduler was made.
