@@ -48,7 +48,8 @@ with_landlock_scope = needs(SUPPORT.landlock_abi >= 6, SUPPORT.landlock_why or "
 async def run_code(code: str, *, context: object = "ctx", sandbox: str = "strict", **limits: object):
     """Run ``code`` as the root's first cell; return (result, the cell's output as the model saw it, without
     its last newline)."""
-    script = Script({"q": [repl(code), repl("answer['ready'] = True")]})
+    finish = repl("answer['content'] = answer['content'] or 'done'\nanswer['ready'] = True")  # never empty
+    script = Script({"q": [repl(code), finish]})
     outputs: list[str] = []
 
     def on_event(event: dict) -> None:
