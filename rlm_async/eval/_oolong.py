@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Literal
 
 from .._errors import ConfigError
-from ..sim._tokens import token_counter
 from ._answers import MONTHS, Record, Spec, format_date, oolong_answer
 from ._scorers import oolong_score
 from ._task import Item, OolongExpected
@@ -282,7 +281,6 @@ def generate_oolong(
     if n < 1 or per_window < 1:
         raise ConfigError(f"n and per_window must be >= 1, got {n} and {per_window}")
     items: list[Item] = []
-    _, count = token_counter()
     for w in range(-(-n // per_window)):
         win = window(seed, length_tokens, w, data_dir)
         rng = random.Random(f"oolong-questions/{win.key}")
@@ -293,23 +291,16 @@ def generate_oolong(
             answer_type = _ANSWER_TYPES.get(spec["kind"], "comparison")
             query = question_text(spec)
             items.append(
-                Item(
-                    id=f"oolong/{length_tokens}/s{seed}/{i}",
-                    task="oolong",
-                    query=query,
-                    context=win.text,
-                    expected=OolongExpected(gold, answer_type),
-                    scorer=oolong_score,
-                    length_tokens=length_tokens,
-                    tokens=count(f"{win.text}\n{query}"),
-                    seed=seed,
-                    metadata={
-                        "window": win.key,
-                        "lines": len(win.rows),
-                        "kind": spec["kind"],
-                        "group": spec["group"],
-                        "context_tokens": win.tokens,
-                    },
+                win.item(
+                    "oolong",
+                    i,
+                    query,
+                    OolongExpected(gold, answer_type),
+                    oolong_score,
+                    length_tokens,
+                    seed,
+                    kind=spec["kind"],
+                    group=spec["group"],
                 )
             )
     return items

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError
-from ..sim._tokens import token_counter
 from ._answers import Spec, pair_users
 from ._scorers import pairs_score
 from ._task import Item, PairsExpected
@@ -173,30 +172,22 @@ def generate_pairs(n: int, length_tokens: int, seed: int, data_dir: str | Path |
     """
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
-    _, count = token_counter()
     items = []
     for i in range(n):
         win = window(seed, length_tokens, i // len(PAIR_QUERIES), data_dir)
         query, spec = PAIR_QUERIES[i % len(PAIR_QUERIES)]
         count_pairs = len(pair_users(spec, list(win.rows)))
         items.append(
-            Item(
-                id=f"oolong_pairs/{length_tokens}/s{seed}/{i}",
-                task="oolong_pairs",
-                query=query,
-                context=win.text,
-                expected=PairsExpected(spec, win.rows, count_pairs),
-                scorer=pairs_score,
-                length_tokens=length_tokens,
-                tokens=count(f"{win.text}\n{query}"),
-                seed=seed,
-                metadata={
-                    "window": win.key,
-                    "lines": len(win.rows),
-                    "paper_task": i % len(PAIR_QUERIES) + 1,
-                    "pairs": count_pairs,
-                    "context_tokens": win.tokens,
-                },
+            win.item(
+                "oolong_pairs",
+                i,
+                query,
+                PairsExpected(spec, win.rows, count_pairs),
+                pairs_score,
+                length_tokens,
+                seed,
+                paper_task=i % len(PAIR_QUERIES) + 1,
+                pairs=count_pairs,
             )
         )
     return items

@@ -28,10 +28,12 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .._errors import ConfigError
 from ..sim._tokens import token_counter
 from ._answers import LABELS, Record, format_date
+from ._task import Expected, Item, Scorer
 
 __all__ = ["POOL_SHA256", "QUESTION_TOKENS", "Window", "data_dir", "load_pool", "window"]
 
@@ -97,6 +99,27 @@ class Window:
     labels: tuple[str, ...]
     text: str
     tokens: int
+
+    def item(
+        self, task: str, index: int, query: str, expected: Expected, scorer: Scorer, length_tokens: int, seed: int,
+        **metadata: Any,
+    ) -> Item:  # fmt: skip
+        """Item ``index`` of ``task`` asking ``query`` about this window: what every OOLONG-family item shares
+        (the id, the window as context, the token count of context and query, the window's metadata), with
+        the family's own ``metadata`` between the window's key and size."""
+        _, count = token_counter()
+        return Item(
+            id=f"{task}/{length_tokens}/s{seed}/{index}",
+            task=task,
+            query=query,
+            context=self.text,
+            expected=expected,
+            scorer=scorer,
+            length_tokens=length_tokens,
+            tokens=count(f"{self.text}\n{query}"),
+            seed=seed,
+            metadata={"window": self.key, "lines": len(self.rows), **metadata, "context_tokens": self.tokens},
+        )
 
 
 def _describe(n: int, labels: tuple[str, ...], intro: bool) -> str:
