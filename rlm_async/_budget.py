@@ -264,7 +264,7 @@ class Ledger:
     @property
     def held(self) -> UsageTotals:
         """The estimates held by the attempts in flight (``calls`` is always 0)."""
-        return UsageTotals(0, self._held.prompt_tokens, self._held.completion_tokens, self._held.cost_usd)
+        return self._held.frozen()
 
     # -- reserved counts: never exceeded -------------------------------------------------------------
     def reserve_calls(self, n: int) -> None:

@@ -94,8 +94,6 @@ def _default_logger() -> Any:
 
 def _debug_check(logger: Any) -> Callable[[], bool]:
     """A cheap "would this logger emit at DEBUG?" for a stdlib-backed or a structlog filtering logger."""
-    if logger is None:
-        return lambda: False
     wrapped = getattr(logger, "_logger", None)  # a BoundLogger's, or the lazy proxy wrap_logger returns
     if isinstance(wrapped, logging.Logger):  # it filters by its level anyway: asking it is never wrong
         return lambda: wrapped.isEnabledFor(logging.DEBUG)

@@ -44,7 +44,7 @@ from .._retry import RetryPolicy
 from .._scheduler import RateLimit, Scheduler
 from .._trace import Event, Tracer
 from ..sim import PROFILES, FaultPlan, LatencyModel, SimConfig, sim_process
-from ._floor import bare_fanout, floor_targets
+from ._floor import FloorRun, bare_fanout, floor_targets
 
 __all__ = ["BenchConfig", "Measurement", "run_benchmarks"]
 
@@ -122,6 +122,11 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
     cpu_vs_floor: float | None = None
     wall_vs_floor: float | None = None
+
+    def against(self, floor: FloorRun) -> None:
+        """Fill ``cpu_vs_floor`` and ``wall_vs_floor`` from a floor run of the same work."""
+        self.cpu_vs_floor = (self.cpu_ms_per_call or 0.0) / floor.cpu_ms_per_call
+        self.wall_vs_floor = self.wall_s / floor.wall_s
 
     @property
     def ideal_ratio(self) -> float | None:
@@ -205,8 +210,7 @@ async def fanout(cfg: BenchConfig, base_url: str) -> list[Measurement]:
             row = await _fanout_row(cfg, base_url, "fanout", n, c)
             if c >= 8:
                 floor = await bare_fanout(base_url, n, c)
-                row.cpu_vs_floor = (row.cpu_ms_per_call or 0.0) / floor.cpu_ms_per_call
-                row.wall_vs_floor = row.wall_s / floor.wall_s
+                row.against(floor)
                 row.extra.update(floor_cpu_ms_per_call=floor.cpu_ms_per_call, floor_wall_s=floor.wall_s)
             rows.append(row)
     _with_speedups(rows, lambda r: r.params["N"])
@@ -238,8 +242,7 @@ async def throughput(cfg: BenchConfig) -> Measurement:
                                 max_calls=n + 10, max_fanout=n))  # fmt: skip
         floor = await bare_fanout(sim.base_url, n, 256)
     row = _measure("throughput", {"N": n, "C": 256}, None, run, f"{n} of {n} right")
-    row.cpu_vs_floor = (row.cpu_ms_per_call or 0.0) / floor.cpu_ms_per_call
-    row.wall_vs_floor = row.wall_s / floor.wall_s
+    row.against(floor)
     row.extra.update(
         calls_per_s=round(row.calls / row.wall_s), cpu_bound_calls_per_s=round(1000 / (row.cpu_ms_per_call or 1)),
         floor_calls_per_s=round(floor.calls / floor.wall_s),
