@@ -12,14 +12,14 @@ import dataclasses
 import itertools
 import re
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import anyio
 
 from . import _prompts
-from ._clients import Message
+from ._clients import ChatResponse, Message
 from ._compaction import SUMMARY_REQUEST, compaction_point
 from ._errors import (
     BudgetExceeded,
@@ -32,6 +32,7 @@ from ._errors import (
     WorkerError,
 )
 from ._fanout import fan_out
+from ._guards import FinishGate, Verdict, cut_reply, nudge_note, restate
 from ._repl import Host, Outcome, ProcessRepl, ReplSession, ThreadRepl
 from ._tools import call_tool
 from ._trace import bound
@@ -64,6 +65,7 @@ bug).
 STOP_REASONS: frozenset[str] = frozenset(get_args(StopReason))
 #: HTTP statuses that mean the configuration is wrong (key, permissions, model name), never the load.
 CONFIG_STATUSES = frozenset({401, 403, 404})
+Role = Literal["user", "assistant"]
 
 _REPL_BLOCK = re.compile(r"```repl[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_BLOCK = re.compile(r"```(?:python|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -173,7 +175,7 @@ class Agent:
                 with anyio.move_on_after(timeout) as deadline:
                     await self._take_worker_slot()
                     try:
-                        self._repl = session = repl or self._new_repl(context)
+                        self._repl = session = repl or self._new_repl(query, context)
                         async with contextlib.nullcontext(session) if repl else session:
                             result = await self._loop(session, query, context, note)
                     finally:
@@ -197,10 +199,11 @@ class Agent:
             )
             return result
 
-    def _new_repl(self, context: Any) -> ReplSession:
+    def _new_repl(self, query: str, context: Any) -> ReplSession:
         """A worker-process REPL under the run's sandbox plan, or an in-thread one for ``sandbox="none"``."""
         run = self._run
-        return make_repl(run.worker_plan, run.limits, run.tools_for(self.depth), context, self, self.agent_id)
+        tools = run.tools_for(self.depth)
+        return make_repl(run.worker_plan, run.limits, tools, context, self, self.agent_id, query=query)
 
     async def _take_worker_slot(self) -> None:
         await self._run.worker_slots.acquire()
@@ -244,7 +247,7 @@ class Agent:
         ]
         self.messages = messages  # the whole conversation; `messages` is what is sent (compacted when long)
 
-        def say(role: Literal["user", "assistant"], content: str) -> None:
+        def say(role: Role, content: str) -> None:
             message: Message = {"role": role, "content": content}
             messages.append(message)
             if self.messages is not messages:
@@ -255,17 +258,17 @@ class Agent:
         ran: dict[str, int] = {}  # code (whitespace-normalised) -> the turn that first ran it
         last_answer = ("", False)
         errors = 0  # consecutive turns that went wrong (Limits.max_errors)
-        empty_finishes = 0  # finishes refused for an empty answer (the second ends the agent)
+        gate = FinishGate(query, early=limits.early_finish)
         for iteration in range(1, limits.max_iterations + 1):
             self._iterations = iteration
+            last_turn = iteration == limits.max_iterations
             run.tracer.emit("turn", iteration=iteration)
             try:
                 if compaction_point(messages, window, limits.max_tokens_per_turn):
                     messages = await self._compact(repl, messages)
-                text = await self._turn(messages, stop=_prompts.STOP_SEQUENCES)
+                text = await self._reply(messages, say)
             except (BudgetExceeded, LLMCallError, ConfigError) as exc:
                 return self._stopped(exc, iteration - 1)
-            say("assistant", text)
             blocks = parse_code_blocks(text)
             final = parse_text_final(text)
             if not blocks and final is None:
@@ -286,48 +289,92 @@ class Agent:
                 run.tracer.emit("output", iteration=iteration, block=index, output=rendered, error=cell.error)
                 outputs.append(rendered)
                 turn_failed = turn_failed or cell.failed
+                gate.cell_ran(bool(cell.output.strip() or cell.error))
                 content, ready = repl.answer()
                 if (content, ready) != last_answer:
                     run.tracer.emit("answer", content=content[:4000], ready=ready, iteration=iteration)
                     last_answer = (content, ready)
                 if ready:
-                    if content.strip():
+                    verdict = self._judge(gate, content, last_turn)
+                    if verdict.action == "accept":
                         return AgentResult(content, "answer", iteration)
-                    if empty_finishes:
+                    if verdict.action == "empty":
                         return AgentResult("", "empty_answer", iteration)
-                    empty_finishes += 1
                     await repl.unready()
-                    outputs[-1] += "\n" + _prompts.EMPTY_ANSWER_NOTE
+                    last_answer = (content, False)
+                    outputs[-1] += "\n" + verdict.note
                     break  # the rest of the reply was written expecting to be done
             if final is not None:  # FINAL / FINAL_VAR in the reply's prose: after its code has run
                 kind, value = final
                 answer = value if kind == "text" else await repl.final_var(value)
-                if answer is not None and answer.strip():
-                    return AgentResult(answer, "answer", iteration)
                 if answer is None:
                     outputs.append(_prompts.missing_final_var(value))
-                elif empty_finishes:
-                    return AgentResult("", "empty_answer", iteration)
                 else:
-                    empty_finishes += 1
-                    outputs.append(_prompts.EMPTY_ANSWER_NOTE)
+                    verdict = self._judge(gate, answer, last_turn)
+                    if verdict.action == "accept":
+                        return AgentResult(answer, "answer", iteration)
+                    if verdict.action == "empty":
+                        return AgentResult("", "empty_answer", iteration)
+                    outputs.append(verdict.note)
             errors = errors + 1 if turn_failed else 0
             if limits.max_errors is not None and errors >= limits.max_errors:
                 return self._too_many_errors(errors, iteration)
+            if iteration + 1 == limits.max_iterations:
+                outputs[-1] += "\n" + restate(query, gate.form)
             say("user", _prompts.format_outputs(outputs))
-        say("user", _prompts.final_answer_prompt(self.draft, query))
+            gate.outputs_shown()
+        say("user", _prompts.final_answer_prompt(self.draft, query, gate.form))
         try:
             if compaction_point(messages, window, limits.max_tokens_per_turn):
                 messages = await self._compact(repl, messages)
-            text = await self._turn(messages, stop=())
+            text = (await self._turn(messages, stop=())).text
         except (BudgetExceeded, LLMCallError, ConfigError) as exc:
             return self._stopped(exc, limits.max_iterations)
+        say("assistant", text)
         return AgentResult(text.strip(), "max_iterations", limits.max_iterations + 1)
+
+    async def _reply(self, messages: list[Message], say: Callable[[Role, str], None]) -> str:
+        """One model turn, with one nudge when the reply came back empty or cut inside a code block: the model
+        is told what happened and asked again, and the turn is not spent on it. Both replies join the
+        conversation; the second stands as it is."""
+        stop = _prompts.STOP_SEQUENCES
+        response = await self._turn(messages, stop=stop)
+        why = cut_reply(response.text, response.finish_reason, response.completion_tokens)
+        if why is None:
+            say("assistant", response.text)
+            return response.text
+        self._run.tracer.emit(
+            "nudge",
+            why=why,
+            finish_reason=response.finish_reason,
+            completion_tokens=response.completion_tokens,
+            stop_sequence=response.stop_sequence,
+            stop_sequences=list(stop),
+        )
+        note = nudge_note(why, stop, self._run.limits.max_tokens_per_turn)
+        if response.text.strip():
+            say("assistant", response.text)
+            say("user", note)
+        else:  # no empty assistant message: the note joins the last user message (some servers refuse both)
+            last = messages[-1]
+            messages[-1] = {"role": last["role"], "content": f"{last['content']}\n\n{note}"}
+            if self.messages is not messages:
+                self.messages[-1] = messages[-1]
+        text = (await self._turn(messages, stop=stop)).text
+        say("assistant", text)
+        return text
+
+    def _judge(self, gate: FinishGate, answer: str, last_turn: bool) -> Verdict:
+        verdict = gate.judge(answer, last_turn=last_turn)
+        if verdict.check is not None:
+            event = "finish_refused" if verdict.action == "refuse" else "finish_warned"
+            self._run.tracer.emit(event, check=verdict.check, answer=answer[:500])
+        return verdict
 
     async def _compact(self, repl: ReplSession, messages: list[Message]) -> list[Message]:
         """Fold the turns between the first prompt and the latest one into a summary the model writes, and put
         the whole conversation in the REPL variable ``history`` (see ``rlm_async._compaction``)."""
-        summary = await self._turn([*messages, {"role": "user", "content": SUMMARY_REQUEST}], stop=())
+        summary = (await self._turn([*messages, {"role": "user", "content": SUMMARY_REQUEST}], stop=())).text
         await repl.set_variables({"history": [dict(m) for m in self.messages]})
         first = messages[1]
         merged: Message = {"role": "user", "content": first["content"] + _prompts.compacted_note(summary)}
@@ -340,7 +387,7 @@ class Agent:
         )
         return compacted
 
-    async def _turn(self, messages: list[Message], *, stop: tuple[str, ...]) -> str:
+    async def _turn(self, messages: list[Message], *, stop: tuple[str, ...]) -> ChatResponse:
         limits = self._run.limits
         request = self._run.request(
             self._model or self._run.model_for(self.depth),
@@ -351,7 +398,7 @@ class Agent:
         )
         response = await self._run.scheduler.call(request, depth=self.depth, agent_id=self.agent_id)
         self._run.tracer.emit("reply", text=response.text[:4000], finish_reason=response.finish_reason)
-        return response.text
+        return response
 
     def _too_many_errors(self, errors: int, iterations: int) -> AgentResult:
         assert self._run.limits.max_errors is not None
@@ -389,6 +436,7 @@ class Agent:
         model = model or configured  # a model named by model code may be wrong: its 404 is the model's to see
         results: list[Outcome] = [{} for _ in prompts]
         refused: list[BudgetExceeded] = []
+        max_tokens = max_tokens or self._run.limits.max_tokens_per_subcall
         template = self._run.request(model, (), depth, max_tokens=max_tokens)  # sampling resolved once a batch
         started = 0
 
@@ -496,10 +544,18 @@ class Agent:
 
 
 def make_repl(
-    plan: WorkerPlan | None, limits: Limits, tools: Mapping[str, Tool], context: Any, host: Host, name: str
+    plan: WorkerPlan | None,
+    limits: Limits,
+    tools: Mapping[str, Tool],
+    context: Any,
+    host: Host,
+    name: str,
+    *,
+    query: str | None = None,
 ) -> ReplSession:
     """A REPL for one agent: a worker process under ``plan``, or in-thread when ``plan`` is None (the
-    ``"none"`` sandbox); callable tools become proxies, tool values are copied in."""
+    ``"none"`` sandbox); callable tools become proxies, tool values are copied in, and ``query`` becomes the
+    variable ``query`` (unless a custom tool has that name)."""
     common: dict[str, Any] = {
         "context": context,
         "host": host,
@@ -509,6 +565,8 @@ def make_repl(
         "tools": tuple(tool_name for tool_name, tool in tools.items() if tool.callable),
         "values": {tool_name: tool.value for tool_name, tool in tools.items() if not tool.callable},
     }
+    if query is not None and "query" not in tools:
+        common["values"]["query"] = query
     if plan is None:
         return ThreadRepl(**common)
     return ProcessRepl(plan=plan, **common)

@@ -18,7 +18,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from ._errors import BudgetExceeded, ConfigError
 
@@ -78,10 +78,16 @@ class Limits:
             waits for a slot before its worker starts; an agent whose
             cell waits on child agents lends its slot to them meanwhile, so a tree wider than the cap queues
             instead of deadlocking. Default 32.
+        max_tokens_per_subcall: ``max_tokens`` sent with each ``llm_query`` / ``llm_batch`` sub-call that does
+            not set its own, or None for the server's default. Default None.
+        early_finish: what becomes of a finish (``answer["ready"] = True``, ``FINAL``) from a reply whose code
+            printed before the model had seen any output: ``"warn"`` accepts it and records a
+            ``finish_warned`` event; ``"refuse"`` refuses it once with a note, and the model finishes again
+            after reading its output (see ``rlm_async._guards.FinishGate``). Default ``"warn"``.
 
     Raises:
-        ConfigError: a count or cap that is not an int >= 1 (``max_calls=0``, ``max_iterations=2.7``), or
-            seconds or USD that are not a number > 0.
+        ConfigError: a count or cap that is not an int >= 1 (``max_calls=0``, ``max_iterations=2.7``),
+            seconds or USD that are not a number > 0, or an ``early_finish`` other than ``"warn"`` / ``"refuse"``.
     """
 
     max_concurrency: int = 64
@@ -100,10 +106,16 @@ class Limits:
     cell_timeout_s: float | None = 120.0
     max_errors: int | None = None
     max_workers: int = 32
+    max_tokens_per_subcall: int | None = None
+    early_finish: Literal["warn", "refuse"] = "warn"
 
     def __post_init__(self) -> None:
         required = ("max_concurrency", "max_depth", "max_iterations", "max_output_chars", "max_workers")
+        if self.early_finish not in ("warn", "refuse"):
+            raise ConfigError(f"Limits.early_finish must be 'warn' or 'refuse', got {self.early_finish!r}")
         for f in fields(self):
+            if f.name == "early_finish":
+                continue
             value = getattr(self, f.name)
             if value is None:
                 if f.name in required:
@@ -136,7 +148,12 @@ class Limits:
 
 
 #: :meth:`Limits.small_model`'s fields.
-SMALL_MODEL: dict[str, Any] = {"max_tokens_per_turn": 512, "max_iterations": 8, "max_output_chars": 2000}
+SMALL_MODEL: dict[str, Any] = {
+    "max_tokens_per_turn": 512,
+    "max_tokens_per_subcall": 1024,
+    "max_iterations": 8,
+    "max_output_chars": 2000,
+}
 
 
 @dataclass(frozen=True, slots=True)

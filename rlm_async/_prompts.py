@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._guards import AnswerForm
     from ._tools import Tool
 
 __all__ = [
@@ -40,6 +41,7 @@ turns. Never write the REPL output yourself: stop after your code block and wait
 
 In the REPL:
 - `context`: the input ({context_kind}). Look at it with code: len(context), context[:2000], re.findall, ...
+- `query`: the query you are answering, as a str (put it in your sub-model prompts).
 - `await llm_batch(prompts)`: send a list of prompt strings to a sub-model, all at once, concurrently;
   returns a list in the same order. This is the fast way to process many chunks: prefer ONE llm_batch over
   many llm_query calls. A sub-model sees only its prompt, so put the chunk text inside the prompt.
@@ -68,19 +70,29 @@ Example:
 print(type(context), len(context))
 print(context[:500])
 ```
-(after seeing the output)
+(next reply, after reading the output)
 ```repl
 chunks = [context[i:i + 20000] for i in range(0, len(context), 20000)]
-prompts = [f"List every sentence that mentions a shepherd in this text:\\n{{c}}" for c in chunks]
-found = await llm_batch(prompts)
-ok = [f for f in found if not is_failure(f)]
-answer["content"] = "\\n".join(ok)
-print(len(chunks), "chunks,", len(ok), "answered")
+prompts = [f"Part {{k + 1}} of {{len(chunks)}} of a longer text:\\n{{c}}\\n\\nFrom this part only, note what "
+           f"helps to answer: {{query}}" for k, c in enumerate(chunks)]
+notes = await llm_batch(prompts)
+ok = [n for n in notes if not is_failure(n)]
+print(len(chunks), "parts,", len(ok), "answered")
+for n in ok[:3]:
+    print(n[:300])
 ```
-(after checking the output)
+(next reply, after reading the notes)
+```repl
+combined = await llm_query("Notes from each part of a text:\\n" + "\\n---\\n".join(ok)
+                           + f"\\n\\nFrom these notes, answer: {{query}}")
+answer["content"] = combined
+print(combined)
+```
+(next reply, after checking it)
 ```repl
 answer["ready"] = True
 ```
+Adapt it to the query: when you can compute the answer with code (count, filter, sort), do so and check it.
 
 Work in small steps, look at the data before you trust an idea, and verify your answer with code."""
 
@@ -200,27 +212,22 @@ def repeated_code_note(first_turn: int) -> str:
     )
 
 
-#: Shown once when a cell sets ``answer["ready"] = True`` (or FINAL) with nothing in the answer; a second empty
-#: finish ends the agent with ``stop_reason="empty_answer"`` (seen with Qwen2.5-Coder-0.5B: it printed a peek
-#: and set ready in the same cell, and the run "answered" with nothing).
-EMPTY_ANSWER_NOTE = (
-    '[note: answer["ready"] was set to True but answer["content"] is empty, so the run is not finished. Look '
-    'at the output above, put your answer in answer["content"], then set answer["ready"] = True.]'
-)
-
 NO_CODE_MESSAGE = (
     "No ```repl block found. Write Python in a ```repl block to explore `context`, or set "
     'answer["content"] and answer["ready"] = True in a ```repl block to finish.'
 )
 
 
-def final_answer_prompt(draft: str, query: str) -> str:
-    """The last call at max_iterations: asks for the answer as plain text, restating the query (small models
-    otherwise echo the instruction's last words back as their answer)."""
+def final_answer_prompt(draft: str, query: str, form: AnswerForm | None = None) -> str:
+    """The last call at max_iterations: asks for the answer as plain text, restating the query and the form it
+    asks for (small models otherwise echo the instruction's last words back as their answer)."""
     note = f'Your current draft (answer["content"]):\n{draft}\n\n' if draft else ""
+    wanted = ""
+    if form is not None:
+        wanted = f"\nAnswer {f'in the form {form.text!r}' if form.kind == 'template' else 'with ' + form.text}."
     return (
         f"You have no turns left and cannot run code any more. {note}"
-        f"Write your final answer in plain text to the query: {query}"
+        f"Write your final answer in plain text to the query: {query}{wanted}"
     )
 
 

@@ -79,6 +79,8 @@ class Session:
             raise ConfigError("use the session inside `async with rlm.session() as s:`")
         limits = self._turn_limits(kwargs.pop("limits", None) or self._rlm.limits)
         values: dict[str, Any] = {} if context is KEEP else {f"context_{turn}": context}
+        if "query" not in self._rlm.tools_for(0):
+            values["query"] = query  # the system prompt's example builds its sub-prompts from it
 
         async def attach(agent: Agent) -> tuple[ReplSession, str]:
             await repl.next_turn(agent, values, context)

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-iterations", type=int, default=None, help="turns per agent (default 20; 8 with --local)")
     run.add_argument("--max-output-chars", type=int, default=None, help="default 20,000; 2,000 with --local")
     run.add_argument("--max-tokens-per-turn", type=int, default=None, help="default: 512 with --local")
+    run.add_argument(
+        "--max-tokens-per-subcall", type=int, default=None, help="max_tokens of each sub-call (1,024 with --local)"
+    )
     run.add_argument("--temperature", type=float, default=None, help="default: 0 with --local")
 
     serve = sub.add_parser("serve", help="serve RLMs behind an OpenAI-compatible HTTP API")

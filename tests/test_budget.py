@@ -97,8 +97,14 @@ def test_the_small_model_profile_and_its_overrides():
 
     small = Limits.small_model()
     assert (small.max_tokens_per_turn, small.max_iterations, small.max_output_chars) == (512, 8, 2000)
+    assert small.max_tokens_per_subcall == 1024
     assert Limits.small_model(max_iterations=3, max_concurrency=2).max_iterations == 3
-    assert cli.LOCAL_LIMITS == {"max_tokens_per_turn": 512, "max_iterations": 8, "max_output_chars": 2000}
+    assert cli.LOCAL_LIMITS == {
+        "max_tokens_per_turn": 512,
+        "max_tokens_per_subcall": 1024,
+        "max_iterations": 8,
+        "max_output_chars": 2000,
+    }
     assert cli._parser().parse_args(["run", "q", "--context", "-", "--profile", "small"]).profile == "small"
     with pytest.raises(ConfigError):
         Limits.small_model(max_iterations=0)

@@ -500,8 +500,11 @@ async def test_a_cancelled_batch_gives_back_the_calls_it_never_started():
     limits = Limits(max_calls=1010, max_concurrency=4, agent_timeout_s=5, cell_timeout_s=None)
     rlm, client = make_rlm(script, limits=limits, sandbox="none")
     result = await rlm.completion("q", "ctx")
-    sent = len(client.requests)  # the root's turn, the kid's turn, the 4 calls its lanes started
-    assert sent == 6 and result.answer == str(1010 - sent), result.answer
+    # The root's turn, the kid's turn, and the calls its 4 lanes started: 4, or fewer when the fake clock
+    # reaches the timeout while the kid's cell thread is still starting (the loop looks idle meanwhile; seen
+    # on a busy machine). Either way every call no lane reached is given back.
+    sent = len(client.requests)
+    assert 2 <= sent <= 6 and result.answer == str(1010 - sent), (sent, result.answer)
 
 
 @pytest.mark.parametrize("sandbox", ["strict", "none"])

@@ -172,10 +172,12 @@ def _response(data: Any) -> ChatResponse:
     usage = data.get("usage")
     usage = usage if isinstance(usage, dict) else {}
     cost = usage.get("cost")
+    stop = choice.get("stop_reason")
     return ChatResponse(
         text=content,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         cost_usd=float(cost) if isinstance(cost, int | float) else None,
         finish_reason=choice.get("finish_reason"),
+        stop_sequence=stop if isinstance(stop, str) else None,
     )

@@ -70,6 +70,8 @@ class ChatResponse:
         completion_tokens: ``usage.completion_tokens`` as the provider reported it.
         cost_usd: ``usage.cost`` when the provider reports one (OpenRouter does), else None.
         finish_reason: ``"stop"``, ``"length"``, ... or None.
+        stop_sequence: the stop sequence that ended the reply, where the server says (vLLM's
+            ``choices[0].stop_reason`` when it is a string); None otherwise (OpenAI and llama.cpp do not say).
     """
 
     text: str
@@ -77,6 +79,7 @@ class ChatResponse:
     completion_tokens: int = 0
     cost_usd: float | None = None
     finish_reason: str | None = None
+    stop_sequence: str | None = None
 
 
 def windows_from_models(payload: Any) -> dict[str, int]:

@@ -122,10 +122,12 @@ def _to_response(completion: Any) -> ChatResponse:
     completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
     extra = getattr(usage, "model_extra", None) or {}
     cost = extra.get("cost")
+    stop = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
     return ChatResponse(
         text=content,
         prompt_tokens=prompt,
         completion_tokens=completion_tokens,
         cost_usd=float(cost) if isinstance(cost, int | float) else None,
         finish_reason=choice.finish_reason,
+        stop_sequence=stop if isinstance(stop, str) else None,
     )

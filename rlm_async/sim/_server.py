@@ -237,13 +237,13 @@ class SimServer:
         if fault == "hang":
             await asyncio.Event().wait()  # until the client gives up and aiohttp cancels this handler
 
-        text, finish_reason = _apply_limits(self.responder.respond(messages), body, self._count)
-        completion_tokens = self._count(text)
+        reply = _apply_limits(self.responder.respond(messages), body, self._count)
+        text, finish_reason, completion_tokens = reply.text, reply.finish_reason, reply.completion_tokens
         seconds = cfg.latency.sample_s(prompt_tokens, completion_tokens, rng) * scale
         if fault == "spike":
             seconds *= self._plan.spike_factor
         await self._serve(seconds)
-        payload = _completion(model, text, finish_reason, prompt_tokens, completion_tokens)
+        payload = _completion(model, text, finish_reason, prompt_tokens, completion_tokens, reply.stop_sequence)
         if fault == "truncated":
             cut = json.dumps(payload).encode()
             return web.Response(body=cut[: len(cut) // 2], content_type="application/json")
@@ -335,32 +335,50 @@ class SimServer:
         return None
 
 
-def _apply_limits(text: str, body: dict[str, Any], count: Callable[[str], int]) -> tuple[str, str]:
-    """Cut ``text`` at the first stop sequence, then to ``max_tokens`` tokens (finish_reason ``"length"``)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cut:
+    """A reply after the request's limits: its text, finish_reason, the stop sequence that cut it (reported as
+    vLLM does, in ``choices[0].stop_reason``) and the tokens generated, the cut stop sequence included (a real
+    server generated those tokens before it matched the sequence)."""
+
+    text: str
+    finish_reason: str
+    stop_sequence: str | None
+    completion_tokens: int
+
+
+def _apply_limits(text: str, body: dict[str, Any], count: Callable[[str], int]) -> _Cut:
+    """Cut ``text`` at the earliest stop sequence, then to ``max_tokens`` tokens (finish_reason ``"length"``)."""
     stops = body.get("stop") or []
-    for stop in [stops] if isinstance(stops, str) else stops:
-        at = text.find(stop)
-        if at >= 0:
-            text = text[:at]
+    found = [(text.find(stop), stop) for stop in ([stops] if isinstance(stops, str) else stops) if stop in text]
+    at, stop = min(found) if found else (len(text), None)
+    text, generated = text[:at], count(text[: at + len(stop)] if stop else text)
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-    if isinstance(max_tokens, int) and max_tokens > 0 and count(text) > max_tokens:
+    if isinstance(max_tokens, int) and max_tokens > 0 and generated > max_tokens:
         lo, hi = 0, len(text)  # the longest prefix within max_tokens, by bisection on its token count
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if count(text[:mid]) <= max_tokens else (lo, mid - 1)
-        return text[:lo], "length"
-    return text, "stop"
+        return _Cut(text[:lo], "length", None, count(text[:lo]))
+    return _Cut(text, "stop", stop, generated)
 
 
 def _completion(
-    model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, stop: str | None = None
 ) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-sim-{random.getrandbits(48):012x}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+                "stop_reason": stop,
+            }
+        ],
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
