@@ -28,11 +28,14 @@ from ._sandbox import Sandbox
 from ._scheduler import SchedulerStats
 from ._tools import Tool
 from ._trace import EventName, RunEvent
+from .batch import BatchItem, BatchReport, ItemResult, LeaseSizes, batch, ray_batch
 
 __all__ = [
     "RLM",
     "AgentResult",
     "AiohttpClient",
+    "BatchItem",
+    "BatchReport",
     "BudgetExceeded",
     "ChatClient",
     "ChatRequest",
@@ -43,7 +46,9 @@ __all__ = [
     "EngineError",
     "EventName",
     "FakeClient",
+    "ItemResult",
     "LLMCallError",
+    "LeaseSizes",
     "Limits",
     "Message",
     "OpenAIClient",
@@ -69,5 +74,7 @@ __all__ = [
     "Usage",
     "UsageTotals",
     "WorkerError",
+    "batch",
     "parse_retry_after",
+    "ray_batch",
 ]

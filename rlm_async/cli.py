@@ -22,6 +22,7 @@ from ._engine import RLM, RLMResult
 from ._errors import ConfigError
 from ._sandbox import describe as describe_sandbox
 from ._trace import Event
+from .batch import _cli as batch_cli
 from .eval import _cli as eval_cli
 from .local import MODELS, LocalSetupError
 from .sim import FAULT_KINDS, PROFILES, FaultPlan, SimConfig, SimServer
@@ -44,6 +45,7 @@ examples:
   rlm-async sim --port 8000 --profile fast --faults "429=0.05,500=0.01"
   rlm-async bench --quick --out bench-results      # speedups, ideal bounds, the official rlms side by side
   rlm-async eval oolong --n 20 --length 8k,32k     # quality: S-NIAH, OOLONG, OOLONG-Pairs (docs/eval.md)
+  rlm-async batch docs.jsonl --out results.jsonl  # many queries, resumable; --ray for a Ray cluster
   rlm-async local setup                            # llama.cpp + Qwen2.5-Coder-0.5B, cached (once, ~8 min)
   rlm-async run --local "How many lines mention a cat?" --context notes.txt
 
@@ -156,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
 
     eval_cli.add_parser(sub)
+    batch_cli.add_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job: word counts per book over the whole KJV, checked")
     demo.add_argument("--word", default="shepherd")
@@ -179,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": _doctor,
         "serve": _serve,
         "eval": eval_cli.main,
+        "batch": batch_cli.main,
     }
     try:
         return handlers[args.command](args)

@@ -1,0 +1,279 @@
+"""The Ray path: one coordinator actor leasing the shared capacity, worker actors hosting one engine each,
+and the driver that feeds them items and retries the items of workers that died. Imported only with Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+import anyio
+
+from .._budget import Limits
+from .._endpoint import RateLimit
+from .._errors import ConfigError
+from ._items import BatchItem, ItemResult
+from ._lease import Capacity, Kind, LeasedEndpoint, LeasedGate, LeaseSizes
+from ._runner import Engine, EngineSpec, run_item
+
+try:
+    import ray
+    from ray.exceptions import RayActorError
+except ImportError as exc:  # pragma: no cover - the extra is missing
+    raise ConfigError("--ray needs Ray: pip install 'rlm-async[ray]'") from exc
+
+__all__ = ["run_ray"]
+
+#: Seconds the driver gives worker actors to cancel their items and give their leases back before it kills them.
+CLOSE_TIMEOUT_S = 10.0
+
+
+class CoordinatorActor:
+    """The coordinating actor: a :class:`~rlm_async.batch._lease.Capacity` behind Ray method calls."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.capacity = Capacity(**kwargs)
+
+    async def slots(self, worker: str, want: int) -> int:
+        return await self.capacity.slots(worker, want)
+
+    def release(self, worker: str, n: int) -> None:
+        self.capacity.release(worker, n)
+
+    def forget(self, worker: str) -> None:
+        self.capacity.forget(worker)
+
+    async def tokens(self, model: str, kind: Kind, need: int, want: int) -> int:
+        return await self.capacity.tokens(model, kind, need, want)
+
+    async def reserve_calls(self, want: int) -> int:
+        return self.capacity.reserve_calls(want)
+
+    async def reserve_usd(self, want: float, debt: float) -> float:
+        return self.capacity.reserve_usd(want, debt)
+
+    async def give_back(self, calls: int, usd: float) -> None:
+        self.capacity.give_back(calls, usd)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.capacity.stats()
+
+
+class RayLink:
+    """A :class:`~rlm_async.batch._lease.CapacityLink` to the coordinator actor (one round trip a lease)."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    async def slots(self, worker: str, want: int) -> int:
+        return int(await self._actor.slots.remote(worker, want))
+
+    def release(self, worker: str, n: int) -> None:
+        self._actor.release.remote(worker, n)  # fire and forget: the actor applies calls in order
+
+    async def tokens(self, model: str, kind: Kind, need: int, want: int) -> int:
+        return int(await self._actor.tokens.remote(model, kind, need, want))
+
+    async def reserve_calls(self, want: int) -> int:
+        return int(await self._actor.reserve_calls.remote(want))
+
+    async def reserve_usd(self, want: float, debt: float) -> float:
+        return float(await self._actor.reserve_usd.remote(want, debt))
+
+    async def give_back(self, calls: int, usd: float) -> None:
+        await self._actor.give_back.remote(calls, usd)
+
+
+class WorkerActor:
+    """A worker actor: one engine (its event loop is the actor's, its REPL workers its children), built on
+    the first item, with capacity leased from the coordinator."""
+
+    def __init__(
+        self,
+        name: str,
+        coordinator: Any,
+        spec: EngineSpec,
+        max_concurrency: int,
+        rate_limits: dict[str, RateLimit],
+        max_calls: int | None,
+        max_cost_usd: float | None,
+        sizes: LeaseSizes,
+    ) -> None:
+        self._name = name
+        self._link = RayLink(coordinator)
+        self._spec = spec
+        self._cap = max_concurrency
+        self._rate_limits = rate_limits
+        self._max_calls = max_calls
+        self._max_cost_usd = max_cost_usd
+        self._sizes = sizes
+        self._engine: Engine | None = None
+        self._endpoint: LeasedEndpoint | None = None
+        self._gate: LeasedGate | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def _ensure(self) -> Engine:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._engine is None:
+                breaker = self._spec.options.get("circuit_breaker", "default")
+                kwargs: dict[str, Any] = {} if breaker == "default" else {"breaker": breaker}
+                self._endpoint = LeasedEndpoint(
+                    self._link,
+                    self._name,
+                    max_concurrency=self._cap,
+                    rate_limits=self._rate_limits,
+                    sizes=self._sizes,
+                    **kwargs,
+                )
+                if self._max_calls is not None or self._max_cost_usd is not None:
+                    self._gate = LeasedGate(
+                        self._link, max_calls=self._max_calls, max_cost_usd=self._max_cost_usd, sizes=self._sizes
+                    )
+                self._engine = self._spec.build(self._gate, self._endpoint)
+            return self._engine
+
+    async def run(self, item: BatchItem, attempts: int) -> tuple[ItemResult, bool]:
+        """Run one item; returns its result and whether the job's budget refused this engine."""
+        engine = await self._ensure()
+        result = await run_item(engine.rlm, item, attempts)
+        return result, engine.exhausted
+
+    async def close(self) -> None:
+        """Close the engine and give the leases back."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.aclose()
+        if self._endpoint is not None:
+            await self._endpoint.aclose()
+        if self._gate is not None:
+            await self._gate.aclose()
+
+    async def ping(self) -> str:
+        return self._name
+
+
+def _connect(address: str) -> bool:
+    """Connect to (or start) Ray; True when this call started it (and so shuts it down)."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address == "local":
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+    return True
+
+
+async def run_ray(
+    todo: Sequence[BatchItem],
+    spec: EngineSpec,
+    *,
+    address: str,
+    workers: int | None,
+    worker_cpus: float,
+    max_runs: int,
+    max_calls: int | None,
+    max_cost_usd: float | None,
+    max_item_attempts: int,
+    sizes: LeaseSizes,
+    on_start: Callable[[str], None] | None = None,
+) -> AsyncGenerator[ItemResult, None]:
+    """Yield each item's result as it finishes, across the cluster (see :func:`rlm_async.batch.ray_batch`)."""
+    owns = _connect(address)
+    job = uuid.uuid4().hex[:8]
+    coordinator: Any = None
+    handles: dict[str, Any] = {}
+    inflight: dict[asyncio.Future[Any], tuple[str, BatchItem, int, Any]] = {}
+    try:
+        cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
+        n = workers or max(1, int(cpus // max(worker_cpus, 1e-9)))
+        options = dict(spec.options)
+        cap = (options.get("limits") or Limits()).max_concurrency
+        rate_limits = dict(options.pop("rate_limits", None) or {})
+        worker_spec = type(spec)(spec.model, options)
+        coordinator = (
+            ray.remote(CoordinatorActor)
+            .options(name=f"rlm-batch-{job}-coordinator", num_cpus=0, max_concurrency=10_000)
+            .remote(
+                max_concurrency=cap,
+                rate_limits=rate_limits,
+                workers=n,
+                max_calls=max_calls,
+                max_cost_usd=max_cost_usd,
+                sizes=sizes,
+            )
+        )
+        worker_cls = ray.remote(WorkerActor)
+        for i in range(n):
+            name = f"rlm-batch-{job}-worker-{i}"
+            handles[name] = worker_cls.options(
+                name=name, num_cpus=worker_cpus, max_concurrency=max_runs + 8, max_restarts=0
+            ).remote(name, coordinator, worker_spec, cap, rate_limits, max_calls, max_cost_usd, sizes)
+        live = dict(handles)
+        load = dict.fromkeys(handles, 0)
+        pending: deque[tuple[BatchItem, int]] = deque((item, 0) for item in todo)
+        exhausted = False
+        while True:
+            while pending and live and not exhausted:
+                name = min(live, key=lambda w: load[w])
+                if load[name] >= max_runs:
+                    break
+                item, tries = pending.popleft()
+                ref = live[name].run.remote(item, tries + 1)
+                inflight[asyncio.wrap_future(ref.future())] = (name, item, tries + 1, ref)
+                load[name] += 1
+                if on_start is not None:
+                    on_start(item.id)
+            if not inflight:
+                break
+            done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                name, item, tries, _ref = inflight.pop(future)
+                load[name] -= 1
+                try:
+                    result, refused = future.result()
+                except RayActorError as exc:
+                    if name in live:
+                        del live[name]
+                        coordinator.forget.remote(name)
+                    if tries < max_item_attempts and live:
+                        pending.appendleft((item, tries))
+                        continue
+                    why = f"the Ray worker died on each of {tries} tries: {type(exc).__name__}"
+                    result, refused = ItemResult.failure(item.id, "worker_lost", why, attempts=tries), False
+                except Exception as exc:  # the actor call itself failed (not the run: run_item never raises)
+                    result, refused = ItemResult.failure(item.id, "error", f"{type(exc).__name__}: {exc}"), False
+                exhausted = exhausted or refused
+                yield result
+    finally:
+        for _, _, _, ref in inflight.values():
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        for future in inflight:
+            future.cancel()
+        await _shut_down(handles, coordinator, owns)
+
+
+async def _shut_down(handles: dict[str, Any], coordinator: Any, owns: bool) -> None:
+    """Close every worker (its running items are cancelled, its leases given back), then kill the actors."""
+    closing = [asyncio.wrap_future(h.close.remote().future()) for h in handles.values()]
+    if closing:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S)
+    for future in closing:
+        future.cancel()
+    for handle in handles.values():
+        with contextlib.suppress(Exception):
+            ray.kill(handle)
+    if coordinator is not None:
+        with contextlib.suppress(Exception):
+            ray.kill(coordinator)
+    if owns:
+        ray.shutdown()

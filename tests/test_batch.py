@@ -1,0 +1,338 @@
+"""rlm-async batch on one machine: items and the results file, the leased capacity (without Ray), the job's
+budgets, resume, interruption, and the command with SIGINT / SIGTERM. The Ray path: tests/test_batch_ray.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from rlm_async import BatchItem, BudgetExceeded, ConfigError, Limits, RateLimit, batch
+from rlm_async.batch import ItemResult, LeaseSizes, ResultStore, read_items
+from rlm_async.batch._lease import Capacity, LeasedEndpoint, LeasedGate, LocalLink
+from rlm_async.batch._progress import BatchProgress
+from rlm_async.sim import LatencyModel, SimConfig, sim_process
+
+from .conftest import Script, on_fake_clock, repl
+
+BOOKS = ("Genesis", "Exodus", "Psalms", "John")
+VERSES = "In how many verses of each book does the word 'shepherd' occur?"
+QUICK = LatencyModel(ttft_s=0.02, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.2, outlier_rate=0.0)
+
+
+def verse_item(i: int) -> BatchItem:
+    """An item the simulator answers from its context: per book, the verses that mention a shepherd."""
+    lines = [
+        f"{BOOKS[(i + j) % 4]} {j + 1}:{i % 7 + 1} the {'shepherd' if (i * j) % 3 == 0 else 'sheep'} went"
+        for j in range(6)
+    ]
+    return BatchItem(f"item-{i}", VERSES, "\n".join(lines))
+
+
+def expected(item: BatchItem) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in item.context.splitlines():
+        if "shepherd" in line:
+            book = line.split()[0]
+            counts[book] = counts.get(book, 0) + 1
+    return counts
+
+
+def lines_of(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- items and the results file ----------------------------------------------------------------------------
+def test_read_items_resolves_paths_and_names_bad_lines(tmp_path: Path) -> None:
+    (tmp_path / "doc.txt").write_text("hello")
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"id": 1, "query": "q", "context": "c"}\n\n{"id": "b", "query": "q", "context_path": "doc.txt"}\n')
+    items = read_items(good)
+    assert [i.id for i in items] == ["1", "b"]
+    assert items[1].load_context() == "hello"
+    for body, message in (
+        ('{"id": 1, "query": "q"}\nnot json\n', "in.jsonl:2: not JSON"),
+        ('{"id": 1}\n', "has no query"),
+        ('{"id": 1, "query": "q", "ctx": 1}\n', "unknown fields ['ctx']"),
+        ('{"id": 1, "query": "q"}\n{"id": "1", "query": "r"}\n', "ids must be unique"),
+        ('{"id": 1, "query": "q", "context": "c", "context_path": "p"}\n', "not both"),
+        ("[1]\n", "must be a JSON object"),
+    ):
+        good.write_text(body)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            read_items(good)
+    with pytest.raises(ConfigError, match="cannot read batch input"):
+        read_items(tmp_path / "missing.jsonl")
+
+
+def test_store_appends_durably_resumes_and_never_writes_an_id_twice(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "out.jsonl"
+    a = ItemResult("a", "done", "42", "answer")
+    with ResultStore(path) as store:
+        assert store.append(a) is True
+        assert store.append(ItemResult("a", "failed", "", "error")) is False
+        with pytest.raises(ConfigError, match="being written by another batch"):
+            ResultStore(path)
+    with open(path, "ab") as f:  # a write cut short by a crash: no newline
+        f.write(b'{"id": "b", "status": "do')
+    with ResultStore(path) as store:
+        assert set(store.finished) == {"a"}
+        assert store.finished["a"] == a
+        store.append(ItemResult("b", "done", "x", "answer"))
+    assert [r["id"] for r in lines_of(path)] == ["a", "b"]
+    path.write_text('{"id": "a", "status": "done", "answer": "", "stop_reason": "answer"}\nnope\n')
+    with pytest.raises(ConfigError, match=r"out\.jsonl:2: not a batch result"):
+        ResultStore(path)
+
+
+# -- leased capacity, without Ray --------------------------------------------------------------------------
+async def test_leased_slots_hold_the_cap_across_engines_with_few_round_trips() -> None:
+    capacity = Capacity(max_concurrency=6, workers=2, sizes=LeaseSizes(slots=3))
+    link = LocalLink(capacity)
+    endpoints = [LeasedEndpoint(link, f"w{i}", max_concurrency=6, breaker=None) for i in range(2)]
+    in_flight = peak = 0
+    gate = asyncio.Event()
+
+    async def attempt(endpoint: LeasedEndpoint) -> None:
+        nonlocal in_flight, peak
+        async with endpoint.slots:
+            in_flight += 1
+            peak = max(peak, in_flight)
+            if in_flight == 6:
+                gate.set()
+            await gate.wait()
+            await asyncio.sleep(0)
+            in_flight -= 1
+
+    async with anyio.create_task_group() as tg:
+        for n in range(200):
+            tg.start_soon(attempt, endpoints[n % 2])
+    assert peak == 6 and capacity.peak_out == 6
+    leases = sum(e.leased_slots.leases for e in endpoints)
+    assert leases < 200 / 2  # a lease covers several attempts
+    for e in endpoints:
+        await e.aclose()
+    assert capacity.out == 0
+
+
+async def test_a_forgotten_worker_gives_its_slots_to_the_others() -> None:
+    capacity = Capacity(max_concurrency=2, workers=2, sizes=LeaseSizes(slots=2))
+    assert await capacity.slots("dead", 5) == 1  # its share: ceil(2 / 2)
+    assert await capacity.slots("w", 5) == 1
+    waiting = asyncio.ensure_future(capacity.slots("w", 5))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # w holds its share
+    capacity.forget("dead")
+    assert await waiting == 1 and capacity.out == 2 and await capacity.slots("dead", 1) == 0
+
+
+@on_fake_clock
+async def test_leased_rate_limit_holds_the_rpm_across_engines() -> None:
+    loop = asyncio.get_running_loop()
+    limit = RateLimit(rpm=40, period_s=60.0)
+    capacity = Capacity(max_concurrency=100, rate_limits={"m": limit}, workers=2)
+    assert capacity.lease_for("m", "rpm") == 5  # min(8, 40 / (4 * 2))
+    link = LocalLink(capacity)
+    endpoints = [LeasedEndpoint(link, f"w{i}", max_concurrency=100, rate_limits={"m": limit}) for i in range(2)]
+    sent: list[float] = []
+
+    async def attempt(endpoint: LeasedEndpoint) -> None:
+        await endpoint.limiters["m"].acquire(10)
+        sent.append(loop.time())
+
+    async with anyio.create_task_group() as tg:
+        for n in range(160):
+            tg.start_soon(attempt, endpoints[n % 2])
+    # A burst of one period's 40, then 40 a minute: 160 requests need 3 minutes; a lease per worker at most
+    # (5 each) is the overshoot over one engine's bucket.
+    assert max(sent) >= 3 * 60 - 1
+    for start in range(0, 180, 10):
+        window = sum(start <= t < start + 60 for t in sent)
+        assert window <= 40 + 40 + 2 * 5
+
+
+async def test_job_calls_are_reserved_in_leases_and_never_exceeded() -> None:
+    capacity = Capacity(max_concurrency=1, max_calls=50, workers=2)
+    sizes = LeaseSizes(calls=8)
+    gates = [LeasedGate(LocalLink(capacity), max_calls=50, max_cost_usd=None, sizes=sizes) for _ in range(2)]
+    taken = 0
+    with pytest.raises(BudgetExceeded, match="max_calls"):
+        for n in range(100):
+            await gates[n % 2].before_attempt()
+            taken += 1
+    assert taken <= 50 and gates[taken % 2].exhausted
+    for g in gates:
+        await g.aclose()
+    assert capacity.calls_reserved == taken
+
+
+# -- the single-machine path, on a fake model ---------------------------------------------------------------
+def answering() -> Script:
+    code = repl('answer["content"] = "seen " + str(len(context)); answer["ready"] = True')
+    return Script({"q": [code]})
+
+
+async def test_batch_runs_each_item_once_and_a_rerun_skips_finished(tmp_path: Path) -> None:
+    from rlm_async import FakeClient
+
+    out = tmp_path / "out.jsonl"
+    items = [BatchItem(f"i{n}", f"q{n}", "x" * n) for n in range(12)]
+    client = FakeClient(answering())
+    report = await batch(items, "m", client=client, out=out, max_runs=4, sandbox="none")
+    assert (report.done, report.failed, report.skipped, report.not_run) == (12, 0, 0, 0)
+    assert {r["id"]: r["answer"] for r in lines_of(out)} == {f"i{n}": f"seen {n}" for n in range(12)}
+    more = [*items, BatchItem("new", "q", "abc"), BatchItem("bad", "q", context_path=str(tmp_path / "nope"))]
+    report = await batch(more, "m", client=client, out=out, sandbox="none")
+    assert report.skipped == 12 and {r.id for r in report.results} == {"new", "bad"}
+    bad = next(r for r in report.results if r.id == "bad")
+    assert (bad.status, bad.stop_reason) == ("failed", "bad_input") and "cannot read context_path" in str(bad.error)
+    ids = [r["id"] for r in lines_of(out)]
+    assert len(ids) == len(set(ids)) == 14
+
+
+async def test_the_jobs_call_budget_stops_the_job_and_leaves_the_rest_for_a_rerun(tmp_path: Path) -> None:
+    from rlm_async import FakeClient
+
+    out = tmp_path / "out.jsonl"
+    items = [BatchItem(f"i{n}", f"q{n}", "x") for n in range(10)]
+    script = answering()
+    sent = []
+
+    async def counted(request):  # type: ignore[no-untyped-def]
+        sent.append(request)
+        return await script(request)
+
+    client = FakeClient(counted)
+    report = await batch(items, "m", client=client, out=out, max_runs=1, max_calls=3, sandbox="none")
+    assert len(sent) == 3  # one root turn an item
+    assert report.done == 3 and report.failed == 1 and report.not_run == 6
+    stopped = next(r for r in report.results if r.status == "failed")
+    assert stopped.stop_reason == "budget:max_calls"
+    report = await batch(items, "m", client=client, out=out, max_runs=4, sandbox="none")
+    assert report.skipped == 4 and report.done == 6
+
+
+async def test_cancelling_a_batch_keeps_what_finished_and_the_rerun_runs_the_rest(tmp_path: Path) -> None:
+    from rlm_async import FakeClient
+
+    out = tmp_path / "out.jsonl"
+    release = asyncio.Event()
+    hold_from = 3
+
+    async def root(prompt: str) -> str:
+        return prompt
+
+    async def script(request):  # type: ignore[no-untyped-def]
+        n = int(request.messages[1]["content"].split("Query: q")[1].split()[0])
+        if n >= hold_from:
+            await release.wait()
+        return repl('answer["content"] = "ok"; answer["ready"] = True')
+
+    items = [BatchItem(f"i{n}", f"q{n}", "x") for n in range(8)]
+    finished: list[str] = []
+    three = asyncio.Event()
+
+    def on_result(r: ItemResult) -> None:
+        finished.append(r.id)
+        if len(finished) == 3:
+            three.set()
+
+    job = asyncio.ensure_future(
+        batch(items, "m", client=FakeClient(script), out=out, max_runs=8, sandbox="none", on_result=on_result)
+    )
+    await three.wait()
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert sorted(r["id"] for r in lines_of(out)) == ["i0", "i1", "i2"]
+    release.set()
+    report = await batch(items, "m", client=FakeClient(script), out=out, sandbox="none")
+    assert report.skipped == 3 and sorted(r.id for r in report.results) == [f"i{n}" for n in range(3, 8)]
+
+
+async def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
+    from rlm_async import FakeClient, Price
+
+    client = FakeClient(answering())
+    with pytest.raises(ConfigError, match="max_runs"):
+        await batch([], "m", client=client, max_runs=0)
+    with pytest.raises(ConfigError, match="needs a price"):
+        await batch([], "m", client=client, max_cost_usd=1.0)
+    await batch([], "m", client=client, max_cost_usd=1.0, prices={"m": Price(1, 1)})
+    with pytest.raises(ConfigError, match="ids must be unique"):
+        await batch([{"id": 1, "query": "q"}, {"id": "1", "query": "q"}], "m", client=client)
+
+
+def test_progress_counts_and_draws() -> None:
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    progress = BatchProgress(4, console)
+    with progress:
+        progress.on_skipped(1)
+        progress.on_start("a")
+        progress.on_start("b")
+        progress.on_result(ItemResult("a", "done", "x", "answer"))
+    assert (progress.done, progress.failed, progress.running, progress.skipped) == (1, 0, 1, 1)
+    assert "done 1  failed 0  running 1  skipped 1" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+# -- the command, against the simulator ---------------------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_the_command_stops_cleanly_on_a_signal_and_resumes(tmp_path: Path, signum: int) -> None:
+    """A slow simulator (0.15 s a call), 4 runs at once: the signal lands while items run; the finished ones
+    are kept, none is torn, and the rerun runs exactly the others."""
+    slow = LatencyModel(ttft_s=0.15, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
+    items = [verse_item(i) for i in range(8)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i.id, "query": i.query, "context": i.context}) + "\n" for i in items))
+    out = tmp_path / "out.jsonl"
+    async with sim_process(SimConfig(latency=slow)) as sim:
+        command = [sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out), "--json"]
+        command += ["--base-url", sim.base_url, "--api-key", "k", "--model", "sim-root", "--sub-model", "sim-sub"]
+        command += ["--max-runs", "4"]
+        process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with anyio.fail_after(60):
+            while not out.exists() or len(out.read_text().splitlines()) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        process.send_signal(signum)
+        stdout, stderr = await process.communicate()
+        assert process.returncode == (130 if signum == signal.SIGINT else 143), stderr.decode()[-2000:]
+        summary = json.loads(stdout.decode().strip().splitlines()[-1])
+        first = lines_of(out)
+        assert summary["interrupted"] is True and summary["done"] == len(first) < 8
+        rerun = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = await rerun.communicate()
+        assert rerun.returncode == 0, stderr.decode()[-2000:]
+        summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert summary["skipped"] == len(first) and summary["done"] == 8 - len(first)
+    every = lines_of(out)
+    assert sorted(r["id"] for r in every) == sorted(i.id for i in items)
+    by_id = {i.id: i for i in items}
+    assert all(json.loads(str(r["answer"])) == expected(by_id[str(r["id"])]) for r in every)
+
+
+async def test_single_machine_batch_over_the_simulator(tmp_path: Path) -> None:
+    items = [verse_item(i) for i in range(40)]
+    async with sim_process(SimConfig(latency=QUICK)) as sim:
+        report = await batch(
+            items,
+            "sim-root",
+            sub_model="sim-sub",
+            base_url=sim.base_url,
+            api_key="k",
+            limits=Limits(max_concurrency=6),
+            max_runs=12,
+            out=tmp_path / "out.jsonl",
+        )
+        stats = await sim.stats()
+    assert report.done == 40 and stats.peak_in_flight <= 6
+    assert {r.id: json.loads(r.answer) for r in report.results} == {i.id: expected(i) for i in items}
