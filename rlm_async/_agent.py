@@ -272,7 +272,7 @@ class Agent:
             blocks = parse_code_blocks(text)
             final = parse_text_final(text)
             if not blocks and final is None:
-                say("user", _prompts.NO_CODE_MESSAGE)
+                say("user", _prompts.NO_CODE_MESSAGE + self._last_turn_note(iteration, query, gate))
                 errors += 1
                 if limits.max_errors is not None and errors >= limits.max_errors:
                     return self._too_many_errors(errors, iteration)
@@ -319,9 +319,7 @@ class Agent:
             errors = errors + 1 if turn_failed else 0
             if limits.max_errors is not None and errors >= limits.max_errors:
                 return self._too_many_errors(errors, iteration)
-            if iteration + 1 == limits.max_iterations:
-                outputs[-1] += "\n" + restate(query, gate.form)
-            say("user", _prompts.format_outputs(outputs))
+            say("user", _prompts.format_outputs(outputs) + self._last_turn_note(iteration, query, gate))
             gate.outputs_shown()
         say("user", _prompts.final_answer_prompt(self.draft, query, gate.form))
         try:
@@ -363,6 +361,10 @@ class Agent:
         text = (await self._turn(messages, stop=stop)).text
         say("assistant", text)
         return text
+
+    def _last_turn_note(self, iteration: int, query: str, gate: FinishGate) -> str:
+        """The restated query, appended to the message before the agent's last turn with the REPL."""
+        return "\n" + restate(query, gate.form) if iteration + 1 == self._run.limits.max_iterations else ""
 
     def _judge(self, gate: FinishGate, answer: str, last_turn: bool) -> Verdict:
         verdict = gate.judge(answer, last_turn=last_turn)

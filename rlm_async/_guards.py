@@ -120,14 +120,22 @@ def form_note(form: AnswerForm, answer: str) -> str:
     )
 
 
+def wanted(query: str, form: AnswerForm | None) -> str:
+    """The sentence that asks for ``query``'s form, such as ``" Answer with one number."`` (with a leading
+    space), when its last sentence does not already state it; else ``""``."""
+    if form is None:
+        return ""
+    ending = re.split(r"(?<=[.?!])\s+", query.strip())[-1]
+    if form.text.lower() in ending.lower():
+        return ""
+    return f" Answer {f'in the form {form.text!r}' if form.kind == 'template' else 'with ' + form.text}."
+
+
 def restate(query: str, form: AnswerForm | None) -> str:
     """The reminder on an agent's last turn with the REPL: the query, and its form when it asks for one."""
-    wanted = ""
-    if form is not None:
-        wanted = f" Answer {f'in the form {form.text!r}' if form.kind == 'template' else 'with ' + form.text}."
     return (
-        f"[note: this is your last turn to run code. The query is: {query}{wanted} Put your answer in "
-        'answer["content"] and set answer["ready"] = True in this turn.]'
+        f"[note: this is your last turn to run code. The query is: {query}{wanted(query, form)} Put your answer "
+        'in answer["content"] and set answer["ready"] = True in this turn.]'
     )
 
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._guards import wanted
+
 if TYPE_CHECKING:
     from ._guards import AnswerForm
     from ._tools import Tool
@@ -222,12 +224,9 @@ def final_answer_prompt(draft: str, query: str, form: AnswerForm | None = None) 
     """The last call at max_iterations: asks for the answer as plain text, restating the query and the form it
     asks for (small models otherwise echo the instruction's last words back as their answer)."""
     note = f'Your current draft (answer["content"]):\n{draft}\n\n' if draft else ""
-    wanted = ""
-    if form is not None:
-        wanted = f"\nAnswer {f'in the form {form.text!r}' if form.kind == 'template' else 'with ' + form.text}."
     return (
         f"You have no turns left and cannot run code any more. {note}"
-        f"Write your final answer in plain text to the query: {query}{wanted}"
+        f"Write your final answer in plain text to the query: {query}{wanted(query, form)}"
     )
 
 

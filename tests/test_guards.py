@@ -267,6 +267,22 @@ async def test_the_last_turn_restates_the_query_and_its_form():
     assert result.history[-1] == {"role": "assistant", "content": "The answer is 11."}
 
 
+async def test_the_form_is_added_when_the_query_does_not_end_by_stating_it_and_after_a_reply_without_code():
+    """Seen on the 0.5B: the turn before the last had no code (it wrote "14" in prose), and the restatement
+    was only added after a reply whose code ran."""
+    query = "How many cities does it name? Be brief."
+    replies = [repl("x = 1"), "14", "14"]
+    rlm, client = make_rlm(root_turns(replies), limits=Limits(max_iterations=2), sandbox="none")
+    await rlm.completion(query, "ctx")
+    before_last = client.requests[1].messages[-1]["content"]
+    assert before_last.startswith("REPL output") and "Be brief. Answer with one number. Put" in before_last
+    rlm, client = make_rlm(root_turns(["14", "14", "14"]), limits=Limits(max_iterations=2), sandbox="none")
+    await rlm.completion(query, "ctx")
+    before_last = client.requests[1].messages[-1]["content"]
+    assert before_last.startswith("No ```repl block found") and "Answer with one number." in before_last
+    assert client.requests[2].messages[-1]["content"].endswith("Be brief. Answer with one number.")
+
+
 async def test_a_query_with_no_form_is_restated_without_one():
     replies = [repl("x = 1"), repl("x = 2"), "done"]
     rlm, client = make_rlm(root_turns(replies), limits=Limits(max_iterations=2), sandbox="none")

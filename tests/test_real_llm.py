@@ -222,3 +222,74 @@ async def test_a_real_small_model_never_ends_with_answer_and_nothing_in_it(llama
         assert result.answer == "" and not result.ok
     refused = [e for e in events if e["event"] == "answer" and e.get("ready") and not e.get("content", "").strip()]
     assert len(refused) <= 2
+
+
+# -- issue 16's guardrails against the real model -----------------------------------------------------------
+_PLACES = ["Paris", "the Nile", "Mount Fuji", "Lake Baikal", "Kyoto", "the Sahara", "Lima", "Tasmania"]
+_PEOPLE = ["Ada Lovelace", "Nelson Mandela", "Marie Curie", "Alan Turing", "Frida Kahlo", "Leo Tolstoy"]
+#: The issue's task, on questions written here: 8 of 20 ask about a location.
+LOCATION_QUESTIONS = "\n".join(
+    [f"{i + 1}. Where is {p}?" for i, p in enumerate(_PLACES)]
+    + [f"{i + 9}. Who was {p}?" for i, p in enumerate(_PEOPLE)]
+    + [f"{i + 15}. What year did {p} die?" for i, p in enumerate(_PEOPLE)]
+)
+LOCATION_QUERY = (
+    "How many of the numbered questions ask about a location (a place, city, country)? Answer with one number."
+)
+
+
+def small_rlm(llama: Any, events: list[dict[str, Any]], **kwargs: Any) -> RLM:
+    limits = kwargs.pop("limits", Limits.small_model(max_iterations=3, max_tokens_per_turn=256))
+    return RLM(
+        llama.model.name, base_url=llama.base_url, api_key=llama.api_key, limits=limits, temperature=0.0,
+        retry=RetryPolicy(attempt_timeout_s=120), on_event=events.append, **kwargs,
+    )  # fmt: skip
+
+
+async def test_a_real_reply_cut_at_its_start_by_a_stop_sequence_is_nudged(llama):
+    """A system prompt that makes the model begin with the REPL's output label: llama.cpp cuts the reply
+    there and returns it empty with the tokens it generated. The engine nudges once (llama.cpp does not
+    say which stop sequence matched, so the trace says None) instead of spending the turn."""
+    events: list[dict[str, Any]] = []
+    prompt = 'Begin every reply with the exact words "REPL output" and then write one ```repl code block.'
+    limits = Limits.small_model(max_iterations=1, max_tokens_per_turn=64)
+    async with small_rlm(llama, events, limits=limits, system_prompt=prompt) as rlm:
+        result = await rlm.completion("Print the length of context.", "abc")
+    nudges = [e for e in events if e["event"] == "nudge"]
+    assert nudges, [e.get("text") for e in events if e["event"] == "reply"]
+    assert nudges[0]["why"] == "stop_sequence" and nudges[0]["completion_tokens"] > 1
+    assert nudges[0]["stop_sequence"] is None
+    assert "your reply was empty" in result.history[1]["content"]
+    assert len(nudges) <= result.stats.calls - 1  # at most one nudge for each turn
+
+
+async def test_the_real_run_restates_the_query_and_its_form_before_the_last_turn(llama):
+    events: list[dict[str, Any]] = []
+    async with small_rlm(llama, events) as rlm:
+        result = await rlm.completion(LOCATION_QUERY, LOCATION_QUESTIONS)
+    turns = [e for e in events if e["event"] == "turn"]
+    shown = [m["content"] for m in result.history if m["role"] == "user"]
+    if len(turns) == 3:  # the run reached its last turn: the turn before it ended with the restatement
+        assert any("this is your last turn to run code" in s and "Answer with one number." in s for s in shown)
+    assert result.stop_reason != "answer" or result.answer.strip()
+
+
+async def test_real_finishes_go_through_the_gate(llama):
+    """Whatever the model does: an early finish under "refuse" and an answer that is not one number are each
+    refused at most once, and a refused finish is followed by another turn, never by the end of the run."""
+    events: list[dict[str, Any]] = []
+    limits = Limits.small_model(max_iterations=4, max_tokens_per_turn=256, early_finish="refuse")
+    async with small_rlm(llama, events, limits=limits) as rlm:
+        result = await rlm.completion(LOCATION_QUERY, LOCATION_QUESTIONS)
+    refused = [e for e in events if e["event"] == "finish_refused"]
+    checks = [e["check"] for e in refused]
+    assert all(checks.count(c) <= 1 for c in ("early", "form")), checks
+    order = [e["event"] for e in events]
+    for index, event in enumerate(order):
+        if event == "finish_refused":
+            assert "turn" in order[index:], order[index:]
+    if result.stop_reason == "answer" and "form" not in checks:
+        from rlm_async._guards import answer_form, fits_form
+
+        form = answer_form(LOCATION_QUERY)
+        assert form is not None and fits_form(result.answer, form), result.answer
