@@ -1,0 +1,144 @@
+"""rlm-async batch on a local Ray cluster (``ray.init(num_cpus=2)``) against the simulator: 500 items each
+answered once with the cluster-wide in-flight cap and RPM held at the server, a worker actor killed mid-job,
+an interrupted job rerun, and the same answers as the single-machine path.
+
+Marked ``ray``; CI runs them (ray is in the dev extra). Without Ray this module fails to import: it does not
+skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from rlm_async import Limits, RateLimit, batch, ray_batch
+from rlm_async.batch import ItemResult, LeaseSizes
+from rlm_async.sim import LatencyModel, SimConfig, sim_process
+
+from .test_batch import expected, lines_of, verse_item
+
+pytestmark = pytest.mark.ray
+
+#: The simulator's minute is PERIOD_S seconds (time scale PERIOD_S / 60), and the engine's RateLimit period too.
+PERIOD_S = 3.0
+SCALE = PERIOD_S / 60
+#: About 20 ms a call after scaling.
+LATENCY = LatencyModel(ttft_s=0.02 / SCALE, prefill_tok_per_s=1e12, decode_tok_per_s=1e12, jitter_sigma=0.2,
+                       outlier_rate=0.0)  # fmt: skip
+MODEL = "sim"  # one model name for root turns and sub-calls: one RPM bucket at the engine and at the server
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def options(base_url: str, **extra: Any) -> dict[str, Any]:
+    return {"sub_model": MODEL, "base_url": base_url, "api_key": "k", **extra}
+
+
+def workers_of_running_job() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "-worker-" in a["name"])
+
+
+async def test_500_items_each_answered_once_with_the_cap_and_rpm_held_cluster_wide(cluster: None, tmp_path: Path):
+    cap, rpm, workers = 8, 450, 2
+    lease = LeaseSizes()
+    # The documented overshoot: at most one lease of requests per worker beyond the bucket (min(8, rpm / (4 W))),
+    # plus 1 for the requests still on the wire.
+    overshoot = workers * min(lease.requests, rpm // (4 * workers)) + 1
+    items = [verse_item(i) for i in range(500)]
+    out = tmp_path / "out.jsonl"
+    async with sim_process(SimConfig(latency=LATENCY, time_scale=SCALE, rpm=rpm + overshoot)) as sim:
+        report = await batch(
+            items,
+            MODEL,
+            out=out,
+            ray="auto",
+            workers=workers,
+            max_runs=16,
+            limits=Limits(max_concurrency=cap),
+            rate_limits={MODEL: RateLimit(rpm=rpm, period_s=PERIOD_S)},
+            **options(sim.base_url),
+        )
+        stats = await sim.stats()
+    assert report.done == 500 and report.failed == 0
+    rows = lines_of(out)
+    assert len(rows) == len({r["id"] for r in rows}) == 500
+    by_id = {i.id: i for i in items}
+    assert all(json.loads(str(r["answer"])) == expected(by_id[str(r["id"])]) for r in rows)
+    # The server saw every call once, never more than the cap at once, and no 429 from its RPM bucket.
+    assert stats.requests == stats.completed == report.usage.calls
+    assert 1 < stats.peak_in_flight <= cap
+    assert stats.faults.get("rate_limit", 0) == 0
+    # And the RPM bound the job: past the first period's burst, at most rpm + overshoot a period.
+    assert report.wall_s >= (stats.requests - rpm - overshoot) * PERIOD_S / rpm
+    print(f"\n500 items: {report.wall_s:.2f} s, {stats.requests} requests, peak in flight {stats.peak_in_flight}")
+
+
+async def test_a_killed_worker_actors_items_finish_elsewhere_once(cluster: None, tmp_path: Path):
+    items = [verse_item(i) for i in range(120)]
+    out = tmp_path / "out.jsonl"
+    got: list[ItemResult] = []
+    killed = False
+    async with sim_process(SimConfig(latency=LATENCY, time_scale=SCALE)) as sim:
+        source = ray_batch(
+            items, MODEL, out=out, workers=2, max_runs=8, limits=Limits(max_concurrency=8), **options(sim.base_url)
+        )
+        async with contextlib.aclosing(source) as results:
+            async for result in results:
+                got.append(result)
+                if len(got) == 20 and not killed:
+                    names = workers_of_running_job()
+                    assert len(names) == 2
+                    ray.kill(_actor(names[0]))
+                    killed = True
+    assert killed
+    rows = lines_of(out)
+    assert len(rows) == len({r["id"] for r in rows}) == 120
+    assert all(r["status"] == "done" for r in rows)
+    assert any(r.attempts == 2 for r in got)  # the killed worker had items running: they ran again elsewhere
+    print(f"\nretried after the kill: {sum(r.attempts == 2 for r in got)} items")
+
+
+def _actor(name: str) -> Any:
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"] == name:
+            return ray.get_actor(name, namespace=entry["namespace"])
+    raise AssertionError(f"no actor {name}")
+
+
+async def test_an_interrupted_job_reruns_only_unfinished_items_with_the_single_machine_answers(
+    cluster: None, tmp_path: Path
+):
+    items = [verse_item(i) for i in range(60)]
+    out = tmp_path / "out.jsonl"
+    async with sim_process(SimConfig(latency=LATENCY, time_scale=SCALE)) as sim:
+        first: list[str] = []
+        source = ray_batch(items, MODEL, out=out, workers=2, max_runs=8, **options(sim.base_url))
+        async with contextlib.aclosing(source) as results:
+            async for result in results:
+                first.append(result.id)
+                if len(first) == 15:
+                    break  # closing the iterator cancels the running items
+        assert sorted(r["id"] for r in lines_of(out)) == sorted(first)
+        assert workers_of_running_job() == []  # the job's actors are gone
+        second = await batch(items, MODEL, out=out, ray="auto", workers=2, max_runs=8, **options(sim.base_url))
+        local = await batch(items, MODEL, max_runs=8, **options(sim.base_url))
+    assert second.skipped == 15 and sorted(r.id for r in second.results) == sorted(
+        set(i.id for i in items) - set(first)
+    )
+    rows = lines_of(out)
+    assert len(rows) == len({r["id"] for r in rows}) == 60
+    on_ray = {str(r["id"]): r["answer"] for r in rows}
+    assert on_ray == {r.id: r.answer for r in local.results}
