@@ -15,6 +15,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,8 @@ from rlm_async.eval._simulated import classify, root_program, sub_answer
 from rlm_async.eval._trec import QUESTION_TOKENS, window
 from rlm_async.sim import PROFILES, SimConfig
 from rlm_async.sim._tokens import token_counter
+
+from .conftest import on_fake_clock
 
 D = datetime.date
 INSTANT = SimConfig(latency=PROFILES["instant"])
@@ -455,3 +458,27 @@ def test_eval_runs_on_the_local_model_for_both_engines(tmp_path):
     rows = read_results(tmp_path / "results.jsonl")
     assert {r["engine"] for r in rows} == {"plain", "rlm_async"}
     assert all(r["usage"]["prompt_tokens"] > 0 for r in rows)
+
+
+@on_fake_clock
+async def test_the_plain_engine_retries_through_the_engine_scheduler():
+    """The plain engine's one call goes through the engine's Scheduler (it used to run a second copy of the
+    retry loop): a 503 is retried after the policy's backoff, and a 401 fails at once, typed."""
+    from rlm_async import FakeClient, ProviderStatusError
+    from rlm_async.eval._engines import ModelConfig, _Plain
+
+    replies: list[Any] = [ProviderStatusError("busy", status=503), "the answer"]
+
+    def handler(request):
+        reply = replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    (item,) = generate("s_niah", 1, 2048, 5)
+    client = FakeClient(handler)
+    outcome = await _Plain(client, ModelConfig("m"), None).run(item, None, None)  # type: ignore[arg-type]
+    assert (outcome.answer, outcome.stop_reason, len(client.requests)) == ("the answer", "answer", 2)
+    replies[:] = [ProviderStatusError("bad key", status=401)]
+    outcome = await _Plain(FakeClient(handler), ModelConfig("m"), None).run(item, None, None)  # type: ignore[arg-type]
+    assert outcome.stop_reason == "llm_error" and "bad key" in (outcome.error or "")

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import tempfile
@@ -21,13 +20,14 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import anyio
 
-from .._budget import Limits, Price
+from .._budget import Ledger, Limits, Price
 from .._clients import ChatRequest, OpenAIClient, windows_from_models
 from .._compaction import window_for
 from .._engine import RLM
-from .._errors import ConfigError, ProviderError, ProviderTimeoutError, RLMError
+from .._errors import ConfigError, LLMCallError, RLMError
 from .._retry import RetryPolicy
-from .._scheduler import AttemptDeadline
+from .._scheduler import Scheduler
+from .._trace import Tracer
 from ..sim._tokens import token_counter
 from ._task import Item
 
@@ -183,7 +183,6 @@ REPLY_TOKENS, WINDOW_SHARE = 1024, 0.9
 class _Plain:
     def __init__(self, client: OpenAIClient, cfg: ModelConfig, window: int | None) -> None:
         self.client, self.cfg, self.window = client, cfg, window
-        self.retry = RetryPolicy()
 
     def prompt(self, item: Item) -> tuple[str, dict[str, Any]]:
         """The item's prompt, its context cut from the end to fit the window (the question always stays)."""
@@ -208,24 +207,14 @@ class _Plain:
             self.cfg.model, ({"role": "user", "content": prompt},),
             max_tokens=REPLY_TOKENS if self.window is not None else None, temperature=self.cfg.temperature,
         )  # fmt: skip
-        attempt = 0
-        while True:
-            try:
-                try:
-                    with AttemptDeadline(asyncio.get_running_loop(), self.retry.attempt_timeout_s):
-                        response = await self.client.chat(request)
-                except TimeoutError as exc:  # the clients have no timeout of their own
-                    raise ProviderTimeoutError(f"attempt ran past {self.retry.attempt_timeout_s:g} s") from exc
-                break
-            except ProviderError as exc:
-                attempt += 1
-                if attempt > self.retry.max_retries or not self.retry.is_retryable(exc):
-                    return Outcome("", "llm_error", str(exc).splitlines()[0], extra=extra)
-                await anyio.sleep(self.retry.wait_s(attempt, exc))
-        price = self.cfg.prices.get(self.cfg.model)
-        cost = response.cost_usd
-        if cost is None:
-            cost = price.cost_usd(response.prompt_tokens, response.completion_tokens) if price else 0.0
+        # The engine's own scheduler, for its one retry layer (Retry-After, backoff, per-attempt timeout).
+        ledger = Ledger(Limits(max_calls=None), self.cfg.prices)
+        scheduler = Scheduler(self.client, ledger, Tracer(), max_concurrency=1, retry=RetryPolicy())
+        try:
+            response = await scheduler.call(request, depth=0, agent_id="plain")
+        except LLMCallError as exc:
+            return Outcome("", "llm_error", str(exc).splitlines()[0], extra=extra)
+        cost = ledger.total.cost_usd  # provider-reported where given, else from the price table
         return Outcome(
             response.text, "answer", None, 1, response.prompt_tokens, response.completion_tokens, cost, extra=extra
         )
