@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from rlm_async import ConfigError
+from rlm_async import ConfigError, Limits
 from rlm_async.eval import (
     PAIR_QUERIES,
     TASKS,
@@ -390,6 +390,11 @@ async def test_a_rerun_resumes_and_the_budget_stops_before_an_item(tmp_path):
     assert (again.ran, again.resumed) == (1, 2)
     assert seen[2:4] == [(items[0].id, True), (items[1].id, True)] and seen[4] == (items[2].id, False)
     assert len(read_results(tmp_path / "results.jsonl")) == 3
+    with pytest.raises(ConfigError, match=r"limits\.early_finish, limits\.max_iterations differ"):
+        await run_eval(  # regression: the resume key ignored the limits, so this reused the rows above
+            items, out_dir=tmp_path, simulator=INSTANT, simulator_in_process=True, sandbox="none",
+            limits=Limits(max_depth=1, max_iterations=3, early_finish="refuse"),
+        )  # fmt: skip
     broke = await run_eval(
         generate("s_niah", 1, 2048, 5), engine="plain", out_dir=tmp_path, max_cost_usd=0.0,
         simulator=INSTANT, simulator_in_process=True,

@@ -173,14 +173,15 @@ async def run_eval(
     root = model or SIM_MODEL
     sub = sub_model or (SIM_SUB_MODEL if simulated else None)
     out = Path(out_dir)
-    rows, pending = _resume(out, items, engine, root)
+    rlm_limits = limits or Limits(max_depth=1)
+    config = _config(engine, sub, temperature, context_window, rlm_limits)
+    rows, pending = _resume(out, items, engine, root, config)
     resumed, ran = len(rows), 0
     spent = sum(float((row.get("usage") or {}).get("cost_usd") or 0.0) for row in rows)
     if progress is not None:
         for row in rows:
             progress(row, True)
     stopped: Literal["max_cost_usd"] | None = None
-    rlm_limits = limits or Limits(max_depth=1)
     if pending:
         async with _endpoint(base_url, model, simulator, simulator_in_process) as url:
             cfg = ModelConfig(
@@ -214,7 +215,7 @@ async def run_eval(
                         except RLMError as exc:
                             outcome = Outcome("", "error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
                         wall = time.perf_counter() - started
-                        row = _row(item, engine, root, sub, outcome, wall)
+                        row = _row(item, engine, root, sub, outcome, wall) | {"config": config}
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
                         rows.append(row)
@@ -227,12 +228,52 @@ async def run_eval(
     return EvalSummary(out / "results.jsonl", plot, summary, ran, resumed, stopped, spent, simulated)
 
 
-def _resume(out: Path, items: Sequence[Item], engine: str, model: str) -> tuple[list[dict[str, Any]], list[Item]]:
-    """The rows already in ``out``/results.jsonl for these items on this engine and model, and the items to run."""
+def _config(
+    engine: str, sub_model: str | None, temperature: float | None, context_window: int | None, limits: Limits
+) -> dict[str, Any]:
+    """What, besides the item, the engine and the root model, decides an item's result: recorded with each row
+    and compared on resume. The limits count for the RLM engines only, the window for the plain one."""
+    config: dict[str, Any] = {"sub_model": sub_model, "temperature": temperature}
+    if engine == "plain":
+        config["context_window"] = context_window
+    else:
+        config["limits"] = limits.describe()
+    recorded: dict[str, Any] = json.loads(json.dumps(config))  # as it reads back from results.jsonl
+    return recorded
+
+
+def _resume(
+    out: Path, items: Sequence[Item], engine: str, model: str, config: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[Item]]:
+    """The rows already in ``out``/results.jsonl for these items on this engine and model, and the items to run.
+
+    Raises:
+        ConfigError: a row for one of these items, engine and model was run with another configuration (rows
+            written before the configuration was recorded are taken as they are).
+    """
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["id"], r["engine"], r["model"]): r for r in read_results(out / "results.jsonl")}
     rows = [done[key] for item in items if (key := (item.id, engine, model)) in done]
+    for row in rows:
+        if row.get("config", config) != config:
+            changed = sorted(_differences(row["config"], config))
+            raise ConfigError(
+                f"{out / 'results.jsonl'} holds {row['id']} on {engine} / {model} run with another configuration "
+                f"({', '.join(changed)} differ); resuming would mix the two: use another out_dir"
+            )
     return rows, [item for item in items if (item.id, engine, model) not in done]
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the fields that differ between two configurations."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            names += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def _fresh_trace(out: Path, model: str, item: Item) -> Path:
