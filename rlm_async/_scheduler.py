@@ -27,8 +27,10 @@ import asyncio
 import itertools
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -52,7 +54,7 @@ from ._retry import RetryPolicy
 from ._trace import Tracer
 
 # RateLimit lives in _endpoint, re-exported here.
-__all__ = ["AttemptDeadline", "RateLimit", "Scheduler", "SchedulerStats"]
+__all__ = ["AttemptDeadline", "DeadlineQueue", "RateLimit", "Scheduler", "SchedulerStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,7 @@ class Scheduler:
         self._calls = self._attempts = self._retries = self._failed = 0
         self._in_flight = self._peak = 0
         self._queued_s = self._running_s = 0.0
+        self._deadlines: DeadlineQueue | None = None
 
     @property
     def concurrency(self) -> int:
@@ -184,13 +187,27 @@ class Scheduler:
             self._ledger.reserve_calls(1)
         call_id = next(self._ids)
         self._calls += 1
-        clock = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
         tracer = self._tracer
-        state = _CallState(call_id, depth, agent_id, request.model, clock())
+        state = _CallState(call_id, depth, agent_id, request.model, loop.time())
         if tracer.active:
             tracer.emit("call_queued", call_id=call_id, model=request.model, call_depth=depth)
+        retries = 0
         try:
-            response = await self._with_retries(request, state)
+            # The retry loop, inline: a plain loop rather than tenacity's ``AsyncRetrying`` (which routes every
+            # outcome, cancellation included, through a ``concurrent.futures.Future``, about 0.15 ms of CPU a
+            # call, and took 1.8 s to cancel 10,000 queued calls where G3 asks for 0.5 s), and in this
+            # coroutine rather than one of its own: every coroutine in the chain costs its creation and a
+            # frame on each resume of the attempt (docs/architecture.md). The decisions stay in RetryPolicy.
+            while True:
+                try:
+                    response = await self._attempt(request, state, loop)
+                    break
+                except ProviderError as exc:
+                    if retries >= self._retry.max_retries or not self._retry.is_retryable(exc, now=self._wall()):
+                        raise
+                    retries += 1
+                    await self._back_off(retries, exc, state)
         except ProviderError as exc:
             self._failed += 1
             if state.attempts == 0:  # refused unsent (the circuit was open): nothing was spent
@@ -214,105 +231,116 @@ class Scheduler:
                 attempts=state.attempts,
                 prompt_tokens=response.prompt_tokens,
                 completion_tokens=response.completion_tokens,
-                latency_s=round(clock() - state.started, 6),
+                latency_s=round(loop.time() - state.started, 6),
             )
         return response
 
-    async def _with_retries(self, request: ChatRequest, state: _CallState) -> ChatResponse:
-        """Attempts until one succeeds, the policy declines the error, or ``max_retries`` retries are spent.
+    def _deadlines_on(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> DeadlineQueue | None:
+        """This scheduler's deadline queue on ``loop`` for ``timeout_s`` (None when there is no deadline)."""
+        queue = self._deadlines
+        if queue is None or queue._loop is not loop or queue.timeout_s != timeout_s:
+            if timeout_s is None:
+                return None
+            if queue is not None and len(queue):  # a policy changed mid-run (tests do): keep the old queue's timer
+                return None
+            queue = self._deadlines = DeadlineQueue(loop, timeout_s)
+        return queue
 
-        A plain loop rather than tenacity's ``AsyncRetrying``: tenacity routes every outcome, cancellation
-        included, through a ``concurrent.futures.Future`` (a lock apiece) and re-inspects its callbacks per
-        call, about 0.15 ms of CPU a call; cancelling 10,000 queued calls took 1.8 s that way (G3 asks for
-        0.5 s). The decisions stay in :class:`RetryPolicy`.
-        """
-        retries = 0
-        while True:
-            try:
-                return await self._attempt(request, state)
-            except ProviderError as exc:
-                if retries >= self._retry.max_retries or not self._retry.is_retryable(exc, now=self._wall()):
-                    raise
-                retries += 1
-                wait = self._retry.wait_s(retries, exc, now=self._wall(), rand=self._rand)
-                self._tracer.emit("call_retried", call_id=state.call_id, attempt=retries, wait_s=wait, error=str(exc))
-                lane = LANE.get()  # a batch's worker lends its lane while it waits (see _fanout)
-                if lane is not None:
-                    lane.lend()
-                try:
-                    await self._sleep(wait)
-                finally:
-                    if lane is not None:
-                        lane.back()
+    async def _back_off(self, retries: int, exc: ProviderError, state: _CallState) -> None:
+        """Sleep before retry number ``retries`` (no slot held), lending a batch's lane meanwhile."""
+        wait = self._retry.wait_s(retries, exc, now=self._wall(), rand=self._rand)
+        self._tracer.emit("call_retried", call_id=state.call_id, attempt=retries, wait_s=wait, error=str(exc))
+        lane = LANE.get()  # a batch's worker lends its lane while it waits (see _fanout)
+        if lane is not None:
+            lane.lend()
+        try:
+            await self._sleep(wait)
+        finally:
+            if lane is not None:
+                lane.back()
 
-    async def _attempt(self, request: ChatRequest, state: _CallState) -> ChatResponse:
-        endpoint, ledger = self._endpoint, self._ledger
-        ledger.check_priced(request.model)
+    async def _attempt(self, request: ChatRequest, state: _CallState, loop: asyncio.AbstractEventLoop) -> ChatResponse:
+        """One attempt: the early refusals, the rate limits, the slots, then (slot held) the spend check and
+        hold, the breaker's verdict, the counters, the per-attempt deadline; settles a response's usage.
+
+        One coroutine for all of it, and the slots taken without a coroutine when one is free
+        (``Slots.try_take``): what were three nested coroutines and two for ``async with slots`` cost their
+        creation and a frame on every resume (docs/architecture.md has the measurement)."""
+        endpoint, ledger, circuit = self._endpoint, self._ledger, self._circuit
+        model = request.model
+        ledger.check_priced(model)
         ledger.check_spend()  # early: a refused attempt should not take a rate-limit token
-        if self._circuit is not None:
-            self._circuit.check_open()
-        limiter = endpoint.limiters.get(request.model)
-        if limiter is not None:
-            await limiter.acquire(estimate_tokens_for(request))
-        if self._run_slots is None:
-            async with endpoint.slots:
-                response = await self._send(request, state)
-        else:
-            async with self._run_slots, endpoint.slots:
-                response = await self._send(request, state)
+        if circuit is not None:
+            circuit.check_open()
+        if endpoint.limiters:
+            limiter = endpoint.limiters.get(model)
+            if limiter is not None:
+                await limiter.acquire(estimate_tokens_for(request))
+        run_slots, slots = self._run_slots, endpoint.slots
+        if run_slots is not None:
+            await run_slots.__aenter__()
+        try:
+            took = slots.try_take()
+            if not took:
+                await slots.__aenter__()
+            try:
+                # With the slot held: the spend check and hold, the breaker's verdict, the counters, the deadline.
+                hold = ledger.hold(model, estimate_tokens(request.prompt_chars), request.max_tokens or 0)
+                try:
+                    probe = circuit.before_attempt() if circuit is not None else False
+                except BaseException:
+                    ledger.release(hold)
+                    raise
+                now = loop.time()
+                if state.attempts == 0:
+                    self._queued_s += now - state.started
+                state.attempts += 1
+                self._attempts += 1
+                self._retries += state.attempts > 1
+                self._in_flight += 1
+                endpoint.in_flight += 1
+                if self._in_flight > self._peak:
+                    self._peak = self._in_flight
+                timeout_s = self._retry.attempt_timeout_s
+                outcome: BaseException | None = None
+                try:
+                    if self._tracer.active:  # inside the try: a failing trace file must not leak the hold or probe
+                        self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
+                    with AttemptDeadline(loop, timeout_s, self._deadlines_on(loop, timeout_s)):
+                        response = await self._client.chat(request)
+                except TimeoutError as exc:
+                    outcome = ProviderTimeoutError(f"attempt ran past {timeout_s:g} s", status=None)
+                    raise outcome from exc
+                except BaseException as exc:
+                    outcome = exc
+                    raise
+                finally:
+                    ledger.release(hold)
+                    self._in_flight -= 1
+                    endpoint.in_flight -= 1
+                    self._running_s += loop.time() - now
+                    if circuit is not None:
+                        if isinstance(outcome, asyncio.CancelledError):
+                            circuit.abandoned(probe=probe)
+                        else:
+                            circuit.record(outcome, probe=probe)
+            finally:
+                if took:
+                    slots.give_back()
+                else:
+                    await slots.__aexit__(None, None, None)
+        finally:
+            if run_slots is not None:
+                await run_slots.__aexit__(None, None, None)
         ledger.settle(
             depth=state.depth,
             agent_id=state.agent_id,
-            model=request.model,
+            model=model,
             prompt_tokens=response.prompt_tokens,
             completion_tokens=response.completion_tokens,
             cost_usd=response.cost_usd,
         )
         return response
-
-    async def _send(self, request: ChatRequest, state: _CallState) -> ChatResponse:
-        """One HTTP attempt, with a slot held: the spend check and hold, the breaker's verdict, the counters,
-        the per-attempt deadline."""
-        hold = self._ledger.hold(request.model, estimate_tokens(request.prompt_chars), request.max_tokens or 0)
-        circuit = self._circuit
-        try:
-            probe = circuit.before_attempt() if circuit is not None else False
-        except BaseException:
-            self._ledger.release(hold)
-            raise
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if state.attempts == 0:
-            self._queued_s += now - state.started
-        state.attempts += 1
-        self._attempts += 1
-        self._retries += state.attempts > 1
-        self._in_flight += 1
-        self._endpoint.in_flight += 1
-        self._peak = max(self._peak, self._in_flight)
-        timeout_s = self._retry.attempt_timeout_s
-        outcome: BaseException | None = None
-        try:
-            if self._tracer.active:  # inside the try: a failing trace file must not leak the hold or the probe
-                self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
-            with AttemptDeadline(loop, timeout_s):
-                return await self._client.chat(request)
-        except TimeoutError as exc:
-            outcome = ProviderTimeoutError(f"attempt ran past {timeout_s:g} s", status=None)
-            raise outcome from exc
-        except BaseException as exc:
-            outcome = exc
-            raise
-        finally:
-            self._ledger.release(hold)
-            self._in_flight -= 1
-            self._endpoint.in_flight -= 1
-            self._running_s += loop.time() - now
-            if circuit is not None:
-                if isinstance(outcome, asyncio.CancelledError):
-                    circuit.abandoned(probe=probe)
-                else:
-                    circuit.record(outcome, probe=probe)
 
 
 class AttemptDeadline:
@@ -334,17 +362,31 @@ class AttemptDeadline:
     count, so a cancellation from outside, say a cancel scope, is passed on untouched). A synchronous
     context manager, so entering one costs no coroutine. ``timeout_s=None`` sets no deadline.
 
+    Args:
+        loop: the running loop.
+        timeout_s: seconds, or None for no deadline.
+        queue: a :class:`DeadlineQueue` of the same ``timeout_s`` to wait on instead of a timer of its own
+            (what the scheduler passes); ignored when its ``timeout_s`` differs.
+
     Raises:
         TimeoutError: on leaving the block, when the deadline cancelled it.
     """
 
-    __slots__ = ("_cancelling", "_expired", "_handle", "_loop", "_requeued", "_task", "_timeout_s")
+    __slots__ = (
+        "_cancelling", "_expired", "_handle", "_loop", "_queue", "_queued", "_requeued", "_task", "_timeout_s",
+        "when",
+    )  # fmt: skip
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout_s: float | None, queue: DeadlineQueue | None = None
+    ) -> None:
         self._loop = loop
         self._timeout_s = timeout_s
+        self._queue = queue if queue is not None and timeout_s == queue.timeout_s else None
         self._handle: asyncio.Handle | None = None
-        self._expired = self._requeued = False
+        self._task: asyncio.Task[Any] | None = None
+        self._expired = self._requeued = self._queued = False
+        self.when = 0.0
 
     def __enter__(self) -> None:
         task = asyncio.current_task(self._loop)
@@ -353,7 +395,10 @@ class AttemptDeadline:
         self._task = task
         self._cancelling = task.cancelling()
         if self._timeout_s is not None:
-            self._handle = self._loop.call_later(self._timeout_s, self._due)
+            if self._queue is not None:
+                self._queue.add(self)
+            else:
+                self._handle = self._loop.call_later(self._timeout_s, self._due)
 
     def _due(self) -> None:
         # A timer due now runs in the next loop iteration, after that iteration's socket poll ...
@@ -366,22 +411,101 @@ class AttemptDeadline:
     def _expire(self) -> None:
         # An answer already handed to the task but not yet delivered (an event loop that orders its callbacks
         # otherwise, such as uvloop, can get here first): one more hop delivers it; anyio re-checks likewise.
-        waiter = getattr(self._task, "_fut_waiter", None)
+        task = self._task
+        if task is None:  # the block was left meanwhile
+            return
+        waiter = getattr(task, "_fut_waiter", None)
         if waiter is not None and waiter.done() and not self._requeued:
             self._requeued = True
             self._handle = self._loop.call_soon(self._expire)
             return
         self._handle = None
         self._expired = True
-        self._task.cancel()
+        task.cancel()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: object) -> None:
+        if self._queued:
+            assert self._queue is not None
+            self._queue.left(self)
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        task, self._task = self._task, None  # it may wait in the queue a while: it must not keep the task alive
         cancelled = et is not None and issubclass(et, asyncio.CancelledError)
-        if self._expired and self._task.uncancel() <= self._cancelling and cancelled:
+        if self._expired and task is not None and task.uncancel() <= self._cancelling and cancelled:
             raise TimeoutError(f"ran past {self._timeout_s:g} s") from ev
+
+
+class DeadlineQueue:
+    """The deadlines of many :class:`AttemptDeadline` blocks of the same ``timeout_s`` on one loop, on one timer.
+
+    Blocks of one length entered in turn fall due in the same turn (the loop's clock never goes back), so a
+    FIFO queue with one timer, set for its oldest open block, replaces a timer per attempt: entering is an
+    append, leaving marks the block closed. A timer per attempt (``loop.call_later``, then ``cancel``) costs a
+    ``TimerHandle``, a context copy, a heap push, and the heap's clean-ups of cancelled handles: 3.3 µs of CPU
+    an attempt against 1.0 µs on the queue, with 64 open (benchmarks/micro.py).
+    What happens at a deadline is the block's own (:meth:`AttemptDeadline._due`), the same either way.
+
+    Closed blocks leave from the front when the timer fires, and the queue is rebuilt without them when they
+    are more than half of it, so an attempt that runs long at the front cannot make it grow without bound;
+    when none is open the queue empties and its timer is cancelled. Event-loop only, like the scheduler.
+    """
+
+    __slots__ = ("_closed", "_handle", "_items", "_loop", "timeout_s")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self._loop = loop
+        self.timeout_s = timeout_s
+        self._items: deque[AttemptDeadline] = deque()
+        self._handle: asyncio.TimerHandle | None = None
+        self._closed = 0  # closed blocks still in the queue
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, deadline: AttemptDeadline) -> None:
+        """Queue an entered block; its deadline is ``timeout_s`` from now."""
+        deadline.when = self._loop.time() + self.timeout_s
+        deadline._queued = True
+        self._items.append(deadline)
+        if self._handle is None:
+            self._handle = self._loop.call_at(deadline.when, self._fire, deadline.when)
+
+    def left(self, deadline: AttemptDeadline) -> None:
+        """A queued block was left before its deadline fell due."""
+        deadline._queued = False
+        self._closed += 1
+        items = self._items
+        if self._closed == len(items):  # none open: no timer is needed (nor left behind for a fake clock)
+            items.clear()
+            self._closed = 0
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+        elif self._closed > 32 and 2 * self._closed > len(items):
+            self._items = deque(d for d in items if d._queued)
+            self._closed = 0
+
+    def _fire(self, armed_for: float) -> None:
+        """The timer: every open block due by now (or by the time the timer was set for, which the loop may
+        run up to a clock tick early) falls due; the timer is set again for the next open block."""
+        self._handle = None
+        due_by = max(self._loop.time(), armed_for)
+        items = self._items
+        while items:
+            first = items[0]
+            if not first._queued:
+                items.popleft()
+                self._closed -= 1
+                continue
+            if first.when > due_by:
+                break
+            items.popleft()
+            first._queued = False
+            first._due()
+        if items:
+            when = items[0].when
+            self._handle = self._loop.call_at(when, self._fire, when)
 
 
 def estimate_tokens_for(request: ChatRequest) -> int:

@@ -21,6 +21,7 @@ each event, so enabling the logger mid-run takes effect at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -80,6 +81,9 @@ bound = structlog.contextvars.bound_contextvars
 
 _callback_log = logging.getLogger("rlm_async.callbacks")
 
+#: One encoder for every JSONL line: ``json.dumps(record, default=repr)`` builds a new ``JSONEncoder`` per call.
+_ENCODER = json.JSONEncoder(default=repr)
+
 
 def _default_logger() -> Any:
     return structlog.wrap_logger(
@@ -96,7 +100,7 @@ def _debug_check(logger: Any) -> Callable[[], bool]:
     """A cheap "would this logger emit at DEBUG?" for a stdlib-backed or a structlog filtering logger."""
     wrapped = getattr(logger, "_logger", None)  # a BoundLogger's, or the lazy proxy wrap_logger returns
     if isinstance(wrapped, logging.Logger):  # it filters by its level anyway: asking it is never wrong
-        return lambda: wrapped.isEnabledFor(logging.DEBUG)
+        return functools.partial(wrapped.isEnabledFor, logging.DEBUG)  # no Python frame of its own
     is_enabled_for = getattr(logger, "is_enabled_for", None)
     if callable(is_enabled_for):  # structlog's make_filtering_bound_logger (structlog >= 22.1)
         return lambda: bool(is_enabled_for(logging.DEBUG))
@@ -147,7 +151,7 @@ class Tracer:
         if logged:
             self._log.debug(**record)
         if self._file is not None:
-            self._file.write(json.dumps(record, default=repr) + "\n")
+            self._file.write(_ENCODER.encode(record) + "\n")
         for listener in self._listeners:
             try:
                 listener(record)

@@ -107,8 +107,8 @@ class AiohttpClient:
         except aiohttp.ClientError as exc:  # refused, reset, disconnected, payload cut short
             raise ProviderConnectionError(f"connection failed: {exc!r}") from exc
         try:
-            data = json.loads(raw)
-        except ValueError as exc:
+            data = _parse(raw)
+        except ValueError as exc:  # UnicodeDecodeError is one too
             raise ProviderResponseError(f"malformed response: {exc}") from exc
         return _response(data)
 
@@ -146,6 +146,24 @@ def _ssl_context() -> ssl.SSLContext:
 
         return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     return ssl.create_default_context()
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _parse(raw: bytes) -> Any:
+    """``json.loads(raw)``, with the common case made cheaper: a body that starts with ``{`` is UTF-8 (RFC 8259
+    requires it, and ``json.loads`` would guess so from that byte too), so it is decoded as ``json.loads``
+    would decode it (``surrogatepass``) and handed to the decoder, skipping the encoding detection and the
+    argument checks: 3.1 µs against 3.8 µs for a simulator response (benchmarks/micro.py). Anything else
+    (a BOM, leading whitespace, UTF-16) goes to ``json.loads`` itself.
+
+    Raises:
+        ValueError: not JSON, or not decodable (``UnicodeDecodeError`` is a ``ValueError``).
+    """
+    if raw[:1] == b"{":
+        return _DECODER.decode(raw.decode("utf-8", "surrogatepass"))
+    return json.loads(raw)
 
 
 def _error_message(raw: bytes) -> str:
