@@ -172,6 +172,42 @@ async def test_job_calls_are_reserved_in_leases_and_never_exceeded() -> None:
     assert capacity.calls_reserved == taken
 
 
+class RoundTripLink(LocalLink):
+    """A LocalLink whose job-budget calls wait a loop turn, as a round trip to a Ray coordinator does."""
+
+    async def reserve_calls(self, want: int) -> int:
+        await asyncio.sleep(0)
+        return await super().reserve_calls(want)
+
+    async def reserve_usd(self, want: float, debt: float) -> float:
+        await asyncio.sleep(0)
+        return await super().reserve_usd(want, debt)
+
+
+async def test_job_calls_are_never_exceeded_when_the_usd_refill_waits_on_the_coordinator() -> None:
+    """Both budgets: while one attempt waits for USD, the others must not spend the call it saw."""
+    capacity = Capacity(max_concurrency=1, max_calls=10, max_cost_usd=1.0)
+    gate = LeasedGate(RoundTripLink(capacity), max_calls=10, max_cost_usd=1.0, sizes=LeaseSizes(calls=4))
+    sent = refused = 0
+
+    async def attempt() -> None:
+        nonlocal sent, refused
+        try:
+            await gate.before_attempt()
+        except BudgetExceeded:
+            refused += 1
+            return
+        sent += 1
+        gate.settle(0.001)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(attempt)
+    assert (sent, refused) == (10, 30) and gate.exhausted
+    await gate.aclose()
+    assert capacity.calls_reserved == 10
+
+
 # -- the single-machine path, on a fake model ---------------------------------------------------------------
 def answering() -> Script:
     code = repl('answer["content"] = "seen " + str(len(context)); answer["ready"] = True')

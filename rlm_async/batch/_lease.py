@@ -520,29 +520,33 @@ class LeasedGate:
     async def before_attempt(self) -> None:
         """Take one of the job's calls and check its USD, before an attempt is sent.
 
+        The call is taken only once both checks pass with no await in between: a refill that waits on the
+        coordinator lets other attempts run, and they must not spend the call this one saw.
+
         Raises:
             BudgetExceeded: the job's ``max_calls`` or ``max_cost_usd`` is spent.
         """
-        if self.max_calls is not None and self._calls_left <= 0:
+        while not self._may_send():
             async with self._lock:
-                if self._calls_left <= 0:
+                if self.max_calls is not None and self._calls_left <= 0:
                     self._calls_left += await self._link.reserve_calls(self._calls_chunk)
-                if self._calls_left <= 0:
-                    self.exhausted = True
-                    spent = "the job's calls are spent"
-                    raise BudgetExceeded("max_calls", self.max_calls, self.max_calls, detail=spent)
-        if self.max_cost_usd is not None and self._usd_left <= 0:
-            async with self._lock:
-                if self._usd_left <= 0:
+                    if self._calls_left <= 0:
+                        self.exhausted = True
+                        spent = "the job's calls are spent"
+                        raise BudgetExceeded("max_calls", self.max_calls, self.max_calls, detail=spent)
+                if self.max_cost_usd is not None and self._usd_left <= 0:
                     debt, self._usd_left = -self._usd_left, 0.0
                     self._usd_left += await self._link.reserve_usd(self._usd_chunk, debt)
-                if self._usd_left <= 0:
-                    self.exhausted = True
-                    raise BudgetExceeded(
-                        "max_cost_usd", self.max_cost_usd, self.max_cost_usd, detail="the job's USD are spent"
-                    )
+                    if self._usd_left <= 0:
+                        self.exhausted = True
+                        spent = "the job's USD are spent"
+                        raise BudgetExceeded("max_cost_usd", self.max_cost_usd, self.max_cost_usd, detail=spent)
         if self.max_calls is not None:
             self._calls_left -= 1
+
+    def _may_send(self) -> bool:
+        calls_ok = self.max_calls is None or self._calls_left > 0
+        return calls_ok and (self.max_cost_usd is None or self._usd_left > 0)
 
     def settle(self, cost_usd: float) -> None:
         """Count one response's USD."""
