@@ -4,10 +4,14 @@ budgets, resume, interruption, and the command with SIGINT / SIGTERM. The Ray pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import anyio
@@ -292,6 +296,45 @@ async def test_cancelling_a_batch_keeps_what_finished_and_the_rerun_runs_the_res
     assert report.skipped == 3 and sorted(r.id for r in report.results) == [f"i{n}" for n in range(3, 8)]
 
 
+async def test_a_line_written_as_the_job_is_cancelled_is_counted_and_not_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands while a result's line is being made durable in its thread: the file is closed only after
+    the line is written, and the result reaches on_result (the command's counts match the file)."""
+    from rlm_async import FakeClient
+    from rlm_async.batch import _store
+
+    loop = asyncio.get_running_loop()
+    closing = threading.Event()
+    jobs: list[asyncio.Future[object]] = []
+
+    def fsync(fd: int) -> None:
+        loop.call_soon_threadsafe(jobs[0].cancel)
+        closing.wait(10)  # until the cancelled job closes the store
+        with contextlib.suppress(OSError):  # closed under this thread (the bug) or not
+            os.fsync(fd)
+
+    def close(self: ResultStore) -> None:
+        closing.set()
+        original_close(self)
+
+    original_close = ResultStore.close
+    monkeypatch.setattr(_store, "os", types.SimpleNamespace(fsync=fsync, SEEK_END=os.SEEK_END))
+    monkeypatch.setattr(ResultStore, "close", close)
+    out = tmp_path / "out.jsonl"
+    counted: list[ItemResult] = []
+    items = [BatchItem("a", "q0", "x")]
+    jobs.append(
+        asyncio.ensure_future(
+            batch(items, "m", client=FakeClient(answering()), out=out, sandbox="none", on_result=counted.append)
+        )
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await jobs[0]
+    assert [r["id"] for r in lines_of(out)] == ["a"]
+    assert [r.id for r in counted] == ["a"]
+
+
 async def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
     from rlm_async import FakeClient, Price
 
@@ -303,6 +346,14 @@ async def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
     await batch([], "m", client=client, max_cost_usd=1.0, prices={"m": Price(1, 1)})
     with pytest.raises(ConfigError, match="ids must be unique"):
         await batch([{"id": 1, "query": "q"}, {"id": "1", "query": "q"}], "m", client=client)
+    # Checked before Ray is reached: worker_cpus=0 made the default worker count the cluster's CPUs / 1e-9.
+    for bad, message in (
+        ({"worker_cpus": 0}, "worker_cpus"),
+        ({"workers": 0}, "workers"),
+        ({"max_cost_usd": "1"}, "max_cost_usd"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            await batch([{"id": 1, "query": "q"}], "m", client=client, ray="auto", **bad)  # type: ignore[arg-type]
 
 
 def test_progress_counts_and_draws() -> None:

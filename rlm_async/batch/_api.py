@@ -66,12 +66,23 @@ class BatchReport:
         }
 
 
-def _check(max_runs: int, max_calls: int | None, max_cost_usd: float | None, max_item_attempts: int) -> None:
+def _check(
+    max_runs: int,
+    max_calls: int | None,
+    max_cost_usd: float | None,
+    max_item_attempts: int,
+    workers: int | None,
+    worker_cpus: float,
+) -> None:
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers must be an int >= 1 or None, got {workers!r}")
+    if not isinstance(worker_cpus, int | float) or not worker_cpus > 0:
+        raise ConfigError(f"worker_cpus must be > 0, got {worker_cpus!r}")
     if not isinstance(max_runs, int) or max_runs < 1:
         raise ConfigError(f"max_runs must be an int >= 1, got {max_runs!r}")
     if max_calls is not None and (not isinstance(max_calls, int) or max_calls < 0):
         raise ConfigError(f"max_calls must be an int >= 0 or None, got {max_calls!r}")
-    if max_cost_usd is not None and not max_cost_usd >= 0:
+    if max_cost_usd is not None and (not isinstance(max_cost_usd, int | float) or not max_cost_usd >= 0):
         raise ConfigError(f"max_cost_usd must be >= 0 or None, got {max_cost_usd!r}")
     if not isinstance(max_item_attempts, int) or max_item_attempts < 1:
         raise ConfigError(f"max_item_attempts must be an int >= 1, got {max_item_attempts!r}")
@@ -102,9 +113,13 @@ async def _results(
     lease: LeaseSizes | None,
     on_start: Callable[[str], None] | None,
     on_skipped: Callable[[int], None] | None,
+    on_result: Callable[[ItemResult], None] | None,
     options: Mapping[str, Any],
 ) -> AsyncGenerator[ItemResult, None]:
-    _check(max_runs, max_calls, max_cost_usd, max_item_attempts)
+    """The job's results as they are recorded: each appended to ``out`` (when given), then passed to
+    ``on_result``, then yielded. A result whose line was written as the job was cancelled still reaches
+    ``on_result``, so counts kept there match the file."""
+    _check(max_runs, max_calls, max_cost_usd, max_item_attempts, workers, worker_cpus)
     every = coerce_items(items)
     spec = _spec(model, options, max_cost_usd)
     store = ResultStore(out) if out is not None else None
@@ -134,12 +149,26 @@ async def _results(
             )
         async with contextlib.aclosing(source) as results:
             async for result in results:
-                if store is not None and not await anyio.to_thread.run_sync(store.append, result):
+                if store is not None and not await _record(store, result, on_result):
                     continue  # the file already holds this id: never twice
+                if on_result is not None:
+                    on_result(result)
                 yield result
     finally:
         if store is not None:
             store.close()
+
+
+async def _record(store: ResultStore, result: ItemResult, on_result: Callable[[ItemResult], None] | None) -> bool:
+    """Append ``result`` to ``store`` in a thread. Cancelled meanwhile (Ctrl-C), the write goes on in its
+    thread: wait for it (closing the store does), and report the result if it landed, then re-raise."""
+    try:
+        return await anyio.to_thread.run_sync(store.append, result)
+    except BaseException:
+        store.close()  # waits for the line being written
+        if on_result is not None and store.finished.get(result.id) is result:
+            on_result(result)
+        raise
 
 
 async def batch(
@@ -191,7 +220,8 @@ async def batch(
         A :class:`BatchReport`.
 
     Raises:
-        ConfigError: a bad item (two with one id, a missing query), a bad argument or RLM option, the job's
+        ConfigError: a bad item (two with one id, a missing query), a bad argument (``workers`` below 1,
+            ``worker_cpus`` not above 0, ...) or RLM option, the job's
             ``max_cost_usd`` without prices, a results file that is not one or that another batch is writing,
             or ``ray`` without Ray installed.
         asyncio.CancelledError: when cancelled; running items are cancelled, finished ones stay in ``out``.
@@ -205,6 +235,11 @@ async def batch(
         skipped[0] = k
         if on_skipped is not None:
             on_skipped(k)
+
+    def record(result: ItemResult) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
 
     source = _results(
         items,
@@ -220,13 +255,12 @@ async def batch(
         lease=lease,
         on_start=on_start,
         on_skipped=count_skipped,
+        on_result=record,
         options=rlm_options,
     )
     async with contextlib.aclosing(source) as stream:
-        async for result in stream:
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
+        async for _ in stream:
+            pass
     usage = sum((r.usage for r in results), UsageTotals())
     done = sum(r.status == "done" for r in results)
     total = len(items)
@@ -290,5 +324,6 @@ def ray_batch(
         lease=lease,
         on_start=on_start,
         on_skipped=None,
+        on_result=None,
         options=rlm_options,
     )

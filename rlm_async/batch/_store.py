@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -39,6 +40,7 @@ class ResultStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.finished: dict[str, ItemResult] = {}
+        self._lock = threading.Lock()  # append runs in a thread: close waits for a line being written
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file: IO[bytes] = open(self.path, "a+b")  # noqa: SIM115 (closed by close())
@@ -85,6 +87,10 @@ class ResultStore:
             ConfigError: the store is closed.
             OSError: the write failed (a full disk).
         """
+        with self._lock:
+            return self._append(result)
+
+    def _append(self, result: ItemResult) -> bool:
         if self._file.closed:
             raise ConfigError("the results file is closed")
         if result.id in self.finished:
@@ -98,11 +104,13 @@ class ResultStore:
         return True
 
     def close(self) -> None:
-        """Release the lock and close the file. Idempotent."""
-        if not self._file.closed:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
+        """Release the lock and close the file, after the line being written (by :meth:`append` in another
+        thread), if any. Idempotent."""
+        with self._lock:
+            if not self._file.closed:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                self._file.close()
 
     def __enter__(self) -> ResultStore:
         return self
