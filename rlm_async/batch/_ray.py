@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -157,15 +159,28 @@ class WorkerActor:
         return self._name
 
 
+def init_ray(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``, keeping this process's SIGTERM handler: ``ray.init`` installs one that calls
+    ``sys.exit`` wherever the main thread is, which would skip the command's clean stop (exit 143, the
+    summary, the running items cancelled)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _connect(address: str) -> bool:
     """Connect to (or start) Ray; True when this call started it (and so shuts it down)."""
     if ray.is_initialized():
         return False
     try:
         if address == "local":
-            ray.init(include_dashboard=False, log_to_driver=False)
+            init_ray(include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(address=address, log_to_driver=False)
+            init_ray(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
     return True
@@ -229,7 +244,7 @@ async def run_ray(
                 ref = live[name].run.remote(item, tries + 1)
                 inflight[asyncio.wrap_future(ref.future())] = (name, item, tries + 1, ref)
                 load[name] += 1
-                if on_start is not None:
+                if on_start is not None and tries == 0:  # a retry is the same item still running
                     on_start(item.id)
             if not inflight:
                 break
@@ -240,11 +255,13 @@ async def run_ray(
                 try:
                     result, refused = future.result()
                 except RayActorError as exc:
-                    if name in live:
-                        del live[name]
+                    if name in live:  # dead, or unreachable but alive: killed before its slots are freed
+                        handle = live.pop(name)
+                        with contextlib.suppress(Exception):
+                            ray.kill(handle)
                         coordinator.forget.remote(name)
-                    if tries < max_item_attempts and live:
-                        pending.appendleft((item, tries))
+                    if tries < max_item_attempts:
+                        pending.appendleft((item, tries))  # with no worker left: not run, for a rerun
                         continue
                     why = f"the Ray worker died on each of {tries} tries: {type(exc).__name__}"
                     result, refused = ItemResult.failure(item.id, "worker_lost", why, attempts=tries), False
