@@ -90,6 +90,12 @@ def test_store_appends_durably_resumes_and_never_writes_an_id_twice(tmp_path: Pa
         assert store.finished["a"] == a
         store.append(ItemResult("b", "done", "x", "answer"))
     assert [r["id"] for r in lines_of(path)] == ["a", "b"]
+    with open(path, "ab") as f:  # a whole last line without its newline (edited by hand): kept, not cut
+        f.write(b'{"id": "c", "status": "failed", "answer": "", "stop_reason": "error"}')
+    with ResultStore(path) as store:
+        assert set(store.finished) == {"a", "b", "c"}
+        store.append(ItemResult("d", "done", "x", "answer"))
+    assert [r["id"] for r in lines_of(path)] == ["a", "b", "c", "d"]
     path.write_text('{"id": "a", "status": "done", "answer": "", "stop_reason": "answer"}\nnope\n')
     with pytest.raises(ConfigError, match=r"out\.jsonl:2: not a batch result"):
         ResultStore(path)

@@ -3,7 +3,7 @@
 Both the single-machine and the Ray path write through a :class:`ResultStore`, from one process (the
 driver), so an id is written at most once: :meth:`ResultStore.append` refuses an id the file already holds.
 Each line is flushed and ``fsync``-ed before ``append`` returns, so a crash or a kill loses at most the line
-being written; a torn last line (no newline) is cut off when the file is opened again.
+being written; a torn last line (no newline, not a whole result) is cut off when the file is opened again.
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ from .._errors import ConfigError
 from ._items import ItemResult
 
 __all__ = ["ResultStore"]
+
+
+def _is_result(line: bytes) -> bool:
+    try:
+        ItemResult.from_json(json.loads(line))
+    except (ValueError, ConfigError):
+        return False
+    return True
 
 
 class ResultStore:
@@ -61,8 +69,13 @@ class ResultStore:
         self._file.seek(0)
         data = self._file.read()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a torn last line: the write that was cut short never finished that item
-            self._file.truncate(end)
+        if end < len(data):
+            if _is_result(data[end:]):  # a whole last line without its newline (a file edited by hand)
+                self._file.write(b"\n")
+                data += b"\n"
+                end = len(data)
+            else:  # a torn last line: the write that was cut short never finished that item
+                self._file.truncate(end)
             os.fsync(self._file.fileno())
         for number, line in enumerate(data[:end].splitlines(), 1):
             if not line.strip():
