@@ -63,6 +63,9 @@ class CoordinatorActor:
     async def stats(self) -> dict[str, Any]:
         return self.capacity.stats()
 
+    async def ping(self) -> str:
+        return "coordinator"
+
 
 class RayLink:
     """A :class:`~rlm_async.batch._lease.CapacityLink` to the coordinator actor (one round trip a lease)."""
@@ -286,11 +289,26 @@ async def _shut_down(handles: dict[str, Any], coordinator: Any, owns: bool) -> N
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S)
     for future in closing:
         future.cancel()
-    for handle in handles.values():
+    actors = [*handles.values(), *([coordinator] if coordinator is not None else [])]
+    for actor in actors:
         with contextlib.suppress(Exception):
-            ray.kill(handle)
-    if coordinator is not None:
-        with contextlib.suppress(Exception):
-            ray.kill(coordinator)
+            ray.kill(actor)
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await _gone(actors, CLOSE_TIMEOUT_S)
     if owns:
         ray.shutdown()
+
+
+async def _gone(actors: list[Any], timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) until every actor is dead: ``ray.kill`` only asks, and a caller that
+    lists the cluster's actors right after the job must not find the job's still there."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while actors and loop.time() < deadline:
+        pings = [(asyncio.wrap_future(a.ping.remote().future()), a) for a in actors]
+        await asyncio.wait([p for p, _ in pings], timeout=max(deadline - loop.time(), 0))
+        actors = [a for p, a in pings if not (p.done() and isinstance(p.exception(), RayActorError))]
+        for p, _ in pings:
+            p.cancel()
+        if actors:
+            await asyncio.sleep(0.01)  # a poll interval, not an ordering: the loop ends when each ping fails
