@@ -271,9 +271,6 @@ async def test_cancelling_a_batch_keeps_what_finished_and_the_rerun_runs_the_res
     release = asyncio.Event()
     hold_from = 3
 
-    async def root(prompt: str) -> str:
-        return prompt
-
     async def script(request):  # type: ignore[no-untyped-def]
         n = int(request.messages[1]["content"].split("Query: q")[1].split()[0])
         if n >= hold_from:
