@@ -242,8 +242,14 @@ async def test_batch_runs_each_item_once_and_a_rerun_skips_finished(tmp_path: Pa
     assert len(ids) == len(set(ids)) == 14
 
 
-async def test_the_jobs_call_budget_stops_the_job_and_leaves_the_rest_for_a_rerun(tmp_path: Path) -> None:
-    from rlm_async import FakeClient
+@pytest.mark.parametrize("budget", ["max_calls", "max_cost_usd"])
+async def test_items_the_jobs_budget_stops_are_not_recorded_and_a_rerun_with_more_runs_them(
+    tmp_path: Path, budget: str
+) -> None:
+    """The job's max_calls / max_cost_usd refuses the call of the item running when it runs out: that item is
+    not finished (not recorded, counted stopped and not run), nor are the items never started; a rerun with a
+    larger budget runs exactly those. (They were recorded failed, and a rerun skipped them.)"""
+    from rlm_async import FakeClient, Price
 
     out = tmp_path / "out.jsonl"
     items = [BatchItem(f"i{n}", f"q{n}", "x") for n in range(10)]
@@ -255,13 +261,44 @@ async def test_the_jobs_call_budget_stops_the_job_and_leaves_the_rest_for_a_reru
         return await script(request)
 
     client = FakeClient(counted)
-    report = await batch(items, "m", client=client, out=out, max_runs=1, max_calls=3, sandbox="none")
-    assert len(sent) == 3  # one root turn an item
-    assert report.done == 3 and report.failed == 1 and report.not_run == 6
-    stopped = next(r for r in report.results if r.status == "failed")
-    assert stopped.stop_reason == "budget:max_calls"
+    prices = {"m": Price(1e6, 1e6)}  # $1 a token: a call costs its tokens in USD
+    cap: dict[str, object] = {"max_calls": 3} if budget == "max_calls" else {"max_cost_usd": 1.0}
+    stopped: list[ItemResult] = []
+    report = await batch(
+        items, "m", client=client, out=out, max_runs=1, sandbox="none", prices=prices, on_stopped=stopped.append, **cap
+    )  # type: ignore[arg-type]
+    assert report.failed == 0 and report.stopped == 1 and len(stopped) == 1
+    assert stopped[0].stop_reason == f"budget:{budget}" and stopped[0].id not in {r.id for r in report.results}
+    assert report.done >= 1 and report.not_run == 10 - report.done
+    assert report.summary()["stopped_by_budget"] == 1
+    if budget == "max_calls":
+        assert len(sent) == 3 and report.done == 3  # one root turn an item; the fourth item's was refused
+    rows = lines_of(out)
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r in report.results)
+    assert all(r["status"] == "done" for r in rows)
+    first = report.done
     report = await batch(items, "m", client=client, out=out, max_runs=4, sandbox="none")
-    assert report.skipped == 4 and report.done == 6
+    assert report.skipped == first and report.done == 10 - first and report.not_run == 0
+    assert {r.id for r in report.results} >= {stopped[0].id}
+    assert len(lines_of(out)) == 10
+
+
+async def test_an_item_stopped_by_its_own_per_run_budget_is_finished_and_recorded(tmp_path: Path) -> None:
+    """Under a job's budget that is not spent, an item whose run hit its own Limits.max_calls is a finished
+    result (failed, budget:max_calls), recorded, and a rerun skips it."""
+    from rlm_async import FakeClient
+
+    done = repl('answer["content"] = "ok"; answer["ready"] = True')
+    client = FakeClient(Script({"long": [repl("x = 1"), done], "q": [done]}))
+    out = tmp_path / "out.jsonl"
+    items = [BatchItem("a", "q a", "x"), BatchItem("b", "long b", "x"), BatchItem("c", "q c", "x")]
+    options = {"limits": Limits(max_calls=1), "sandbox": "none"}
+    report = await batch(items, "m", client=client, out=out, max_calls=100, **options)  # type: ignore[arg-type]
+    assert (report.done, report.failed, report.stopped, report.not_run) == (2, 1, 0, 0)
+    (own,) = [r for r in lines_of(out) if r["id"] == "b"]
+    assert (own["status"], own["stop_reason"]) == ("failed", "budget:max_calls")
+    report = await batch(items, "m", client=client, out=out, max_calls=100, **options)  # type: ignore[arg-type]
+    assert report.skipped == 3 and report.results == ()
 
 
 async def test_cancelling_a_batch_keeps_what_finished_and_the_rerun_runs_the_rest(tmp_path: Path) -> None:
@@ -373,6 +410,44 @@ def test_progress_counts_and_draws() -> None:
         progress.on_result(ItemResult("a", "done", "x", "answer"))
     assert (progress.done, progress.failed, progress.running, progress.skipped) == (1, 0, 1, 1)
     assert "done 1  failed 0  running 1  skipped 1" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+async def test_a_second_signal_does_not_cut_the_cleanup_short() -> None:
+    """The command's signal handler, driven directly: the first SIGINT cancels the job; a SIGTERM (or another
+    Ctrl-C) landing while the job cleans up (REPL workers, Ray actors) is reported, not delivered as a second
+    cancellation that would abandon the cleanup. The exit code follows the first signal."""
+    import io
+
+    from rich.console import Console
+
+    from rlm_async.batch._cli import StopOnSignal
+
+    started, cleaning, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    cleaned: list[bool] = []
+
+    async def job() -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await release.wait()  # the cleanup awaits (actors' close, workers' exit)
+            cleaned.append(True)
+            raise
+
+    task = asyncio.ensure_future(job())
+    console = Console(file=io.StringIO(), width=200)
+    stop = StopOnSignal(task, console)
+    await started.wait()
+    stop(signal.SIGINT)
+    await cleaning.wait()
+    stop(signal.SIGTERM)
+    stop(signal.SIGINT)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == [True] and stop.signals == [signal.SIGINT, signal.SIGTERM, signal.SIGINT]
+    assert "cleaning up" in console.file.getvalue()  # type: ignore[attr-defined]
 
 
 # -- the command, against the simulator ---------------------------------------------------------------------

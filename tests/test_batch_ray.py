@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import ray
 
-from rlm_async import Limits, RateLimit, batch, ray_batch
+from rlm_async import ConfigError, Limits, RateLimit, batch, ray_batch
 from rlm_async.batch import ItemResult, LeaseSizes
 from rlm_async.batch._ray import init_ray
 from rlm_async.sim import LatencyModel, SimConfig, sim_process
@@ -169,3 +170,67 @@ async def test_an_interrupted_job_reruns_only_unfinished_items_with_the_single_m
     assert len(rows) == len({r["id"] for r in rows}) == 60
     on_ray = {str(r["id"]): r["answer"] for r in rows}
     assert on_ray == {r.id: r.answer for r in local.results}
+
+
+class OnlyOnTheDriver(float):
+    """A temperature that is valid on the driver and arrives on the workers as 5.0 (out of range): a worker
+    that cannot build its engine, as one whose node cannot run the strict sandbox."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (float, (5.0,))
+
+
+async def test_a_worker_that_cannot_build_its_engine_stops_the_job_and_records_nothing(cluster: None, tmp_path):
+    """Every item was recorded as a permanent error (and a rerun skipped them all); now the job stops with a
+    ConfigError naming the worker, its node and why, and no item is recorded. The key is not in the message."""
+    items = [verse_item(i) for i in range(6)]
+    out = tmp_path / "out.jsonl"
+    secret = "sk-never-shown-0123"
+    with pytest.raises(ConfigError) as caught:
+        await batch(
+            items,
+            MODEL,
+            out=out,
+            ray="auto",
+            workers=2,
+            max_runs=2,
+            temperature=OnlyOnTheDriver(0.5),
+            base_url="http://127.0.0.1:9/v1",
+            api_key=secret,
+        )
+    message = str(caught.value)
+    assert "cannot build its engine: ConfigError: temperature must be in [0, 2]" in message
+    assert "-worker-" in message and " on node " in message and secret not in message
+    assert lines_of(out) == []
+    assert workers_of_running_job() == []
+
+
+async def test_the_drivers_endpoint_from_its_environment_reaches_the_workers_and_budget_stops_are_rerun(
+    cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The endpoint and key only in the driver's environment (set after the cluster started, so its workers
+    do not have them): the job runs on the workers with them (every item was an `error` before). The job's
+    max_calls runs out: the items it stopped are not recorded, and a rerun with no cap runs exactly them."""
+
+    @ray.remote(num_cpus=0)
+    def worker_sees() -> str | None:
+        return os.environ.get("OPENAI_BASE_URL")
+
+    items = [verse_item(i) for i in range(8)]
+    out = tmp_path / "out.jsonl"
+    secret = "sk-driver-only-0123"
+    async with sim_process(SimConfig(latency=LATENCY, time_scale=SCALE)) as sim:
+        monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", secret)
+        assert await worker_sees.remote() is None  # the workers' environment lacks it
+        first = await batch(items, MODEL, out=out, ray="auto", workers=2, max_runs=4, sub_model=MODEL, max_calls=12)
+        assert first.failed == 0 and first.stopped >= 1 and first.done + first.not_run == 8
+        assert first.usage.calls + first.stopped_usage.calls <= 12
+        rows = lines_of(out)
+        assert sorted(r["id"] for r in rows) == sorted(r.id for r in first.results)
+        assert all(r["status"] == "done" for r in rows)
+        rerun = await batch(items, MODEL, out=out, max_runs=8, sub_model=MODEL)  # here, no cap
+    assert rerun.skipped == first.done and rerun.done == 8 - first.done and rerun.failed == 0
+    rows = lines_of(out)
+    assert len(rows) == len({r["id"] for r in rows}) == 8
+    assert secret not in out.read_text()

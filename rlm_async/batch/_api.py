@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,16 @@ class BatchReport:
         done: items run this time that answered.
         failed: items run this time that did not (their ``stop_reason`` and ``error`` say why).
         skipped: items the results file already held (finished by an earlier run), not run again.
-        not_run: items neither run nor recorded: the job's ``max_calls`` / ``max_cost_usd`` ran out, or on
-            Ray no worker was left; a rerun with the same ``out`` runs them.
-        usage: usage summed over ``results`` (calls, tokens, USD).
+        not_run: items neither finished nor recorded: the job's ``max_calls`` / ``max_cost_usd`` ran out
+            before they started or stopped them as they ran (``stopped``), or on Ray no worker was left; a
+            rerun with the same ``out`` runs them.
+        usage: usage summed over ``results`` (calls, tokens, USD); what the items in ``stopped`` spent is in
+            ``stopped_usage``.
         wall_s: seconds the call took.
+        stopped: items the job's ``max_calls`` / ``max_cost_usd`` stopped while they ran (counted in
+            ``not_run``: not recorded, so a rerun with a larger budget runs them). An item stopped by its own
+            per-run budget (``limits``) is finished: it is in ``failed`` with ``stop_reason`` ``budget:...``.
+        stopped_usage: what the ``stopped`` items spent (the job's budget counted it).
     """
 
     results: tuple[ItemResult, ...]
@@ -49,6 +55,8 @@ class BatchReport:
     not_run: int
     usage: UsageTotals
     wall_s: float
+    stopped: int = 0
+    stopped_usage: UsageTotals = field(default_factory=UsageTotals)
 
     def summary(self) -> dict[str, Any]:
         """The report without the results, as JSON values (``rlm-async batch --json`` prints this)."""
@@ -58,6 +66,7 @@ class BatchReport:
             "failed": self.failed,
             "skipped": self.skipped,
             "not_run": self.not_run,
+            "stopped_by_budget": self.stopped,
             "calls": u.calls,
             "prompt_tokens": u.prompt_tokens,
             "completion_tokens": u.completion_tokens,
@@ -115,6 +124,7 @@ async def _results(
     on_skipped: Callable[[int], None] | None,
     on_result: Callable[[ItemResult], None] | None,
     options: Mapping[str, Any],
+    on_stopped: Callable[[ItemResult], None] | None = None,
 ) -> AsyncGenerator[ItemResult, None]:
     """The job's results as they are recorded: each appended to ``out`` (when given), then passed to
     ``on_result``, then yielded. A result whose line was written as the job was cancelled still reaches
@@ -129,7 +139,13 @@ async def _results(
             on_skipped(len(every) - len(todo))
         if ray is None:
             source = run_local(
-                todo, spec, max_runs=max_runs, max_calls=max_calls, max_cost_usd=max_cost_usd, on_start=on_start
+                todo,
+                spec,
+                max_runs=max_runs,
+                max_calls=max_calls,
+                max_cost_usd=max_cost_usd,
+                on_start=on_start,
+                on_stopped=on_stopped,
             )
         else:
             from ._ray import run_ray  # Ray only on this path
@@ -146,6 +162,7 @@ async def _results(
                 max_item_attempts=max_item_attempts,
                 sizes=lease or LeaseSizes(),
                 on_start=on_start,
+                on_stopped=on_stopped,
             )
         async with contextlib.aclosing(source) as results:
             async for result in results:
@@ -187,6 +204,7 @@ async def batch(
     on_result: Callable[[ItemResult], None] | None = None,
     on_start: Callable[[str], None] | None = None,
     on_skipped: Callable[[int], None] | None = None,
+    on_stopped: Callable[[ItemResult], None] | None = None,
     **rlm_options: Any,
 ) -> BatchReport:
     """Run many completions, each item ``RLM(model, **rlm_options).completion(item.query, item.context)``,
@@ -204,6 +222,8 @@ async def batch(
         max_runs: completions at once per engine (default :data:`DEFAULT_MAX_RUNS`, 8).
         ray: None for this machine; ``"auto"`` (a running cluster), ``"local"`` (start one here), or a
             cluster address (``"ray://host:10001"``, ``"host:6379"``) to run on Ray (needs ``rlm-async[ray]``).
+            The workers get ``base_url`` and ``api_key`` as resolved here (from ``OPENAI_BASE_URL`` /
+            ``OPENAI_API_KEY`` when not given), not from their own environment.
         workers: Ray worker actors, one engine each (default: the cluster's CPUs / ``worker_cpus``).
         worker_cpus: CPUs each Ray worker actor reserves (default 1).
         max_calls: the job's model calls (HTTP requests, retries included) across every item, or None.
@@ -213,6 +233,8 @@ async def batch(
         on_result: called with each result as it is recorded.
         on_start: called with each item's id as it starts.
         on_skipped: called once with how many items the results file already held.
+        on_stopped: called with the would-be result (``stop_reason`` ``budget:...``, its usage) of each item
+            the job's ``max_calls`` / ``max_cost_usd`` stopped as it ran; it is not recorded.
         **rlm_options: :class:`~rlm_async.RLM`'s keyword arguments (``base_url``, ``api_key``, ``limits`` for
             each item's budgets, ``rate_limits``, ``prices``, ``sandbox``, ...).
 
@@ -223,12 +245,14 @@ async def batch(
         ConfigError: a bad item (two with one id, a missing query), a bad argument (``workers`` below 1,
             ``worker_cpus`` not above 0, ...) or RLM option, the job's
             ``max_cost_usd`` without prices, a results file that is not one or that another batch is writing,
-            or ``ray`` without Ray installed.
+            ``ray`` without Ray installed, or on Ray a worker that cannot build its engine (see
+            :func:`ray_batch`).
         asyncio.CancelledError: when cancelled; running items are cancelled, finished ones stay in ``out``.
     """
     started = time.monotonic()
     skipped = [0]
     results: list[ItemResult] = []
+    stopped: list[ItemResult] = []
     items = list(items)
 
     def count_skipped(k: int) -> None:
@@ -240,6 +264,11 @@ async def batch(
         results.append(result)
         if on_result is not None:
             on_result(result)
+
+    def count_stopped(result: ItemResult) -> None:
+        stopped.append(result)
+        if on_stopped is not None:
+            on_stopped(result)
 
     source = _results(
         items,
@@ -257,6 +286,7 @@ async def batch(
         on_skipped=count_skipped,
         on_result=record,
         options=rlm_options,
+        on_stopped=count_stopped,
     )
     async with contextlib.aclosing(source) as stream:
         async for _ in stream:
@@ -272,6 +302,8 @@ async def batch(
         total - skipped[0] - len(results),
         usage,
         time.monotonic() - started,
+        len(stopped),
+        sum((r.usage for r in stopped), UsageTotals()),
     )
 
 
@@ -299,7 +331,8 @@ def ray_batch(
     once. The endpoint's in-flight cap (``limits.max_concurrency``) and ``rate_limits`` hold across the
     cluster, leased from one coordinator actor (docs/scale-out.md: the lease sizes and the overshoot they
     allow), as do the job's ``max_calls`` and ``max_cost_usd``. An item whose worker dies is retried on
-    another, up to ``max_item_attempts`` tries, then recorded failed (``"worker_lost"``). When this call
+    another, up to ``max_item_attempts`` tries, then recorded failed (``"worker_lost"``). An item the job's
+    ``max_calls`` / ``max_cost_usd`` stops is neither yielded nor recorded (a rerun runs it). When this call
     started Ray (``address="local"``, or no cluster was connected yet), it shuts it down at the end.
 
     Args:
@@ -308,7 +341,9 @@ def ray_batch(
 
     Raises:
         ConfigError: as :func:`batch`; also when Ray is not installed (``pip install 'rlm-async[ray]'``) or
-            the cluster cannot be reached. Raised when iteration starts.
+            the cluster cannot be reached (raised when iteration starts), or when a worker cannot build its
+            engine (no endpoint where it runs, a strict sandbox its node cannot provide: the message names the
+            worker, its node and why; the job stops and the items not finished stay unrecorded).
     """
     return _results(
         items,

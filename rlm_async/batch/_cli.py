@@ -26,13 +26,15 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
 _EPILOG = """\
 examples:
   rlm-async batch docs.jsonl --out results.jsonl --model gpt-4.1 --sub-model gpt-4.1-mini --max-runs 16
-  rlm-async batch docs.jsonl --out results.jsonl --ray auto --rpm 5000 --job-max-cost-usd 20 \\
-      --price gpt-4.1=2,8 --price gpt-4.1-mini=0.4,1.6
+  rlm-async batch docs.jsonl --out results.jsonl --ray auto --model gpt-4.1 --sub-model gpt-4.1-mini \\
+      --rpm 5000 --job-max-cost-usd 20 --price gpt-4.1=2,8 --price gpt-4.1-mini=0.4,1.6
 
 Each input line: {"id": ..., "query": ..., "context": ...} or "context_path" instead of "context".
-A rerun with the same --out skips the ids already there. docs/scale-out.md: Ray, leases, sizing.
-exit codes: 0 every item answered, 1 some failed or were not run, 2 bad arguments or input,
-130 / 143 interrupted by SIGINT / SIGTERM (finished items are kept).
+A rerun with the same --out skips the ids already there; items the job's budget stopped or never started
+are not recorded, so a rerun with a larger budget runs them. docs/scale-out.md: Ray, leases, sizing.
+exit codes: 0 every item answered, 1 some failed or were not run, 2 bad arguments or input (or a Ray worker
+that cannot build its engine), 130 / 143 interrupted by SIGINT / SIGTERM (finished items are kept; a second
+signal does not cut the cleanup short).
 """
 
 
@@ -86,6 +88,29 @@ def _prices(specs: list[str]) -> dict[str, Price]:
     return prices
 
 
+class StopOnSignal:
+    """The command's SIGINT / SIGTERM handler: the first signal cancels the job's task (running items are
+    cancelled, REPL workers and Ray actors stopped, finished items kept); later ones only say that the cleanup
+    is under way, so they cannot cancel the cleanup itself and leave workers or actors behind.
+
+    Attributes:
+        signals: the signals received, in order (the first sets the exit code).
+    """
+
+    def __init__(self, task: asyncio.Task[Any], err: Console, signals: list[int] | None = None) -> None:
+        self._task = task
+        self._err = err
+        self.signals: list[int] = signals if signals is not None else []
+
+    def __call__(self, signum: int) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 1:
+            self._task.cancel()
+        else:
+            name = signal.Signals(signum).name
+            self._err.print(f"[yellow]{name}: stopping, cleaning up (workers and actors); please wait[/yellow]")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``rlm-async batch``; returns the exit code.
 
@@ -103,11 +128,7 @@ def main(args: argparse.Namespace) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-
-        def stop(signum: int) -> None:
-            stopped_by.append(signum)
-            task.cancel()
-
+        stop = StopOnSignal(task, err, stopped_by)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop, signum)
         async with _endpoint(args, err) as (base_url, api_key):
@@ -138,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
                     on_result=progress.on_result,
                     on_start=progress.on_start,
                     on_skipped=progress.on_skipped,
+                    on_stopped=progress.on_stopped,
                     sub_model=sub_model,
                     base_url=base_url or None,
                     api_key=api_key,
@@ -157,13 +179,16 @@ def main(args: argparse.Namespace) -> int:
             "done": progress.done,
             "failed": progress.failed,
             "skipped": progress.skipped,
+            "stopped_by_budget": progress.stopped,
             "cost_usd": progress.usage.cost_usd,
             "out": str(args.out),
         }
         _print(args, err, summary, f"interrupted: {progress.line()}; finished items are kept in {args.out}")
         return EXIT_SIGTERM if stopped_by[0] == signal.SIGTERM else EXIT_SIGINT
     summary = {"interrupted": False, **report.summary(), "out": str(args.out)}
-    _print(args, err, summary, f"{progress.line()}; not run {report.not_run}; {report.wall_s:.1f} s; {args.out}")
+    stopped = f" ({report.stopped} stopped by the job's budget)" if report.stopped else ""
+    text = f"{progress.line()}; not run {report.not_run}{stopped}; {report.wall_s:.1f} s; {args.out}"
+    _print(args, err, summary, text)
     return EXIT_OK if report.failed == 0 and report.not_run == 0 else EXIT_SOME_FAILED
 
 

@@ -37,6 +37,7 @@ from .._errors import BudgetExceeded, ConfigError, EngineError
 __all__ = [
     "Capacity",
     "CapacityLink",
+    "JobBudgetExceeded",
     "LeaseSizes",
     "LeasedEndpoint",
     "LeasedGate",
@@ -491,6 +492,13 @@ class LeasedEndpoint(Endpoint):
         await self.leased_slots.aclose()
 
 
+class JobBudgetExceeded(BudgetExceeded):
+    """The job's ``max_calls`` or ``max_cost_usd`` (not the run's own :class:`~rlm_async.Limits`) refused an
+    attempt. A run it stops ends with ``stop_reason`` ``budget:<limit>`` as for its own caps; the batch tells
+    the two apart by this type (``RLMResult.error``), and leaves an item the job's budget stopped unrecorded,
+    for a rerun with a larger budget."""
+
+
 class LeasedGate:
     """The job's call and USD budgets for one engine, reserved from the coordinator a lease at a time.
 
@@ -524,7 +532,7 @@ class LeasedGate:
         coordinator lets other attempts run, and they must not spend the call this one saw.
 
         Raises:
-            BudgetExceeded: the job's ``max_calls`` or ``max_cost_usd`` is spent.
+            JobBudgetExceeded: the job's ``max_calls`` or ``max_cost_usd`` is spent.
         """
         while not self._may_send():
             async with self._lock:
@@ -533,14 +541,14 @@ class LeasedGate:
                     if self._calls_left <= 0:
                         self.exhausted = True
                         spent = "the job's calls are spent"
-                        raise BudgetExceeded("max_calls", self.max_calls, self.max_calls, detail=spent)
+                        raise JobBudgetExceeded("max_calls", self.max_calls, self.max_calls, detail=spent)
                 if self.max_cost_usd is not None and self._usd_left <= 0:
                     debt, self._usd_left = -self._usd_left, 0.0
                     self._usd_left += await self._link.reserve_usd(self._usd_chunk, debt)
                     if self._usd_left <= 0:
                         self.exhausted = True
                         spent = "the job's USD are spent"
-                        raise BudgetExceeded("max_cost_usd", self.max_cost_usd, self.max_cost_usd, detail=spent)
+                        raise JobBudgetExceeded("max_cost_usd", self.max_cost_usd, self.max_cost_usd, detail=spent)
         if self.max_calls is not None:
             self._calls_left -= 1
 

@@ -23,11 +23,13 @@ async def run_local(
     max_calls: int | None,
     max_cost_usd: float | None,
     on_start: Callable[[str], None] | None = None,
+    on_stopped: Callable[[ItemResult], None] | None = None,
 ) -> AsyncGenerator[ItemResult, None]:
     """Yield each item's result as it finishes. The engine's endpoint (in-flight cap, RPM / TPM, breaker) is
     shared by all the items; the job's ``max_calls`` / ``max_cost_usd`` are counted one call at a time. Once
-    the job's budget refuses a call, no further item starts (those left are not yielded). Closing the
-    iterator cancels the running items."""
+    the job's budget refuses a call, no further item starts (those left are not yielded), and an item whose
+    run it stopped is not yielded either: it goes to ``on_stopped`` (for its usage), unrecorded, so a rerun
+    runs it. Closing the iterator cancels the running items."""
     gate = None
     if max_calls is not None or max_cost_usd is not None:
         capacity = Capacity(max_concurrency=1, max_calls=max_calls, max_cost_usd=max_cost_usd)
@@ -35,7 +37,7 @@ async def run_local(
         gate = LeasedGate(LocalLink(capacity), max_calls=max_calls, max_cost_usd=max_cost_usd, sizes=sizes)
     engine = spec.build(gate)
     pending = deque(todo)
-    running: set[asyncio.Task[ItemResult]] = set()
+    running: set[asyncio.Task[tuple[ItemResult, bool]]] = set()
     try:
         while pending or running:
             while pending and len(running) < max_runs and not engine.exhausted:
@@ -47,7 +49,11 @@ async def run_local(
                 break
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                yield task.result()
+                result, stopped = task.result()
+                if not stopped:
+                    yield result
+                elif on_stopped is not None:
+                    on_stopped(result)
     finally:
         for task in running:
             task.cancel()

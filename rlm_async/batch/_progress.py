@@ -22,12 +22,13 @@ class BatchProgress:
 
     Attributes:
         done, failed, running, skipped: item counts.
-        usage: the job's usage so far (this run's items).
+        stopped: items the job's budget stopped as they ran (not recorded).
+        usage: the job's usage so far (this run's items, the stopped ones included).
     """
 
     def __init__(self, total: int, console: Console | None = None) -> None:
         self.total = total
-        self.done = self.failed = self.running = self.skipped = 0
+        self.done = self.failed = self.running = self.skipped = self.stopped = 0
         self.usage = UsageTotals()
         self._progress: Progress | None = None
         if console is not None and console.is_terminal:
@@ -66,6 +67,13 @@ class BatchProgress:
             self.done += 1
         else:
             self.failed += 1
+        self.usage = self.usage + result.usage
+        self._draw()
+
+    def on_stopped(self, result: ItemResult) -> None:
+        """The job's budget stopped a running item (not recorded; a rerun runs it): what it spent still counts."""
+        self.running = max(self.running - 1, 0)
+        self.stopped += 1
         self.usage = self.usage + result.usage
         self._draw()
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -31,6 +33,47 @@ __all__ = ["run_ray"]
 
 #: Seconds the driver gives worker actors to cancel their items and give their leases back before it kills them.
 CLOSE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker actor's ``run`` returns to the driver.
+
+    Attributes:
+        result: the item's result; None when the worker could not build its engine.
+        stopped: the job's ``max_calls`` / ``max_cost_usd`` stopped the item's run (it is not recorded).
+        exhausted: the job's budget has refused one of this worker's attempts (no further item starts).
+        setup_error: why the worker could not build its engine (a ConfigError's text: no endpoint configured
+            where it runs, a strict sandbox its node cannot provide), or None.
+        node: the worker's node (its IP address), with ``setup_error``.
+    """
+
+    result: ItemResult | None
+    stopped: bool
+    exhausted: bool
+    setup_error: str | None = None
+    node: str | None = None
+
+
+def _node() -> str:
+    try:
+        return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    except Exception:  # pragma: no cover - outside a Ray process
+        return "unknown"
+
+
+def _with_driver_endpoint(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``base_url`` and ``api_key`` resolved here, on the driver (from ``OPENAI_BASE_URL`` /
+    ``OPENAI_API_KEY`` when not given), so the workers use the driver's endpoint and key whatever their own
+    environment holds. Unchanged when a ``client`` is given. The key travels only inside the actors' options;
+    it is never logged or written."""
+    if options.get("client") is not None:
+        return options
+    for name, variable in (("base_url", "OPENAI_BASE_URL"), ("api_key", "OPENAI_API_KEY")):
+        value = options.get(name) or os.environ.get(variable)
+        if value:
+            options[name] = value
+    return options
 
 
 class CoordinatorActor:
@@ -127,7 +170,7 @@ class WorkerActor:
             if self._engine is None:
                 breaker = self._spec.options.get("circuit_breaker", "default")
                 kwargs: dict[str, Any] = {} if breaker == "default" else {"breaker": breaker}
-                self._endpoint = LeasedEndpoint(
+                endpoint = LeasedEndpoint(
                     self._link,
                     self._name,
                     max_concurrency=self._cap,
@@ -135,18 +178,28 @@ class WorkerActor:
                     sizes=self._sizes,
                     **kwargs,
                 )
+                gate = None
                 if self._max_calls is not None or self._max_cost_usd is not None:
-                    self._gate = LeasedGate(
+                    gate = LeasedGate(
                         self._link, max_calls=self._max_calls, max_cost_usd=self._max_cost_usd, sizes=self._sizes
                     )
-                self._engine = self._spec.build(self._gate, self._endpoint)
+                try:
+                    self._engine = self._spec.build(gate, endpoint)
+                except BaseException:
+                    await endpoint.aclose()
+                    raise
+                self._endpoint, self._gate = endpoint, gate
             return self._engine
 
-    async def run(self, item: BatchItem, attempts: int) -> tuple[ItemResult, bool]:
-        """Run one item; returns its result and whether the job's budget refused this engine."""
-        engine = await self._ensure()
-        result = await run_item(engine.rlm, item, attempts)
-        return result, engine.exhausted
+    async def run(self, item: BatchItem, attempts: int) -> Outcome:
+        """Run one item; an :class:`Outcome` (with ``setup_error`` and no result when this worker cannot
+        build its engine: the driver stops the job rather than record every item as failed)."""
+        try:
+            engine = await self._ensure()
+        except Exception as exc:
+            return Outcome(None, False, False, f"{type(exc).__name__}: {exc}", _node())
+        result, stopped = await run_item(engine.rlm, item, attempts)
+        return Outcome(result, stopped, engine.exhausted)
 
     async def close(self) -> None:
         """Close the engine and give the leases back."""
@@ -202,8 +255,15 @@ async def run_ray(
     max_item_attempts: int,
     sizes: LeaseSizes,
     on_start: Callable[[str], None] | None = None,
+    on_stopped: Callable[[ItemResult], None] | None = None,
 ) -> AsyncGenerator[ItemResult, None]:
-    """Yield each item's result as it finishes, across the cluster (see :func:`rlm_async.batch.ray_batch`)."""
+    """Yield each item's result as it finishes, across the cluster (see :func:`rlm_async.batch.ray_batch`).
+    An item the job's budget stopped goes to ``on_stopped``, not yielded.
+
+    Raises:
+        ConfigError: a worker cannot build its engine (which worker, on which node, and why); the job stops,
+            and the items not finished are left unrecorded.
+    """
     owns = _connect(address)
     job = uuid.uuid4().hex[:8]
     coordinator: Any = None
@@ -212,7 +272,7 @@ async def run_ray(
     try:
         cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
         n = workers or max(1, int(cpus // max(worker_cpus, 1e-9)))
-        options = dict(spec.options)
+        options = _with_driver_endpoint(dict(spec.options))
         cap = (options.get("limits") or Limits()).max_concurrency
         rate_limits = dict(options.pop("rate_limits", None) or {})
         worker_spec = type(spec)(spec.model, options)
@@ -252,11 +312,12 @@ async def run_ray(
             if not inflight:
                 break
             done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            setup_failed: str | None = None
             for future in done:
                 name, item, tries, _ref = inflight.pop(future)
                 load[name] -= 1
                 try:
-                    result, refused = future.result()
+                    outcome: Outcome = future.result()
                 except RayActorError as exc:
                     if name in live:  # dead, or unreachable but alive: killed before its slots are freed
                         handle = live.pop(name)
@@ -267,11 +328,29 @@ async def run_ray(
                         pending.appendleft((item, tries))  # with no worker left: not run, for a rerun
                         continue
                     why = f"the Ray worker died on each of {tries} tries: {type(exc).__name__}"
-                    result, refused = ItemResult.failure(item.id, "worker_lost", why, attempts=tries), False
+                    outcome = Outcome(ItemResult.failure(item.id, "worker_lost", why, attempts=tries), False, False)
                 except Exception as exc:  # the actor call itself failed (not the run: run_item never raises)
-                    result, refused = ItemResult.failure(item.id, "error", f"{type(exc).__name__}: {exc}"), False
-                exhausted = exhausted or refused
-                yield result
+                    failure = ItemResult.failure(item.id, "error", f"{type(exc).__name__}: {exc}")
+                    outcome = Outcome(failure, False, False)
+                if outcome.setup_error is not None:
+                    setup_failed = setup_failed or (
+                        f"Ray worker {name!r} on node {outcome.node} cannot build its engine: {outcome.setup_error}"
+                    )
+                    continue  # not recorded: the job stops below, and a rerun runs the item
+                exhausted = exhausted or outcome.exhausted
+                if outcome.result is None:  # pragma: no cover - only with setup_error
+                    continue
+                if outcome.stopped:  # the job's budget stopped it: not finished, not recorded
+                    if on_stopped is not None:
+                        on_stopped(outcome.result)
+                    continue
+                yield outcome.result
+            if setup_failed is not None:
+                raise ConfigError(
+                    f"{setup_failed}. The job stopped; the items not finished are not recorded (fix the "
+                    "worker's setup, e.g. pass base_url / api_key, or sandbox='process' where the node cannot "
+                    "confine code, and rerun with the same out)"
+                )
     finally:
         for _, _, _, ref in inflight.values():
             with contextlib.suppress(Exception):

@@ -16,6 +16,7 @@ from .._endpoint import Endpoint
 from .._engine import RLM
 from .._errors import ConfigError
 from ._items import BatchItem, ItemResult
+from ._lease import JobBudgetExceeded
 
 __all__ = ["EngineSpec", "JobClient", "JobGate", "run_item"]
 
@@ -130,24 +131,29 @@ class Engine:
             await self.owned.aclose()
 
 
-async def run_item(rlm: RLM, item: BatchItem, attempts: int = 1) -> ItemResult:
+async def run_item(rlm: RLM, item: BatchItem, attempts: int = 1) -> tuple[ItemResult, bool]:
     """Run one item to an :class:`ItemResult`; never raises but for cancellation.
 
     Returns:
         The run's result (``status`` ``"done"`` when it answered), or a failed result: ``"bad_input"`` when
-        ``context_path`` cannot be read, ``"error"`` when the engine raised (a bad query, a bug).
+        ``context_path`` cannot be read, ``"error"`` when the engine raised (a bad query, a bug); and whether
+        the job's ``max_calls`` / ``max_cost_usd`` stopped the run (:class:`JobBudgetExceeded`): such an item
+        is not finished and is not recorded, so a rerun with a larger budget runs it. A run stopped by its
+        own :class:`~rlm_async.Limits` (``stop_reason`` ``budget:...`` with a plain ``BudgetExceeded``) is
+        finished.
     """
     started = time.monotonic()
     try:
         context = await anyio.to_thread.run_sync(item.load_context)
     except OSError as exc:
         reason = f"cannot read context_path {item.context_path!r}: {exc.strerror or exc}"
-        return ItemResult.failure(item.id, "bad_input", reason, attempts=attempts)
+        return ItemResult.failure(item.id, "bad_input", reason, attempts=attempts), False
     try:
         result = await rlm.completion(item.query, context, metadata={"batch_item": item.id})
     except Exception as exc:
-        return ItemResult.failure(item.id, "error", f"{type(exc).__name__}: {exc}", attempts=attempts)
-    return ItemResult(
+        failure = ItemResult.failure(item.id, "error", f"{type(exc).__name__}: {exc}", attempts=attempts)
+        return failure, isinstance(exc, JobBudgetExceeded)
+    outcome = ItemResult(
         item.id,
         "done" if result.ok else "failed",
         result.answer,
@@ -157,3 +163,4 @@ async def run_item(rlm: RLM, item: BatchItem, attempts: int = 1) -> ItemResult:
         attempts,
         time.monotonic() - started,
     )
+    return outcome, not result.ok and isinstance(result.error, JobBudgetExceeded)
