@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import resource
@@ -155,10 +156,13 @@ async def _engine_run(
     base_url: str, query: str, context: Any, limits: Limits, *, events: bool = False, **rlm_kwargs: Any
 ) -> tuple[RLMResult, float, float, list[Event]]:
     """One completion; returns the result, CPU seconds of this process, peak RSS (MiB) and the events (only
-    with ``events=True``: a listener makes every event cost its CPU, which the figures should not carry)."""
+    with ``events=True``: a listener makes every event cost its CPU, which the figures should not carry).
+    A full garbage collection runs first, outside the timing (as :func:`~rlm_async.bench._floor.bare_fanout`
+    does)."""
     seen: list[Event] = []
     if events:
         rlm_kwargs["on_event"] = seen.append
+    gc.collect()  # untimed: a full collection owed to earlier runs must not land in this one (docs/benchmarks.md)
     _reset_peak_rss()
     cpu = time.process_time()
     async with RLM(

@@ -9,6 +9,12 @@ with, so both sides make N + 1 calls, the batch after the one. The engine's wall
 run besides: the REPL worker's start, the root turn's larger prompt, the cell, the prompts and results
 crossing to the worker; at N = 10 those fixed costs are most of the ratio.
 
+Every timed run, the floor's and the engine's, starts after a full garbage collection (``gc.collect()``, not
+timed). Without it, a full collection owed to the allocations of earlier runs (60-110 ms here, 0.03-0.05 ms
+a call over 2,001 calls) landed in whichever run came next, a floor run as often as an engine run, and
+decided much of the CPU ratio's spread from run to run (docs/benchmarks.md). A run's own collections, full
+ones included, still count against it.
+
 Engine rows carry two ratios to the floor measured against the same simulator process in the same run:
 CPU milliseconds per call (``cpu_vs_floor``) and wall time (``wall_vs_floor``). The targets (issue 13):
 at most 1.2x CPU and 1.05x wall for N = 2,000 at C = 64 and C = 256, in the default configuration.
@@ -17,6 +23,7 @@ at most 1.2x CPU and 1.05x wall for N = 2,000 at C = 64 and C = 256, in the defa
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import statistics
 import tempfile
@@ -77,6 +84,7 @@ async def bare_fanout(base_url: str, n: int, c: int, model: str = "sim-sub") -> 
             for i in calls:
                 await call(i)
 
+        gc.collect()  # untimed: a full collection owed to earlier runs must not land in this one
         cpu, wall = time.process_time(), time.perf_counter()
         await call(-1)
         async with asyncio.TaskGroup() as group:
