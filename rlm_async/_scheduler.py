@@ -442,8 +442,8 @@ class DeadlineQueue:
     Blocks of one length entered in turn fall due in the same turn (the loop's clock never goes back), so a
     FIFO queue with one timer, set for its oldest open block, replaces a timer per attempt: entering is an
     append, leaving marks the block closed. A timer per attempt (``loop.call_later``, then ``cancel``) costs a
-    ``TimerHandle``, a context copy, a heap push, and the heap's clean-ups of cancelled handles: 3.3 µs of CPU
-    an attempt against 1.0 µs on the queue, with 64 open (benchmarks/micro.py).
+    ``TimerHandle``, a context copy, a heap push, and the heap's clean-ups of cancelled handles: 2.8 µs of CPU
+    an attempt against 1.1 µs on the queue, with 64 open (benchmarks/micro.py).
     What happens at a deadline is the block's own (:meth:`AttemptDeadline._due`), the same either way.
 
     Closed blocks leave from the front when the timer fires, and the queue is rebuilt without them when they

@@ -155,7 +155,7 @@ def _parse(raw: bytes) -> Any:
     """``json.loads(raw)``, with the common case made cheaper: a body that starts with ``{`` is UTF-8 (RFC 8259
     requires it, and ``json.loads`` would guess so from that byte too), so it is decoded as ``json.loads``
     would decode it (``surrogatepass``) and handed to the decoder, skipping the encoding detection and the
-    argument checks: 3.1 µs against 3.8 µs for a simulator response (benchmarks/micro.py). Anything else
+    argument checks: 3.1 µs against 3.7 µs for a simulator response (benchmarks/micro.py). Anything else
     (a BOM, leading whitespace, UTF-16) goes to ``json.loads`` itself.
 
     Raises:
