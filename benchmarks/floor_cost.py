@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import statistics
 import subprocess
@@ -160,7 +159,6 @@ def main() -> None:
     if args.callgrind:
         _callgrind(sides, args.n, args.n_base, args.c, (args.call_ms or 2000.0) / 1000)
     else:
-        os.environ.setdefault("PYTHONHASHSEED", "0")
         asyncio.run(
             _run(sides, args.n, args.c, args.rounds, (args.call_ms or 50.0) / 1000, args.base_url, args.sandbox)
         )
