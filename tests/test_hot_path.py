@@ -34,13 +34,20 @@ def request(text: str = "hi") -> ChatRequest:
         b'{"a": \xff}',  # not UTF-8
         b"[1, 2]",
         b"",
+        '{"a": "\u00e9"}'.encode("utf-16-le"),  # UTF-16-LE without a BOM: json.loads detects it by the NUL
+        '{"a": 1}'.encode("utf-32-le"),  # likewise UTF-32-LE
+        b"{\x00}",  # three bytes: json.loads reads these as UTF-8
+        b'{"a": NaN, "b": Infinity, "c": -Infinity}',
+        b'{"a": 1, "a": 2}',  # duplicate keys: the last wins
+        b'{"a": "\\ud800\\udc00 \\udfff"}',  # escaped surrogates, paired and lone
+        pytest.param(b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, id="nested-too-deep"),  # RecursionError
     ],
 )
 def test_the_clients_json_parse_is_json_loads(raw: bytes) -> None:
-    def outcome(parse):  # the value, or the exception's type and text
+    def outcome(parse):  # the value (compared by its repr, for NaN), or the exception's type and text
         try:
-            return parse(raw)
-        except ValueError as exc:
+            return repr(parse(raw))
+        except (ValueError, RecursionError) as exc:
             return type(exc), str(exc)
 
     assert outcome(_parse) == outcome(json.loads)

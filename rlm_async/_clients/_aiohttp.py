@@ -152,16 +152,18 @@ _DECODER = json.JSONDecoder()
 
 
 def _parse(raw: bytes) -> Any:
-    """``json.loads(raw)``, with the common case made cheaper: a body that starts with ``{`` is UTF-8 (RFC 8259
-    requires it, and ``json.loads`` would guess so from that byte too), so it is decoded as ``json.loads``
-    would decode it (``surrogatepass``) and handed to the decoder, skipping the encoding detection and the
-    argument checks: 3.1 µs against 3.7 µs for a simulator response (benchmarks/micro.py). Anything else
-    (a BOM, leading whitespace, UTF-16) goes to ``json.loads`` itself.
+    """``json.loads(raw)``, with the common case made cheaper: a body whose first byte is ``{`` and whose second
+    is not NUL is one ``json.loads`` would read as UTF-8 (``json.detect_encoding``: a NUL second byte means
+    UTF-16-LE or UTF-32-LE without a BOM), so it is decoded as ``json.loads`` would decode it
+    (``surrogatepass``) and handed to the decoder, skipping the encoding detection and the argument checks:
+    3.1 µs against 3.7 µs for a simulator response (benchmarks/micro.py). Anything else (a BOM, leading
+    whitespace, UTF-16 or UTF-32) goes to ``json.loads`` itself, so the value or the error is always its.
 
     Raises:
         ValueError: not JSON, or not decodable (``UnicodeDecodeError`` is a ``ValueError``).
+        RecursionError: nested too deep, as from ``json.loads``.
     """
-    if raw[:1] == b"{":
+    if raw[:1] == b"{" and raw[1:2] != b"\x00":
         return _DECODER.decode(raw.decode("utf-8", "surrogatepass"))
     return json.loads(raw)
 
