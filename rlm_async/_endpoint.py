@@ -70,8 +70,9 @@ class Slots:
     def __init__(self, n: int) -> None:
         self._free = n
         self._waiters: OrderedDict[asyncio.Future[None], None] = OrderedDict()
-        # try_take is this class's fast path; a subclass with its own __aenter__ keeps to its own.
-        self._fast = type(self).__aenter__ is Slots.__aenter__ and type(self)._release is Slots._release
+        # try_take / give_back are this class's fast path; a subclass with its own way in or out keeps to it.
+        cls = type(self)
+        self._fast = all(getattr(cls, name) is getattr(Slots, name) for name in ("__aenter__", "__aexit__", "_release"))
 
     def try_take(self) -> bool:
         """Take a slot now if one is free and nobody waits, without a coroutine; give it back with

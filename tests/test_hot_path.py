@@ -106,6 +106,25 @@ async def test_a_slots_subclass_with_its_own_enter_is_always_entered_through_it(
     assert sched.stats().peak_in_flight == 2
 
 
+async def test_a_slots_subclass_with_only_its_own_exit_is_always_left_through_it() -> None:
+    class CountedExits(Slots):
+        exited = 0
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            self.exited += 1
+            await super().__aexit__(*exc_info)
+
+    counted = CountedExits(2)
+    assert not counted.try_take()  # give_back would pass its __aexit__ by
+    endpoint = Endpoint(max_concurrency=2)
+    endpoint.slots = counted
+    ledger = Ledger(Limits(max_calls=None))
+    sched = Scheduler(FakeClient(lambda req: "ok"), ledger, Tracer(), max_concurrency=2, endpoint=endpoint)
+    for i in range(3):
+        await sched.call(request(f"p{i}"), depth=1, agent_id="0")
+    assert counted.exited == 3
+
+
 async def test_a_run_cap_below_the_endpoints_holds_and_every_slot_comes_back() -> None:
     endpoint = Endpoint(max_concurrency=8)
     now = peak = 0
