@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
+import random
 
 import anyio
 import pytest
 
-from rlm_async import ChatRequest, FakeClient, Limits, LLMCallError, RetryPolicy
+from rlm_async import (
+    ChatRequest,
+    CircuitBreaker,
+    FakeClient,
+    Limits,
+    LLMCallError,
+    ProviderStatusError,
+    RetryPolicy,
+)
 from rlm_async._budget import Ledger
 from rlm_async._clients._aiohttp import _parse
 from rlm_async._endpoint import Endpoint, Slots
@@ -228,3 +239,105 @@ async def test_a_deadline_of_another_length_than_the_queues_keeps_its_own_timer(
     with AttemptDeadline(loop, 5.0, queue):
         assert len(queue) == 1
     assert len(queue) == 0
+
+
+@on_fake_clock
+async def test_timeouts_cancellations_retries_and_probes_on_one_deadline_queue_leave_nothing_behind():
+    """300 calls through a run cap of 4 below an endpoint's 8, some answering late (5 s deadlines), some 503
+    with a Retry-After (all of them from 20 s to 30 s), some cancelled from outside mid-attempt or while
+    queued, the breaker opening and probing: every attempt that timed out did so exactly 5 s after it
+    started, none that answered in time did, and afterwards no slot, hold, in-flight count, queue entry or
+    timer is left."""
+
+    loop = asyncio.get_running_loop()
+    rng = random.Random(13)
+    attempts: list[tuple[float, float, float, str]] = []  # (started, ended, the server's delay, how it ended)
+    timeouts = 0
+
+    async def server(req: ChatRequest) -> str:
+        started = loop.time()
+        delay = -1.0 if 20 <= started < 30 else rng.choice([0.5, 1.5, 4.5, 4.999, 5.001, 6.0, -1.0])  # -1: a 503
+        if delay < 0:
+            attempts.append((started, started, delay, "503"))
+            raise ProviderStatusError("busy", status=503, headers={"retry-after": "1"})
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            attempts.append((started, loop.time(), delay, "cancelled"))
+            raise
+        attempts.append((started, loop.time(), delay, "answered"))
+        return "ok"
+
+    def on_event(event: dict) -> None:
+        nonlocal timeouts
+        if "ran past" in str(event.get("error", "")):
+            timeouts += 1
+
+    endpoint = Endpoint(max_concurrency=8, breaker=CircuitBreaker(failure_threshold=6, reset_timeout_s=2.0))
+    ledger = Ledger(Limits(max_calls=None, max_input_tokens=10**9))
+    retry = RetryPolicy(max_retries=2, attempt_timeout_s=5.0)
+    tracer = Tracer(listeners=[on_event])
+    sched = Scheduler(FakeClient(server), ledger, tracer, max_concurrency=4, endpoint=endpoint, retry=retry)
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(rng.uniform(0, 60))
+        with anyio.move_on_after(rng.uniform(0.1, 20) if i % 3 == 0 else math.inf):
+            with contextlib.suppress(LLMCallError):
+                await sched.call(request(f"p{i}"), depth=1, agent_id="0")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(300):
+            tg.start_soon(one, i)
+
+    timed_out = [a for a in attempts if a[3] == "cancelled" and a[1] - a[0] == pytest.approx(5.0, abs=1e-9)]
+    assert len(timed_out) == timeouts > 0
+    assert all(delay > 5.0 for _, _, delay, _ in timed_out)
+    assert all(end - start <= 5.0 + 1e-9 for start, end, _, _ in attempts)
+    assert all(end - start == pytest.approx(delay) for start, end, delay, how in attempts if how == "answered")
+    assert any(how == "cancelled" and end - start < 5.0 for start, end, _, how in attempts)  # from outside
+    assert endpoint.circuit is not None and endpoint.circuit.opened > 0
+    stats = sched.stats()
+    assert stats.in_flight == endpoint.in_flight == 0 and stats.attempts == len(attempts)
+    assert ledger.held.prompt_tokens == ledger.held.completion_tokens == 0
+    assert sched._run_slots is not None
+    for slots, n in ((endpoint.slots, 8), (sched._run_slots, 4)):
+        assert not slots._waiters and all(slots.try_take() for _ in range(n)) and not slots.try_take()
+    queue = sched._deadlines
+    assert queue is not None and len(queue) == 0 and queue._handle is None
+
+
+@on_fake_clock
+async def test_a_policy_changed_mid_run_times_each_attempt_out_on_its_own_length():
+    """Attempts of 5 s open on the queue when the policy turns to 2 s: the 2 s ones keep timers of their own
+    until the 5 s ones are gone, then the queue is rebuilt for 2 s; each times out on its own length."""
+    loop = asyncio.get_running_loop()
+
+    async def never(req: ChatRequest) -> str:
+        await asyncio.sleep(3600)
+        return "late"
+
+    sched = Scheduler(
+        FakeClient(never),
+        Ledger(Limits(max_calls=None)),
+        Tracer(),
+        max_concurrency=8,
+        retry=RetryPolicy(0, attempt_timeout_s=5.0),
+    )
+    ended: dict[str, float] = {}
+
+    async def one(name: str, start: float) -> None:
+        await asyncio.sleep(start)
+        began = loop.time()
+        with pytest.raises(LLMCallError, match="ran past"):
+            await sched.call(request(name), depth=1, agent_id="0")
+        ended[name] = loop.time() - began
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "five", 0.0)
+        await asyncio.sleep(1.0)
+        sched._retry = RetryPolicy(0, attempt_timeout_s=2.0)
+        tg.start_soon(one, "two-aside", 0.0)  # starts at 1 s, while "five" is open on the 5 s queue
+        tg.start_soon(one, "two-queued", 5.0)  # starts at 6 s: the 5 s queue is empty by then
+    assert ended == pytest.approx({"five": 5.0, "two-aside": 2.0, "two-queued": 2.0}, abs=1e-9)
+    queue = sched._deadlines
+    assert queue is not None and queue.timeout_s == 2.0 and len(queue) == 0 and queue._handle is None
