@@ -366,7 +366,7 @@ class AttemptDeadline:
         loop: the running loop.
         timeout_s: seconds, or None for no deadline.
         queue: a :class:`DeadlineQueue` of the same ``timeout_s`` to wait on instead of a timer of its own
-            (what the scheduler passes); ignored when its ``timeout_s`` differs.
+            (what the scheduler passes); ignored when its ``timeout_s`` or its loop differs.
 
     Raises:
         TimeoutError: on leaving the block, when the deadline cancelled it.
@@ -382,7 +382,7 @@ class AttemptDeadline:
     ) -> None:
         self._loop = loop
         self._timeout_s = timeout_s
-        self._queue = queue if queue is not None and timeout_s == queue.timeout_s else None
+        self._queue = queue if queue is not None and timeout_s == queue.timeout_s and queue._loop is loop else None
         self._handle: asyncio.Handle | None = None
         self._task: asyncio.Task[Any] | None = None
         self._expired = self._requeued = self._queued = False
@@ -449,6 +449,10 @@ class DeadlineQueue:
     Closed blocks leave from the front when the timer fires, and the queue is rebuilt without them when they
     are more than half of it, so an attempt that runs long at the front cannot make it grow without bound;
     when none is open the queue empties and its timer is cancelled. Event-loop only, like the scheduler.
+
+    Args:
+        loop: the loop whose clock (``loop.time()``, seconds) and timer it uses; only its blocks may join.
+        timeout_s: the deadline of every block on it, in seconds from the block's entry.
     """
 
     __slots__ = ("_closed", "_handle", "_items", "_loop", "timeout_s")
@@ -487,8 +491,9 @@ class DeadlineQueue:
             self._closed = 0
 
     def _fire(self, armed_for: float) -> None:
-        """The timer: every open block due by now (or by the time the timer was set for, which the loop may
-        run up to a clock tick early) falls due; the timer is set again for the next open block."""
+        """The timer: every open block due by now (or by ``armed_for``, the loop time the timer was set for,
+        which the loop may run up to a clock tick early) falls due; the timer is set again for the next open
+        block."""
         self._handle = None
         due_by = max(self._loop.time(), armed_for)
         items = self._items

@@ -241,6 +241,16 @@ async def test_a_deadline_of_another_length_than_the_queues_keeps_its_own_timer(
     assert len(queue) == 0
 
 
+async def test_a_deadline_queue_of_another_loop_is_not_joined():
+    other = asyncio.new_event_loop()
+    try:
+        queue = DeadlineQueue(other, 5.0)
+        with AttemptDeadline(asyncio.get_running_loop(), 5.0, queue):
+            assert len(queue) == 0  # its timer would run on the other loop
+    finally:
+        other.close()
+
+
 @on_fake_clock
 async def test_timeouts_cancellations_retries_and_probes_on_one_deadline_queue_leave_nothing_behind():
     """300 calls through a run cap of 4 below an endpoint's 8, some answering late (5 s deadlines), some 503
