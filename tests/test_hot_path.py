@@ -162,7 +162,13 @@ def test_a_trace_line_is_what_json_dumps_with_repr_writes(tmp_path) -> None:
     seen: list[dict] = []
     tracer = Tracer(trace_path=path, listeners=[seen.append], clock=lambda: 0.0)
     odd = object()
-    tracer.emit("tool_call", value=odd, text="é\n", number=1.5, nested={"a": [1, None]})
+    tracer.emit(
+        "tool_call",
+        value=odd,
+        text="é\n\ud800",
+        number=1.5,
+        nested={"a": [1, None, (2, odd)], 3: float("nan"), None: float("-inf"), 1.5: True},
+    )
     tracer.close()
     (line,) = path.read_text(encoding="utf-8").splitlines()
     assert line == json.dumps(seen[0], default=repr)
