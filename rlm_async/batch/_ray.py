@@ -20,7 +20,7 @@ from .._budget import Limits
 from .._endpoint import RateLimit
 from .._errors import ConfigError
 from ._items import BatchItem, ItemResult
-from ._lease import Capacity, Kind, LeasedEndpoint, LeasedGate, LeaseSizes
+from ._lease import Capacity, Kind, LeasedEndpoint, LeasedGate, LeaseSizes, LocalLink
 from ._runner import Engine, EngineSpec, run_item
 
 try:
@@ -76,32 +76,15 @@ def _with_driver_endpoint(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-class CoordinatorActor:
-    """The coordinating actor: a :class:`~rlm_async.batch._lease.Capacity` behind Ray method calls."""
+class CoordinatorActor(LocalLink):
+    """The coordinating actor: a :class:`~rlm_async.batch._lease.Capacity` behind Ray method calls (the same
+    calls as :class:`~rlm_async.batch._lease.LocalLink`'s, plus what only the driver asks)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.capacity = Capacity(**kwargs)
-
-    async def slots(self, worker: str, want: int) -> int:
-        return await self.capacity.slots(worker, want)
-
-    def release(self, worker: str, n: int) -> None:
-        self.capacity.release(worker, n)
+        super().__init__(Capacity(**kwargs))
 
     def forget(self, worker: str) -> None:
         self.capacity.forget(worker)
-
-    async def tokens(self, model: str, kind: Kind, need: int, want: int) -> int:
-        return await self.capacity.tokens(model, kind, need, want)
-
-    async def reserve_calls(self, want: int) -> int:
-        return self.capacity.reserve_calls(want)
-
-    async def reserve_usd(self, want: float, debt: float) -> float:
-        return self.capacity.reserve_usd(want, debt)
-
-    async def give_back(self, calls: int, usd: float) -> None:
-        self.capacity.give_back(calls, usd)
 
     async def stats(self) -> dict[str, Any]:
         return self.capacity.stats()
