@@ -567,11 +567,17 @@ def make_repl(
         "tools": tuple(tool_name for tool_name, tool in tools.items() if tool.callable),
         "values": {tool_name: tool.value for tool_name, tool in tools.items() if not tool.callable},
     }
-    if query is not None and "query" not in tools:
-        common["values"]["query"] = query
+    if query is not None:
+        common["values"].update(query_variable(query, tools))
     if plan is None:
         return ThreadRepl(**common)
     return ProcessRepl(plan=plan, **common)
+
+
+def query_variable(query: str, tools: Mapping[str, Tool]) -> dict[str, str]:
+    """The REPL variable ``query`` (the system prompt's example builds its sub-prompts from it), unless a
+    custom tool has that name."""
+    return {} if "query" in tools else {"query": query}
 
 
 def _failure(kind: str, message: str, partial: str = "") -> Outcome:

@@ -13,7 +13,7 @@ import dataclasses
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._agent import make_repl
+from ._agent import make_repl, query_variable
 from ._budget import Limits, UsageTotals
 from ._errors import ConfigError
 from ._repl import KEEP, ReplSession
@@ -79,8 +79,7 @@ class Session:
             raise ConfigError("use the session inside `async with rlm.session() as s:`")
         limits = self._turn_limits(kwargs.pop("limits", None) or self._rlm.limits)
         values: dict[str, Any] = {} if context is KEEP else {f"context_{turn}": context}
-        if "query" not in self._rlm.tools_for(0):
-            values["query"] = query  # the system prompt's example builds its sub-prompts from it
+        values.update(query_variable(query, self._rlm.tools_for(0)))
 
         async def attach(agent: Agent) -> tuple[ReplSession, str]:
             await repl.next_turn(agent, values, context)

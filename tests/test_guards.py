@@ -313,6 +313,14 @@ async def test_a_session_turn_sees_its_own_query():
         assert (await session.completion("second")).answer == "second!"
 
 
+async def test_a_custom_tool_named_query_keeps_its_name_in_a_run_and_in_a_session():
+    tools = {"query": {"tool": "the tool's value", "description": "a value named query"}}
+    rlm, _ = make_rlm(root_turns([repl("FINAL(query)")] * 2), sandbox="none", custom_tools=tools)
+    assert (await rlm.completion("q", "ctx")).answer == "the tool's value"
+    async with rlm.session() as session:
+        assert (await session.completion("q", "ctx")).answer == "the tool's value"
+
+
 async def test_sub_calls_carry_max_tokens_per_subcall_unless_the_call_sets_its_own():
     code = "a = await llm_query('x')\nb = await llm_query('y', max_tokens=7)\nFINAL(a + b)"
     rlm, client = make_rlm(root_turns([repl(code)]), limits=Limits(max_tokens_per_subcall=256), sandbox="none")

@@ -25,7 +25,6 @@ from .._clients import ChatRequest, OpenAIClient, windows_from_models
 from .._compaction import window_for
 from .._engine import RLM
 from .._errors import ConfigError, LLMCallError, RLMError
-from .._retry import RetryPolicy
 from .._scheduler import Scheduler
 from .._trace import Tracer
 from ..sim._tokens import token_counter
@@ -209,7 +208,7 @@ class _Plain:
         )  # fmt: skip
         # The engine's own scheduler, for its one retry layer (Retry-After, backoff, per-attempt timeout).
         ledger = Ledger(Limits(max_calls=None), self.cfg.prices)
-        scheduler = Scheduler(self.client, ledger, Tracer(), max_concurrency=1, retry=RetryPolicy())
+        scheduler = Scheduler(self.client, ledger, Tracer(), max_concurrency=1)  # the default RetryPolicy
         try:
             response = await scheduler.call(request, depth=0, agent_id="plain")
         except LLMCallError as exc:
