@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -331,23 +332,98 @@ answer['ready'] = True
 
 
 # -- cancellation ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("code", ["import time\ntime.sleep(60)", "import asyncio\nawait asyncio.sleep(60)"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "llm_query('cell running')\nimport time\ntime.sleep(60)",
+        "await llm_query('cell running')\nimport asyncio\nawait asyncio.sleep(60)",
+    ],
+)
 async def test_cancelling_a_completion_kills_its_workers_within_half_a_second(code, no_leaks):
-    cell_sent = asyncio.Event()
+    cell_running = asyncio.Event()
 
-    def on_event(event: dict) -> None:
-        if event["event"] == "code":
-            cell_sent.set()  # the worker is up and the cell is on its way to it
+    def model(request: Any) -> str:
+        if request.messages[-1]["content"] == "cell running":  # the worker is up and runs the cell
+            cell_running.set()
+            return "ok"
+        return repl(code)
 
-    rlm = RLM("m", client=FakeClient(lambda r: repl(code)), limits=Limits(cell_timeout_s=None), on_event=on_event)
+    rlm = RLM("m", client=FakeClient(model), limits=Limits(cell_timeout_s=None))
     task = asyncio.ensure_future(rlm.completion("q", "ctx"))
-    await cell_sent.wait()
+    await cell_running.wait()
     assert len(worker_processes()) == 1
     cancelled_at = time.perf_counter()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert time.perf_counter() - cancelled_at < 0.5
+    assert worker_processes() == []
+
+
+# -- the worker starts beside the first model call -------------------------------------------------------
+async def test_the_first_model_call_does_not_wait_for_the_worker(monkeypatch, no_leaks):
+    """The worker's start runs while the first model call is out: here the start waits until the model has
+    been called, which would deadlock (and fail at the deadline) if the call waited for the worker."""
+    from rlm_async._repl import _process
+
+    called = asyncio.Event()
+    real_start = _process.start_worker
+
+    async def start_after_the_first_call(*args: Any) -> Any:
+        await called.wait()
+        return await real_start(*args)
+
+    monkeypatch.setattr(_process, "start_worker", start_after_the_first_call)
+
+    def model(request: Any) -> str:
+        called.set()
+        return repl("answer['content'] = str(len(context))\nanswer['ready'] = True")
+
+    with anyio.fail_after(30):
+        result = await RLM("m", client=FakeClient(model)).completion("q", "12345")
+    assert (result.answer, result.stop_reason) == ("5", "answer")
+
+
+async def test_a_worker_that_fails_to_start_stops_the_run_at_its_first_use(monkeypatch, no_leaks):
+    from rlm_async import WorkerError
+    from rlm_async._repl import _process
+
+    async def no_start(*args: Any) -> Any:
+        raise WorkerError("the REPL worker did not start (test)")
+
+    monkeypatch.setattr(_process, "start_worker", no_start)
+    client = FakeClient(lambda r: repl("print(1)"))
+    result = await RLM("m", client=client).completion("q", "ctx")
+    assert result.stop_reason == "error" and isinstance(result.error, WorkerError), result
+    assert "did not start (test)" in str(result.error)
+    assert result.usage.total.calls == 1  # the first turn went out beside the start
+
+
+async def test_a_run_that_never_runs_a_cell_does_not_report_its_workers_failed_start(monkeypatch, no_leaks):
+    from rlm_async import WorkerError
+    from rlm_async._repl import _process
+
+    async def no_start(*args: Any) -> Any:
+        raise WorkerError("the REPL worker did not start (test)")
+
+    monkeypatch.setattr(_process, "start_worker", no_start)
+    result = await RLM("m", client=FakeClient(lambda r: "FINAL(42)")).completion("q", "ctx")
+    assert (result.answer, result.stop_reason) == ("42", "answer")
+
+
+async def test_cancelling_a_completion_while_its_worker_starts_leaves_no_worker(no_leaks):
+    first_call = asyncio.Event()
+
+    async def model(request: Any) -> str:
+        first_call.set()
+        await asyncio.Event().wait()  # the first turn never answers
+        raise AssertionError("unreachable")
+
+    task = asyncio.ensure_future(RLM("m", client=FakeClient(model)).completion("q", "ctx"))
+    await first_call.wait()  # the worker's start is under way (or done) beside this call
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     assert worker_processes() == []
 
 

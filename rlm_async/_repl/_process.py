@@ -150,8 +150,10 @@ class ProcessRepl:
         name: a label for cell file names and the workdir (the agent id).
 
     Raises:
-        WorkerError: from ``__aenter__`` (and from ``run_cell`` when a replacement cannot start): the worker
-            did not start within ``Sandbox.start_timeout_s`` or applied fewer layers than the plan requires.
+        WorkerError: from the REPL's first use (:meth:`started`, ``run_cell`` and the other calls; the worker
+            starts in the background from ``__aenter__``), and from ``run_cell`` when a replacement cannot
+            start: the worker did not start within ``Sandbox.start_timeout_s`` or applied fewer layers than
+            the plan requires.
         ConfigError: the context cannot be pickled.
     """
 
@@ -177,6 +179,7 @@ class ProcessRepl:
         self._context_bytes = self._start_payload(context)
         self._answer: tuple[str, bool] = ("", False)
         self._worker: _Worker | None = None
+        self._starting: asyncio.Task[_Worker] | None = None
         self._ids = itertools.count(1)
         self.restarts = 0
 
@@ -195,25 +198,58 @@ class ProcessRepl:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        """The confinement layers the live worker reported as applied."""
+        """The confinement layers the live worker reported as applied (empty until it has started)."""
         return self._worker.layers if self._worker else ()
 
     @property
     def pid(self) -> int | None:
         """The live worker's process id as the engine sees it (bubblewrap's when spawned under bwrap), or
-        None."""
+        None (also until it has started)."""
         return self._worker.proc.host_pid if self._worker else None
 
     async def __aenter__(self) -> ProcessRepl:
-        self._worker = await self._start()
+        """Start the worker in the background and return at once: an agent's first model call needs only the
+        context's metadata, so it goes out while the worker starts, and the REPL's first use waits for the
+        worker (:meth:`started`). That takes the worker's start (its fork, the context's crossing; the
+        zygote's own start on an engine's first run) off every run's critical path (docs/architecture.md)."""
+        self._starting = asyncio.get_running_loop().create_task(self._start(), name=f"repl-start-{self._name}")
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            # A start is never cancelled half-way (a fork in a thread cannot be taken back): let it finish,
+            # shielded, and discard what it made. Its failure does not matter here: nothing used the worker.
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([starting])
+            if not starting.cancelled() and starting.exception() is None:
+                self._worker = starting.result()
         worker, self._worker = self._worker, None
         if worker is not None:
             await _discard(worker)
+
+    async def started(self) -> None:
+        """Wait until the worker has started (the REPL's first use does this itself).
+
+        Raises:
+            WorkerError: the worker did not start within ``Sandbox.start_timeout_s`` or applied fewer layers
+                than the plan requires (also raised by the first ``run_cell`` and the other calls that use it).
+            RuntimeError: the REPL has been closed.
+        """
+        await self._live()
+
+    async def _live(self) -> _Worker:
+        """The live worker, once started; waiting on the start does not cancel it (see :meth:`__aexit__`)."""
+        starting = self._starting
+        if starting is not None:
+            worker = await asyncio.shield(starting)
+            if self._starting is starting:
+                self._starting, self._worker = None, worker
+        if self._worker is None:
+            raise RuntimeError("this REPL has been closed")
+        return self._worker
 
     # -- starting ---------------------------------------------------------------------------------------
     async def _start(self) -> _Worker:
@@ -319,9 +355,7 @@ class ProcessRepl:
             data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise ConfigError(f"values for the REPL cannot be sent: {type(exc).__name__}: {exc}") from exc
-        worker = self._worker
-        if worker is None:
-            raise RuntimeError("this REPL has been closed")
+        worker = await self._live()
         (Path(worker.spool) / "work" / _TURN_FILE).write_bytes(data)
         try:
             await self._exchange({"op": "turn", "file": _TURN_FILE}, "turned")
@@ -362,9 +396,7 @@ class ProcessRepl:
         Raises:
             _WorkerGone: the worker died, broke the protocol or ran past ``cell_timeout_s`` (it is killed).
         """
-        worker = self._worker
-        if worker is None:
-            raise RuntimeError("this REPL's agent has finished")
+        worker = await self._live()
         request_id = next(self._ids)
         reply: dict[str, Any] | None = None
         broken: BaseException | None = None

@@ -102,6 +102,11 @@ class ReplSession(Protocol):
 
     async def __aexit__(self, et: Any, ev: Any, tb: Any) -> bool | None: ...
 
+    async def started(self) -> None:
+        """Wait until the REPL can run a cell (a worker process starts in the background from ``__aenter__``;
+        its first use waits for it anyway)."""
+        ...
+
     async def run_cell(self, code: str) -> CellResult:
         """Run one cell to completion (or to its time limit). Model errors become ``CellResult.error``."""
         ...

@@ -109,6 +109,9 @@ class ThreadRepl:
         self._ns.update({"__name__": "__rlm_repl__", "__builtins__": own_builtins, SHOW: self._show})
         return self
 
+    async def started(self) -> None:
+        """Nothing to wait for: the REPL is ready when ``__aenter__`` returns."""
+
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> bool | None:

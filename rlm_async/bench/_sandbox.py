@@ -94,6 +94,7 @@ async def _start_latency(level: str, n: int) -> list[float]:
 
 async def _round_trip_us(level: str, n: int) -> float:
     async with _repl(level, "x") as repl:
+        await repl.started()
         started = time.perf_counter()
         result = await repl.run_cell(f"for _ in range({n}):\n    llm_query('a')")
         assert result.error is None, result.error
