@@ -152,8 +152,35 @@ async def test_both_clients_send_the_same_body_and_authorization(server):
         (lambda: web.Response(body=b'{"id": "x", "choi', content_type="application/json"), ProviderResponseError, None),
         (lambda: web.json_response({**completion("x"), "choices": []}), ProviderResponseError, None),
         (lambda: web.json_response(completion(None)), ProviderResponseError, None),
+        (  # nested past the JSON decoder's recursion limit: was a bare RecursionError out of chat()
+            lambda: web.Response(
+                body=b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", content_type="application/json"
+            ),
+            ProviderResponseError,
+            None,
+        ),
+        (  # usage that is not a number: was a bare ValueError out of chat()
+            lambda: web.json_response({**completion("x"), "usage": {"prompt_tokens": "many", "completion_tokens": 3}}),
+            ProviderResponseError,
+            None,
+        ),
+        (  # a negative count would lower what the budgets see as spent
+            lambda: web.json_response(completion("x", prompt_tokens=-1000)),
+            ProviderResponseError,
+            None,
+        ),
     ],
-    ids=["429", "500", "401", "truncated", "no_choices", "null_content"],
+    ids=[
+        "429",
+        "500",
+        "401",
+        "truncated",
+        "no_choices",
+        "null_content",
+        "nested_too_deep",
+        "usage_not_a_number",
+        "usage_negative",
+    ],
 )
 async def test_failures_map_to_the_same_provider_errors(server, http, respond, error, status):
     async def handler(req, body):

@@ -30,7 +30,7 @@ from .._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
-from ._base import ChatRequest, ChatResponse, windows_from_models
+from ._base import ChatRequest, ChatResponse, token_count, windows_from_models
 
 __all__ = ["AiohttpClient"]
 
@@ -108,7 +108,7 @@ class AiohttpClient:
             raise ProviderConnectionError(f"connection failed: {exc!r}") from exc
         try:
             data = _parse(raw)
-        except ValueError as exc:  # UnicodeDecodeError is one too
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
             raise ProviderResponseError(f"malformed response: {exc}") from exc
         return _response(data)
 
@@ -174,7 +174,7 @@ def _error_message(raw: bytes) -> str:
         error = json.loads(raw).get("error")
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     return raw[:200].decode("utf-8", "replace")
 
@@ -195,8 +195,8 @@ def _response(data: Any) -> ChatResponse:
     stop = choice.get("stop_reason")
     return ChatResponse(
         text=content,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=token_count(usage.get("prompt_tokens"), "usage.prompt_tokens"),
+        completion_tokens=token_count(usage.get("completion_tokens"), "usage.completion_tokens"),
         cost_usd=float(cost) if isinstance(cost, int | float) else None,
         finish_reason=choice.get("finish_reason"),
         stop_sequence=stop if isinstance(stop, str) else None,

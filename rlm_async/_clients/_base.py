@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
 
-__all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message", "windows_from_models"]
+from .._errors import ProviderResponseError
+
+__all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message", "token_count", "windows_from_models"]
 
 
 class Message(TypedDict):
@@ -80,6 +82,26 @@ class ChatResponse:
     cost_usd: float | None = None
     finish_reason: str | None = None
     stop_sequence: str | None = None
+
+
+def token_count(value: Any, name: str) -> int:
+    """A usage field of a response (``usage.prompt_tokens``, ...) as tokens; missing or null is 0.
+
+    Args:
+        value: the field as the provider sent it.
+        name: its name, for the error.
+
+    Raises:
+        ProviderResponseError: it is not a non-negative whole number (a negative count would lower what the
+            budgets see as spent).
+    """
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProviderResponseError(f"malformed response: {name} is {value!r}, not a token count")
+    return value
 
 
 def windows_from_models(payload: Any) -> dict[str, int]:

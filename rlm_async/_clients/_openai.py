@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,7 @@ from .._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
-from ._base import ChatRequest, ChatResponse, windows_from_models
+from ._base import ChatRequest, ChatResponse, token_count, windows_from_models
 
 __all__ = ["OpenAIClient"]
 
@@ -66,7 +65,7 @@ class OpenAIClient:
             raise ProviderConnectionError(f"connection failed: {_root_cause(exc)!r}") from exc
         except UnicodeEncodeError as exc:  # a ValueError too: it must be caught first
             raise ConfigError(f"the request is not valid UTF-8 text (a lone surrogate?): {exc}") from exc
-        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
+        except (openai.APIResponseValidationError, ValueError, RecursionError) as exc:  # JSONDecodeError too
             raise ProviderResponseError(f"malformed response: {exc}") from exc
         return _to_response(completion)
 
@@ -118,8 +117,8 @@ def _to_response(completion: Any) -> ChatResponse:
     if content is None:
         raise ProviderResponseError(f"response has no message content (finish_reason={choice.finish_reason!r})")
     usage = getattr(completion, "usage", None)
-    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-    completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    prompt = token_count(getattr(usage, "prompt_tokens", None), "usage.prompt_tokens")
+    completion_tokens = token_count(getattr(usage, "completion_tokens", None), "usage.completion_tokens")
     extra = getattr(usage, "model_extra", None) or {}
     cost = extra.get("cost")
     stop = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
