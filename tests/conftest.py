@@ -135,3 +135,15 @@ def no_leaks():
     yield
     assert cell_threads(grace_s=5) == []
     assert worker_processes(grace_s=5) == []
+
+
+REAL_LLM_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A ``real_llm`` test runs a model on the CPU, a few calls of up to a minute each when the 2-core machine
+    is busy: pyproject's 120 s per test cut five of them short while an eval shared the cores. They get
+    :data:`REAL_LLM_TIMEOUT_S` unless they set their own."""
+    for item in items:
+        if item.get_closest_marker("real_llm") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(REAL_LLM_TIMEOUT_S))
