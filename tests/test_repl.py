@@ -14,7 +14,7 @@ import anyio.lowlevel
 import pytest
 
 from rlm_async import BudgetExceeded, Sandbox
-from rlm_async._repl import ProcessRepl, ThreadRepl
+from rlm_async._repl import ProcessRepl, ThreadRepl, _wire
 from rlm_async._sandbox import plan_for
 
 from .conftest import cell_threads
@@ -323,3 +323,31 @@ async def test_the_process_state_is_left_alone(code, no_leaks, session):
     async with await session() as repl:
         await repl.run_cell(code)
     assert (os.getcwd(), sys.stdout) == (cwd, stdout)
+
+
+async def process_session(**kwargs) -> ProcessRepl:
+    kwargs.setdefault("max_output_chars", 10_000)
+    return ProcessRepl(context="c", host=FakeHost(), plan=plan_for(Sandbox("strict")), **kwargs)
+
+
+async def test_a_long_answer_reaches_the_engine_whole_when_it_fits_a_frame(no_leaks):
+    """Regression: the worker cut every answer to 2,097,152 characters (its worst case of 6 bytes of JSON a
+    character), so a 6.4 M-character OOLONG-Pairs answer arrived cut and scored F1 0.38 instead of 0.84."""
+    async with await process_session() as repl:
+        result = await repl.run_cell("answer['content'] = '(12, 345)\\n' * 700_000")
+        streamed = repl.answer()[0]
+        done = await repl.run_cell("answer['ready'] = True")
+    assert result.error is None and not result.notes, result
+    assert streamed == "(12, 345)\n" * 700_000 and len(streamed) == 7_000_000
+    assert done.error is None and repl.answer() == (streamed, True)
+
+
+async def test_an_answer_too_long_for_a_frame_is_cut_to_fit_with_a_note(no_leaks):
+    async with await process_session() as repl:
+        result = await repl.run_cell("answer['content'] = 'é' * 1_000_000 + '\\x01' * 4_000_000")
+        content, _ = repl.answer()
+    assert result.error is None
+    cap = _wire.MAX_FRAME_BYTES * 3 // 4  # the longest prefix that fits: one character more would not
+    assert _wire.encoded_size(content) <= cap < _wire.encoded_size(content + "\x01")
+    assert content.startswith("é" * 1_000_000)
+    assert [n for n in result.notes if 'answer["content"] was cut to' in n and "of its 5,000,000" in n], result

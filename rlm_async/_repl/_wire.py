@@ -55,6 +55,7 @@ __all__ = [
     "check_worker_message",
     "decode_value",
     "encode_value",
+    "encoded_size",
     "frame",
     "parse_frame",
 ]
@@ -90,6 +91,11 @@ def frame(message: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
     if len(body) > limit:
         raise ProtocolError(f"message of {len(body):,} bytes is over the {limit:,}-byte frame limit")
     return HEADER.pack(len(body)) + body
+
+
+def encoded_size(value: Any) -> int:
+    """Bytes ``value`` takes inside a frame (as :func:`frame` encodes it)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
 
 
 def frame_length(header: bytes, limit: int = MAX_FRAME_BYTES) -> int:

@@ -269,18 +269,45 @@ class Worker:
         }  # fmt: skip
 
     def _answer_state(self, notes: list[str]) -> dict[str, Any]:
-        """``answer`` as plain data: content coerced to str (cut to an eighth of a frame), ready to bool."""
+        """``answer`` as plain data: content coerced to str (cut to fit its share of a frame, see
+        :meth:`_fit_answer`), ready to bool."""
         content = self._answer.get("content", "")
         try:
             content = "" if content is None else str(content)
         except Exception as exc:
             notes.append(f'str() of answer["content"] failed: {type(exc).__name__}: {exc}')
             content = ""
-        cap = self._wire.MAX_FRAME_BYTES // 8
-        if len(content) > cap:
-            content = content[:cap]
-            notes.append(f'answer["content"] was cut to {cap:,} characters')
-        return {"content": content, "ready": bool(self._answer.get("ready"))}
+        return {"content": self._fit_answer(content, notes), "ready": bool(self._answer.get("ready"))}
+
+    def _fit_answer(self, content: str, notes: list[str]) -> str:
+        """``content`` whole when its JSON takes at most three quarters of a frame (12 MiB: the rest is the
+        cell's output, error and notes), else its longest prefix that fits, with a note. A character takes 1
+        to 6 bytes of JSON (``\\u0001``), so up to 2 MiB characters always fit and are not measured; a
+        longer answer is measured in pieces, once (OOLONG-Pairs answers of 6.4 M characters, mostly ASCII,
+        fit whole)."""
+        budget = self._wire.MAX_FRAME_BYTES * 3 // 4
+        if len(content) <= budget // 6:
+            return content
+        size, step = 2, 1 << 16  # the quotes; a character's JSON does not depend on its neighbours
+        for start in range(0, len(content), step):
+            piece = content[start : start + step]
+            grown = size + self._wire.encoded_size(piece) - 2
+            if grown > budget:
+                lo, hi = 0, len(piece)  # the longest prefix of this piece that still fits
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if size + self._wire.encoded_size(piece[:mid]) - 2 <= budget:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                cut = content[: start + lo]
+                notes.append(
+                    f'answer["content"] was cut to {len(cut):,} of its {len(content):,} characters (the REPL '
+                    f"sends at most {budget:,} bytes of it)"
+                )
+                return cut
+            size = grown
+        return content
 
     def _answer_changed(self) -> None:
         self.send({"op": "answer", **self._answer_state([])})
