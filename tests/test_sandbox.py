@@ -411,6 +411,38 @@ async def test_a_run_that_never_runs_a_cell_does_not_report_its_workers_failed_s
     assert (result.answer, result.stop_reason) == ("42", "answer")
 
 
+async def test_leaving_does_not_wait_for_a_worker_still_starting(monkeypatch, no_leaks):
+    """Regression: leaving the REPL waited for its worker's start, so cancelling an rlm_batch of 100
+    children took 0.3-0.5 s (their starts queued for threads). Here the start is held until after the cancel
+    has finished, which would deadlock (and fail at the deadline) if leaving waited for it; the worker it
+    then makes is reaped."""
+    from rlm_async._repl import _process
+
+    release, first_call = asyncio.Event(), asyncio.Event()
+    real_start = _process.start_worker
+
+    async def held_start(*args: Any) -> Any:
+        await release.wait()
+        return await real_start(*args)
+
+    monkeypatch.setattr(_process, "start_worker", held_start)
+
+    async def model(request: Any) -> str:
+        first_call.set()
+        await asyncio.Event().wait()  # the first turn never answers
+        raise AssertionError("unreachable")
+
+    task = asyncio.ensure_future(RLM("m", client=FakeClient(model)).completion("q", "ctx"))
+    await first_call.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError), anyio.fail_after(30):  # a wait past 30 s: TimeoutError
+        await task
+    assert len(_process._REAPERS) == 1
+    release.set()  # the start goes on now, and its reaper discards the worker
+    await asyncio.gather(*_process._REAPERS)
+    assert worker_processes() == []
+
+
 async def test_cancelling_a_completion_while_its_worker_starts_leaves_no_worker(no_leaks):
     first_call = asyncio.Event()
 
