@@ -451,11 +451,14 @@ async def test_cancelling_a_completion_while_its_worker_starts_leaves_no_worker(
         await asyncio.Event().wait()  # the first turn never answers
         raise AssertionError("unreachable")
 
+    from rlm_async._repl import _process
+
     task = asyncio.ensure_future(RLM("m", client=FakeClient(model)).completion("q", "ctx"))
     await first_call.wait()  # the worker's start is under way (or done) beside this call
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await asyncio.gather(*_process._REAPERS)  # a start still under way is reaped once it has finished
     assert worker_processes() == []
 
 
