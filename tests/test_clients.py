@@ -125,6 +125,17 @@ async def test_success_maps_text_usage_cost_and_finish_reason(server, http):
     assert response.cost_usd == 0.25 and response.finish_reason == "stop"
 
 
+async def test_usage_sent_as_text_digits_or_whole_floats_is_read_and_a_non_number_cost_ignored(server, http):
+    async def ok(req, body):
+        data = completion("x")
+        data["usage"] = {"prompt_tokens": "11", "completion_tokens": 3.0, "cost": "n/a"}
+        return web.json_response(data)
+
+    server.handler = ok
+    response = await one(http, server.url)
+    assert (response.prompt_tokens, response.completion_tokens, response.cost_usd) == (11, 3, None)
+
+
 async def test_both_clients_send_the_same_body_and_authorization(server):
     async def ok(req, body):
         return web.json_response(completion("x"))
@@ -169,6 +180,23 @@ async def test_both_clients_send_the_same_body_and_authorization(server):
             ProviderResponseError,
             None,
         ),
+        (  # so would a negative cost
+            lambda: web.json_response(completion("x", cost=-5.0)),
+            ProviderResponseError,
+            None,
+        ),
+        (  # the SDK client let AttributeError out of chat()
+            lambda: web.json_response({**completion("x"), "choices": [1]}),
+            ProviderResponseError,
+            None,
+        ),
+        (  # the SDK client took 5 as the text
+            lambda: web.json_response(
+                {**completion("x"), "choices": [{"index": 0, "message": {"content": 5}, "finish_reason": "stop"}]}
+            ),
+            ProviderResponseError,
+            None,
+        ),
     ],
     ids=[
         "429",
@@ -180,6 +208,9 @@ async def test_both_clients_send_the_same_body_and_authorization(server):
         "nested_too_deep",
         "usage_not_a_number",
         "usage_negative",
+        "cost_negative",
+        "choice_not_an_object",
+        "content_not_text",
     ],
 )
 async def test_failures_map_to_the_same_provider_errors(server, http, respond, error, status):

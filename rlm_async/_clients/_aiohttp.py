@@ -30,7 +30,7 @@ from .._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
-from ._base import ChatRequest, ChatResponse, token_count, windows_from_models
+from ._base import ChatRequest, ChatResponse, cost_value, token_count, windows_from_models
 
 __all__ = ["AiohttpClient"]
 
@@ -191,13 +191,12 @@ def _response(data: Any) -> ChatResponse:
         raise ProviderResponseError(f"response has no message content (finish_reason={finish!r})")
     usage = data.get("usage")
     usage = usage if isinstance(usage, dict) else {}
-    cost = usage.get("cost")
     stop = choice.get("stop_reason")
     return ChatResponse(
         text=content,
         prompt_tokens=token_count(usage.get("prompt_tokens"), "usage.prompt_tokens"),
         completion_tokens=token_count(usage.get("completion_tokens"), "usage.completion_tokens"),
-        cost_usd=float(cost) if isinstance(cost, int | float) else None,
+        cost_usd=cost_value(usage.get("cost")),
         finish_reason=choice.get("finish_reason"),
         stop_sequence=stop if isinstance(stop, str) else None,
     )

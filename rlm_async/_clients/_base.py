@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
 
 from .._errors import ProviderResponseError
 
-__all__ = ["ChatClient", "ChatRequest", "ChatResponse", "Message", "token_count", "windows_from_models"]
+__all__ = [
+    "ChatClient",
+    "ChatRequest",
+    "ChatResponse",
+    "Message",
+    "cost_value",
+    "token_count",
+    "windows_from_models",
+]
 
 
 class Message(TypedDict):
@@ -92,16 +101,34 @@ def token_count(value: Any, name: str) -> int:
         name: its name, for the error.
 
     Raises:
-        ProviderResponseError: it is not a non-negative whole number (a negative count would lower what the
-            budgets see as spent).
+        ProviderResponseError: it is not a non-negative whole number, nor a string of digits (a negative
+            count would lower what the budgets see as spent).
     """
     if value is None:
         return 0
-    if isinstance(value, float) and value.is_integer():
+    whole_float = isinstance(value, float) and value.is_integer()
+    digits = isinstance(value, str) and value.isascii() and value.isdigit()  # a proxy that sends text numbers
+    if whole_float or digits:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ProviderResponseError(f"malformed response: {name} is {value!r}, not a token count")
     return value
+
+
+def cost_value(value: Any) -> float | None:
+    """``usage.cost`` of a response (OpenRouter reports one), USD; None when absent or not a number (the
+    price table then decides).
+
+    Raises:
+        ProviderResponseError: a negative, infinite or NaN cost (it would lower or break what the budgets
+            see as spent).
+    """
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    cost = float(value)
+    if not math.isfinite(cost) or cost < 0:
+        raise ProviderResponseError(f"malformed response: usage.cost is {value!r}, not a cost in USD")
+    return cost
 
 
 def windows_from_models(payload: Any) -> dict[str, int]:

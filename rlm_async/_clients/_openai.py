@@ -15,7 +15,7 @@ from .._errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
-from ._base import ChatRequest, ChatResponse, token_count, windows_from_models
+from ._base import ChatRequest, ChatResponse, cost_value, token_count, windows_from_models
 
 __all__ = ["OpenAIClient"]
 
@@ -114,19 +114,19 @@ def _to_response(completion: Any) -> ChatResponse:
         raise ProviderResponseError("response has no choices")
     choice = choices[0]
     content = getattr(getattr(choice, "message", None), "content", None)
-    if content is None:
-        raise ProviderResponseError(f"response has no message content (finish_reason={choice.finish_reason!r})")
+    finish = getattr(choice, "finish_reason", None)
+    if not isinstance(content, str):
+        raise ProviderResponseError(f"response has no message content (finish_reason={finish!r})")
     usage = getattr(completion, "usage", None)
     prompt = token_count(getattr(usage, "prompt_tokens", None), "usage.prompt_tokens")
     completion_tokens = token_count(getattr(usage, "completion_tokens", None), "usage.completion_tokens")
     extra = getattr(usage, "model_extra", None) or {}
-    cost = extra.get("cost")
     stop = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
     return ChatResponse(
         text=content,
         prompt_tokens=prompt,
         completion_tokens=completion_tokens,
-        cost_usd=float(cost) if isinstance(cost, int | float) else None,
-        finish_reason=choice.finish_reason,
+        cost_usd=cost_value(extra.get("cost")),
+        finish_reason=finish,
         stop_sequence=stop if isinstance(stop, str) else None,
     )
