@@ -23,7 +23,7 @@ from ._clients import AiohttpClient, ChatClient, ChatRequest, Message, OpenAICli
 from ._compaction import window_for
 from ._endpoint import Endpoint, RateLimit
 from ._errors import ConfigError, RLMError, RunTimeout
-from ._repl import ReplSession
+from ._repl import ReplSession, reap_pending
 from ._retry import RetryPolicy
 from ._sandbox import Sandbox, plan_for
 from ._scheduler import Scheduler
@@ -389,7 +389,10 @@ class RLM:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the client this RLM created (not one passed in). Idempotent."""
+        """Close the client this RLM created (not one passed in), after the REPL workers whose start outlived
+        their agent on this event loop are discarded (so that a loop's shutdown does not cut a start short).
+        Idempotent."""
+        await reap_pending()
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -492,6 +495,9 @@ class RLM:
                 with run.scope, anyio.move_on_after(limits.timeout_s) as deadline:
                     repl, note = await attach(root) if attach is not None else (None, "")
                     outcome = await root.run(query, context, repl=repl, note=note)
+                # An agent done before its REPL worker was up left the start to a reaper: a run that ends
+                # leaves no task behind (a cancelled one does not wait; RLM.aclose does then).
+                await reap_pending()
                 error: RLMError | None
                 stop_reason: StopReason
                 if run.fatal is not None:

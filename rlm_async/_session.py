@@ -49,10 +49,21 @@ class Session:
         self.usage = UsageTotals()
 
     async def __aenter__(self) -> Session:
-        """Start the root's REPL here, in the task that owns the session (its worker, or its thread portal)."""
+        """Start the root's REPL here, in the task that owns the session (its worker, or its thread portal),
+        and wait until it is up: every turn starts by handing it the turn's variables.
+
+        Raises:
+            WorkerError: the REPL worker did not start (see ``ProcessRepl``).
+        """
         rlm = self._rlm
-        self._repl = make_repl(rlm.worker_plan, rlm.limits, rlm.tools_for(0), "", _NoHost(), "0")
-        await self._repl.__aenter__()
+        repl = make_repl(rlm.worker_plan, rlm.limits, rlm.tools_for(0), "", _NoHost(), "0")
+        await repl.__aenter__()
+        try:
+            await repl.started()
+        except BaseException as exc:
+            await repl.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._repl = repl
         return self
 
     async def __aexit__(

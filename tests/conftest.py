@@ -129,12 +129,31 @@ def worker_processes(grace_s: float = 0.0) -> list[int]:
         time.sleep(0.05)
 
 
+def worker_spools(grace_s: float = 0.0) -> list[str]:
+    """Workers' spool folders (``w-*``) left in the live zygotes' spools, after waiting up to ``grace_s`` for
+    them to go. A worker that was never forked from a zygote (``/tmp/rlm-repl-*``) is not looked for."""
+    from rlm_async._repl import _zygote
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = sorted(str(p) for z in list(_zygote._zygotes.values()) for p in z.spool.glob("w-*"))
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def no_leaks():
-    """After the test: no REPL thread or worker process alive."""
+    """After the test: no REPL thread or worker process alive, and no worker's spool folder left of those
+    the test made (one left by an earlier test is that test's to answer for)."""
+    before = set(worker_spools())
     yield
     assert cell_threads(grace_s=5) == []
     assert worker_processes(grace_s=5) == []
+    deadline = time.monotonic() + 5
+    while (left := sorted(set(worker_spools()) - before)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
 
 
 REAL_LLM_TIMEOUT_S = 600

@@ -28,7 +28,7 @@ from rlm_async import RLM, ConfigError, FakeClient, Limits, Sandbox
 from rlm_async._sandbox import probe
 from rlm_async._sandbox._layers import LayerSupport, plan_for
 
-from .conftest import Script, printed, repl, worker_processes
+from .conftest import Script, printed, repl, worker_processes, worker_spools
 
 SECRET = "sk-test-DO-NOT-LEAK-5f1c2a9e"
 SUPPORT = probe()
@@ -386,9 +386,11 @@ async def test_the_first_model_call_does_not_wait_for_the_worker(monkeypatch, no
 
 async def test_a_worker_that_fails_to_start_stops_the_run_at_its_first_use(monkeypatch, no_leaks):
     from rlm_async import WorkerError
-    from rlm_async._repl import _process
+    from rlm_async._repl import _process, _zygote
 
-    async def no_start(*args: Any) -> Any:
+    async def no_start(plan: Any, config: Any, channel: Any) -> Any:
+        channel.close()  # start_worker's contract: when the worker could not start, channel and spool go
+        _zygote.remove_tree(Path(config["spool"]))
         raise WorkerError("the REPL worker did not start (test)")
 
     monkeypatch.setattr(_process, "start_worker", no_start)
@@ -401,9 +403,11 @@ async def test_a_worker_that_fails_to_start_stops_the_run_at_its_first_use(monke
 
 async def test_a_run_that_never_runs_a_cell_does_not_report_its_workers_failed_start(monkeypatch, no_leaks):
     from rlm_async import WorkerError
-    from rlm_async._repl import _process
+    from rlm_async._repl import _process, _zygote
 
-    async def no_start(*args: Any) -> Any:
+    async def no_start(plan: Any, config: Any, channel: Any) -> Any:
+        channel.close()  # start_worker's contract: when the worker could not start, channel and spool go
+        _zygote.remove_tree(Path(config["spool"]))
         raise WorkerError("the REPL worker did not start (test)")
 
     monkeypatch.setattr(_process, "start_worker", no_start)
@@ -719,3 +723,78 @@ async def test_a_dead_workers_exit_status_is_never_read_half_written(no_leaks):
     for _ in range(30):
         _, output = await run_code("import os\nos._exit(3)", sandbox="process")
         assert "the REPL worker died (exit status 3)" in output, output
+
+
+async def test_a_run_done_before_its_worker_is_up_returns_with_nothing_left_behind(no_leaks):
+    from rlm_async._repl import _process
+
+    result = await RLM("m", client=FakeClient(lambda r: "FINAL(1)")).completion("q", "ctx")
+    assert result.answer == "1"  # answered on the first turn, beside its worker's start
+    assert not _process._REAPERS and worker_spools() == [] and worker_processes() == []
+
+
+async def test_aclose_waits_until_the_workers_of_cancelled_runs_are_reaped(monkeypatch, no_leaks):
+    from rlm_async._repl import _process
+
+    release, first_call = asyncio.Event(), asyncio.Event()
+    real_start = _process.start_worker
+
+    async def held_start(*args: Any) -> Any:
+        await release.wait()
+        return await real_start(*args)
+
+    monkeypatch.setattr(_process, "start_worker", held_start)
+
+    async def model(request: Any) -> str:
+        first_call.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    rlm = RLM("m", client=FakeClient(model))
+    task = asyncio.ensure_future(rlm.completion("q", "ctx"))
+    await first_call.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task  # a cancelled run does not wait for its worker's start
+    assert len(_process._REAPERS) == 1
+    closing = asyncio.ensure_future(rlm.aclose())
+    release.set()
+    await closing
+    assert not _process._REAPERS and worker_spools() == [] and worker_processes() == []
+
+
+def test_runs_that_end_before_their_worker_starts_leave_no_spool_worker_or_fd(no_leaks):
+    """Regression: a run that ended before its worker had started left the start to ``asyncio.run``'s
+    shutdown, which cut it short (90 ``completion_sync`` runs left 2-4 spool folders and 3 fds). Now
+    ``RLM.aclose`` (which ``completion_sync`` calls) waits for the reapers, and a start cut short cleans up."""
+    rlm = RLM("m", client=FakeClient(lambda r: "FINAL(1)"))  # done before the worker is up
+    rlm.completion_sync("q", "ctx")  # the zygote and the loop's first fds
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert rlm.completion_sync("q", "ctx").answer == "1"
+    assert worker_spools() == []
+    assert worker_processes(grace_s=5) == []
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+async def test_a_cells_message_fits_its_frame_with_a_long_answer_and_a_long_error(no_leaks):
+    """Regression: with the answer allowed most of a frame, a long exception message on top of it made the
+    cell's 'done' message larger than a frame: the worker died and the REPL was restarted, its variables
+    lost."""
+    code = "answer['content'] = 'x' * 12_000_000\nkept = 1\n{}['k' * 5_000_000]"
+    client = FakeClient(Script({"q": [repl(code), repl("print(kept, len(answer['content']))")]}))
+    result = await RLM("m", client=client, limits=Limits(max_iterations=2)).completion("q", "ctx")
+    outputs = [m["content"] for m in result.history if m["role"] == "user"][1:]
+    assert "KeyError" in outputs[0] and "restarted" not in outputs[0], outputs[0][:300]
+    assert "1 12000000" in outputs[1], outputs[1][:300]
+
+
+async def test_a_restart_keeps_a_long_answer_draft(no_leaks):
+    """Regression: a restarted worker got the answer draft in its fork request, a datagram of at most about
+    200 KB: a longer draft failed the restart ('Message too long') and the run stopped with an error."""
+    code = "answer['content'] = 'd' * 300_000\nimport os\nos._exit(3)"
+    client = FakeClient(Script({"q": [repl(code), repl("print(len(answer['content']))")]}))
+    result = await RLM("m", client=client, limits=Limits(max_iterations=2)).completion("q", "ctx")
+    outputs = [m["content"] for m in result.history if m["role"] == "user"][1:]
+    assert "restarted" in outputs[0], outputs[0][:300]
+    assert "300000" in outputs[1], outputs[1][:300]

@@ -2,7 +2,7 @@
 inside the engine process (``sandbox="none"``, for trusted code)."""
 
 from ._functions import SubcallFailure
-from ._process import ProcessRepl
+from ._process import ProcessRepl, reap_pending
 from ._protocol import KEEP, CellResult, Host, Outcome, ReplSession
 from ._thread import CellInterrupted, ThreadRepl
 
@@ -16,4 +16,5 @@ __all__ = [
     "ReplSession",
     "SubcallFailure",
     "ThreadRepl",
+    "reap_pending",
 ]

@@ -37,6 +37,7 @@ __all__ = ["ProcessRepl"]
 
 _CONTEXT_FILE = ".rlm_context.pkl"
 _TURN_FILE = ".rlm_turn.pkl"
+_ANSWER_FILE = ".rlm_answer.txt"
 #: Bytes of a dead worker's stderr shown to the model (the tail holds the fatal error).
 _STDERR_TAIL = 1500
 #: Seconds a worker that closed its channel gets to exit by itself, so its own exit status can be reported.
@@ -261,13 +262,15 @@ class ProcessRepl:
         workdir = spool / "work"
         workdir.mkdir(mode=0o700)
         (workdir / _CONTEXT_FILE).write_bytes(self._context_bytes)
+        if self._answer[0]:  # a restart keeps the draft; in a file, as it may be far past a config message
+            (workdir / _ANSWER_FILE).write_text(self._answer[0], encoding="utf-8", errors="surrogatepass")
         config: dict[str, Any] = {
             "spool": str(spool),
             "workdir": str(workdir),
             "context_file": _CONTEXT_FILE,
             "max_output_chars": self._max_output_chars,
             "name": self._name,
-            "answer": self._answer[0],
+            "answer_file": _ANSWER_FILE if self._answer[0] else None,
             "tools": list(self._tools),
             "rlimits": {
                 "as": sandbox.memory_bytes,
@@ -283,14 +286,19 @@ class ProcessRepl:
         }
         parent, child = socket.socketpair()
         try:
-            proc = await start_worker(self._plan, config, child)
+            proc = await start_worker(self._plan, config, child)  # it closes `child`; on failure, the spool too
         except BaseException:
             parent.close()
+            raise
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=parent)
+        except BaseException:
+            proc.kill()
+            parent.close()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
             remove_tree(spool)
             raise
-        finally:
-            child.close()
-        reader, writer = await asyncio.open_unix_connection(sock=parent)
         worker = _Worker(proc, reader, writer, spool)
         try:
             with anyio.fail_after(sandbox.start_timeout_s):
@@ -504,7 +512,7 @@ def _reap_when_started(starting: asyncio.Task[_Worker]) -> None:
 
     async def reap() -> None:
         try:
-            worker = await starting
+            worker = await asyncio.shield(starting)  # a reaper cancelled at the loop's end leaves the start be
         except BaseException:
             return
         await _discard(worker)
@@ -514,7 +522,20 @@ def _reap_when_started(starting: asyncio.Task[_Worker]) -> None:
     reaper.add_done_callback(_REAPERS.discard)
 
 
+async def reap_pending() -> None:
+    """Wait until the workers whose start outlived their REPL on this event loop are discarded (what
+    ``RLM.aclose`` waits for, so that no start is left for the loop's shutdown to cut short)."""
+    loop = asyncio.get_running_loop()
+    pending = [reaper for reaper in _REAPERS if reaper.get_loop() is loop]
+    if pending:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait(pending)
+
+
 async def _discard(worker: _Worker) -> None:
-    """Kill a worker and delete its spool (workdir and stderr log) off the event loop."""
-    await worker.kill()
-    await anyio.to_thread.run_sync(remove_tree, worker.spool)
+    """Kill a worker and delete its spool (workdir and stderr log) off the event loop; shielded, as it runs
+    when a run is cancelled or timed out (anyio's ``to_thread`` refuses to start in a cancelled scope: every
+    such run left its worker's spool, whatever model code had written there, until the engine exited)."""
+    with anyio.CancelScope(shield=True):
+        await worker.kill()
+        await anyio.to_thread.run_sync(remove_tree, worker.spool)

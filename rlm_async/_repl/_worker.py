@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
@@ -261,59 +262,76 @@ class Worker:
         notes = list(self._fns.restore_reserved())
         if note := self._fns.unawaited_note():
             notes.append(note)
-        answer = self._answer_state(notes)
-        variables = [name[:100] for name in self._fns.user_variables()[:200]]
-        return {
-            "op": "done", "id": cell_id, "output": out.render(), "error": error, "notes": notes,
-            "variables": variables, "answer": answer,
+        # Everything but the answer is cut as the engine would cut it (and to a quarter of a frame at most);
+        # the answer gets what is left of the frame.
+        quarter, size = self._wire.MAX_FRAME_BYTES // 4, self._wire.encoded_size
+        message: dict[str, Any] = {
+            "op": "done", "id": cell_id,
+            "output": _fit(out.render(), quarter, size)[0],
+            "error": None if error is None else _fit(self._capped(error), quarter, size)[0],
+            "notes": [note[:1000] for note in notes[:19]],
+            "variables": [name[:100] for name in self._fns.user_variables()[:200]],
         }  # fmt: skip
+        room = self._wire.MAX_FRAME_BYTES - self._wire.encoded_size(message) - _FRAME_SLACK
+        message["answer"] = self._answer_state(message["notes"], room)
+        return message
 
-    def _answer_state(self, notes: list[str]) -> dict[str, Any]:
-        """``answer`` as plain data: content coerced to str (cut to fit its share of a frame, see
-        :meth:`_fit_answer`), ready to bool."""
+    def _capped(self, text: str) -> str:
+        capped = self._cell.CappedText(self._max_output_chars)
+        capped.write(text)
+        return str(capped.render())
+
+    def _answer_state(self, notes: list[str], budget: int) -> dict[str, Any]:
+        """``answer`` as plain data: content coerced to str (whole when its JSON fits ``budget`` bytes, else
+        its longest prefix that does, with a note), ready to bool."""
         content = self._answer.get("content", "")
         try:
             content = "" if content is None else str(content)
         except Exception as exc:
             notes.append(f'str() of answer["content"] failed: {type(exc).__name__}: {exc}')
             content = ""
-        return {"content": self._fit_answer(content, notes), "ready": bool(self._answer.get("ready"))}
-
-    def _fit_answer(self, content: str, notes: list[str]) -> str:
-        """``content`` whole when its JSON takes at most three quarters of a frame (12 MiB: the rest is the
-        cell's output, error and notes), else its longest prefix that fits, with a note. A character takes 1
-        to 6 bytes of JSON (``\\u0001``), so up to 2 MiB characters always fit and are not measured; a
-        longer answer is measured in pieces, once (OOLONG-Pairs answers of 6.4 M characters, mostly ASCII,
-        fit whole)."""
-        budget = self._wire.MAX_FRAME_BYTES * 3 // 4
-        if len(content) <= budget // 6:
-            return content
-        size, step = 2, 1 << 16  # the quotes; a character's JSON does not depend on its neighbours
-        for start in range(0, len(content), step):
-            piece = content[start : start + step]
-            grown = size + self._wire.encoded_size(piece) - 2
-            if grown > budget:
-                lo, hi = 0, len(piece)  # the longest prefix of this piece that still fits
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    if size + self._wire.encoded_size(piece[:mid]) - 2 <= budget:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                cut = content[: start + lo]
-                notes.append(
-                    f'answer["content"] was cut to {len(cut):,} of its {len(content):,} characters (the REPL '
-                    f"sends at most {budget:,} bytes of it)"
-                )
-                return cut
-            size = grown
-        return content
+        fitted, whole = _fit(content, budget, self._wire.encoded_size)
+        if not whole:
+            notes.append(
+                f'answer["content"] was cut to {len(fitted):,} of its {len(content):,} characters (the REPL '
+                f"sends at most {self._wire.MAX_FRAME_BYTES:,} bytes a message)"
+            )
+        return {"content": fitted, "ready": bool(self._answer.get("ready"))}
 
     def _answer_changed(self) -> None:
-        self.send({"op": "answer", **self._answer_state([])})
+        self.send({"op": "answer", **self._answer_state([], self._wire.MAX_FRAME_BYTES - _FRAME_SLACK)})
 
     def _show(self, value: Any) -> None:
         self._cell.show_value(self._out, value)
+
+
+#: Bytes of a frame kept for a message's own fields and framing.
+_FRAME_SLACK = 4096
+
+
+def _fit(text: str, budget: int, encoded: Callable[[str], int]) -> tuple[str, bool]:
+    """``(text, True)`` when its JSON (quotes included) takes at most ``budget`` bytes by ``encoded``
+    (``_wire.encoded_size``), else ``(its longest prefix that does, False)``. A character takes 1 to 6
+    bytes of JSON (``\\u0001``), so a text of up to ``(budget - 2) // 6`` characters fits unmeasured; a
+    longer one is measured in 64K-character pieces, once (a character's JSON does not depend on its
+    neighbours): the OOLONG-Pairs answers of 6-8 M characters, mostly ASCII, fit a 16 MiB frame whole."""
+    if len(text) <= (budget - 2) // 6:
+        return text, True
+    size, step = 2, 1 << 16
+    for start in range(0, len(text), step):
+        piece = text[start : start + step]
+        grown = size + encoded(piece) - 2
+        if grown > budget:
+            lo, hi = 0, len(piece)  # the longest prefix of this piece that still fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if size + encoded(piece[:mid]) - 2 <= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return text[: start + lo], False
+        size = grown
+    return text, True
 
 
 def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType, mods: dict[str, ModuleType]) -> None:
@@ -322,6 +340,10 @@ def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType,
     with open(context_path, "rb") as f:
         payload = pickle.load(f)  # written by the engine (trusted), before any model code ran here
     context_path.unlink()
+    if config.get("answer_file"):  # a restarted worker's answer draft (a file: it can be long)
+        answer_path = Path(config["workdir"]) / config["answer_file"]
+        config["answer"] = answer_path.read_text(encoding="utf-8", errors="surrogatepass")
+        answer_path.unlink()
     layers = ["env", *confine.apply_rlimits(config["rlimits"])]
     if config.get("bwrap"):
         layers.append("bwrap")

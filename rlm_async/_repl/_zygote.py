@@ -333,13 +333,59 @@ async def start_worker(plan: WorkerPlan, config: dict[str, Any], channel: socket
     """Start one worker on ``channel`` with ``config`` (its ``spool`` and ``workdir`` made by
     :func:`new_spool`, the context file already in the workdir): forked from the zygote, or spawned.
 
+    Closes ``channel`` once the worker has its end. When the start fails or is cancelled, it also removes the
+    spool: at once, or, when a fork was already under way (a fork in a thread cannot be taken back), from that
+    thread once the fork has finished, after killing the worker it made. The caller must not remove the spool
+    itself then (it could remove it under a fork still writing there).
+
     Raises:
         WorkerError: the zygote did not start or did not fork.
         OSError: the interpreter or bwrap could not be started.
     """
     spool = Path(config["spool"])
     if not uses_zygote(plan):
-        return await spawn_worker(plan, config, spool, channel)
-    zygote = await anyio.to_thread.run_sync(_zygote_for, plan)
-    pidfd, group = await anyio.to_thread.run_sync(zygote.fork, channel, config)
+        try:
+            return await spawn_worker(plan, config, spool, channel)
+        except BaseException:
+            remove_tree(spool)
+            raise
+        finally:
+            channel.close()
+    try:
+        zygote = await anyio.to_thread.run_sync(_zygote_for, plan)
+    except BaseException:
+        channel.close()
+        remove_tree(spool)
+        raise
+    forking = _fork_pool().submit(zygote.fork, channel, config)
+    try:
+        pidfd, group = await asyncio.wrap_future(forking)
+    except BaseException:
+        forking.add_done_callback(lambda done: _undo_fork(done, channel, spool))  # now, or when the fork ends
+        raise
+    channel.close()
     return _Forked(pidfd, spool, group)
+
+
+_forker: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _fork_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that asks the zygotes for workers (their control sockets take one request at a time)."""
+    global _forker
+    with _zygotes_lock:
+        if _forker is None:
+            _forker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlm-zygote-fork")
+        return _forker
+
+
+def _undo_fork(done: concurrent.futures.Future[tuple[int, bool]], channel: socket.socket, spool: Path) -> None:
+    """A start that failed or was cancelled, once its fork has finished (in the fork's thread, or at once when
+    it never ran): kill the worker it made, if any, close the channel and remove the spool. The zygote reaps
+    the worker."""
+    channel.close()
+    if not done.cancelled() and done.exception() is None:
+        pidfd, group = done.result()
+        _Forked(pidfd, spool, group).kill()
+        os.close(pidfd)
+    remove_tree(spool)
