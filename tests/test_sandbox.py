@@ -18,13 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from rlm_async import RLM, ConfigError, FakeClient, Limits, Sandbox
+from rlm_async import RLM, ConfigError, FakeClient, Limits, Sandbox, WorkerError
 from rlm_async._sandbox import probe
 from rlm_async._sandbox._layers import LayerSupport, plan_for
 
@@ -361,19 +362,50 @@ async def test_cancelling_a_completion_kills_its_workers_within_half_a_second(co
 
 
 # -- the worker starts beside the first model call -------------------------------------------------------
+def held_worker_starts(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Hold every worker's start until the returned event is set."""
+    from rlm_async._repl import _process
+
+    release = asyncio.Event()
+    real_start = _process.start_worker
+
+    async def held_start(*args: Any) -> Any:
+        await release.wait()
+        return await real_start(*args)
+
+    monkeypatch.setattr(_process, "start_worker", held_start)
+    return release
+
+
+def failing_worker_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every worker's start fail with a WorkerError, as start_worker does (closing the channel and
+    removing the spool)."""
+    from rlm_async._repl import _process, _zygote
+
+    async def no_start(plan: Any, config: Any, channel: Any) -> Any:
+        channel.close()
+        _zygote.remove_tree(Path(config["spool"]))
+        raise WorkerError("the REPL worker did not start (test)")
+
+    monkeypatch.setattr(_process, "start_worker", no_start)
+
+
+def never_answering_model() -> tuple[Callable[[Any], Awaitable[str]], asyncio.Event]:
+    """A model whose first turn never answers, and the event its first call sets."""
+    first_call = asyncio.Event()
+
+    async def model(request: Any) -> str:
+        first_call.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return model, first_call
+
+
 async def test_the_first_model_call_does_not_wait_for_the_worker(monkeypatch, no_leaks):
     """The worker's start runs while the first model call is out: here the start waits until the model has
     been called, which would deadlock (and fail at the deadline) if the call waited for the worker."""
-    from rlm_async._repl import _process
-
-    called = asyncio.Event()
-    real_start = _process.start_worker
-
-    async def start_after_the_first_call(*args: Any) -> Any:
-        await called.wait()
-        return await real_start(*args)
-
-    monkeypatch.setattr(_process, "start_worker", start_after_the_first_call)
+    called = held_worker_starts(monkeypatch)
 
     def model(request: Any) -> str:
         called.set()
@@ -385,15 +417,7 @@ async def test_the_first_model_call_does_not_wait_for_the_worker(monkeypatch, no
 
 
 async def test_a_worker_that_fails_to_start_stops_the_run_at_its_first_use(monkeypatch, no_leaks):
-    from rlm_async import WorkerError
-    from rlm_async._repl import _process, _zygote
-
-    async def no_start(plan: Any, config: Any, channel: Any) -> Any:
-        channel.close()  # start_worker's contract: when the worker could not start, channel and spool go
-        _zygote.remove_tree(Path(config["spool"]))
-        raise WorkerError("the REPL worker did not start (test)")
-
-    monkeypatch.setattr(_process, "start_worker", no_start)
+    failing_worker_starts(monkeypatch)
     client = FakeClient(lambda r: repl("print(1)"))
     result = await RLM("m", client=client).completion("q", "ctx")
     assert result.stop_reason == "error" and isinstance(result.error, WorkerError), result
@@ -402,15 +426,7 @@ async def test_a_worker_that_fails_to_start_stops_the_run_at_its_first_use(monke
 
 
 async def test_a_run_that_never_runs_a_cell_does_not_report_its_workers_failed_start(monkeypatch, no_leaks):
-    from rlm_async import WorkerError
-    from rlm_async._repl import _process, _zygote
-
-    async def no_start(plan: Any, config: Any, channel: Any) -> Any:
-        channel.close()  # start_worker's contract: when the worker could not start, channel and spool go
-        _zygote.remove_tree(Path(config["spool"]))
-        raise WorkerError("the REPL worker did not start (test)")
-
-    monkeypatch.setattr(_process, "start_worker", no_start)
+    failing_worker_starts(monkeypatch)
     result = await RLM("m", client=FakeClient(lambda r: "FINAL(42)")).completion("q", "ctx")
     assert (result.answer, result.stop_reason) == ("42", "answer")
 
@@ -422,20 +438,8 @@ async def test_leaving_does_not_wait_for_a_worker_still_starting(monkeypatch, no
     then makes is reaped."""
     from rlm_async._repl import _process
 
-    release, first_call = asyncio.Event(), asyncio.Event()
-    real_start = _process.start_worker
-
-    async def held_start(*args: Any) -> Any:
-        await release.wait()
-        return await real_start(*args)
-
-    monkeypatch.setattr(_process, "start_worker", held_start)
-
-    async def model(request: Any) -> str:
-        first_call.set()
-        await asyncio.Event().wait()  # the first turn never answers
-        raise AssertionError("unreachable")
-
+    release = held_worker_starts(monkeypatch)
+    model, first_call = never_answering_model()
     task = asyncio.ensure_future(RLM("m", client=FakeClient(model)).completion("q", "ctx"))
     await first_call.wait()
     task.cancel()
@@ -448,15 +452,9 @@ async def test_leaving_does_not_wait_for_a_worker_still_starting(monkeypatch, no
 
 
 async def test_cancelling_a_completion_while_its_worker_starts_leaves_no_worker(no_leaks):
-    first_call = asyncio.Event()
-
-    async def model(request: Any) -> str:
-        first_call.set()
-        await asyncio.Event().wait()  # the first turn never answers
-        raise AssertionError("unreachable")
-
     from rlm_async._repl import _process
 
+    model, first_call = never_answering_model()
     task = asyncio.ensure_future(RLM("m", client=FakeClient(model)).completion("q", "ctx"))
     await first_call.wait()  # the worker's start is under way (or done) beside this call
     task.cancel()
@@ -736,20 +734,8 @@ async def test_a_run_done_before_its_worker_is_up_returns_with_nothing_left_behi
 async def test_aclose_waits_until_the_workers_of_cancelled_runs_are_reaped(monkeypatch, no_leaks):
     from rlm_async._repl import _process
 
-    release, first_call = asyncio.Event(), asyncio.Event()
-    real_start = _process.start_worker
-
-    async def held_start(*args: Any) -> Any:
-        await release.wait()
-        return await real_start(*args)
-
-    monkeypatch.setattr(_process, "start_worker", held_start)
-
-    async def model(request: Any) -> str:
-        first_call.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
+    release = held_worker_starts(monkeypatch)
+    model, first_call = never_answering_model()
     rlm = RLM("m", client=FakeClient(model))
     task = asyncio.ensure_future(rlm.completion("q", "ctx"))
     await first_call.wait()

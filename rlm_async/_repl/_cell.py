@@ -13,7 +13,7 @@ import traceback
 from types import CodeType
 from typing import Any
 
-__all__ = ["SHOW", "CappedText", "compile_cell", "format_traceback"]
+__all__ = ["SHOW", "CappedText", "capped", "compile_cell", "format_traceback"]
 
 #: The namespace name of the function that shows a cell's trailing bare expression.
 SHOW = "__rlm_show__"
@@ -66,6 +66,15 @@ class CappedText:
             f"{head}\n[... output cut: {cut:,} of {self.total:,} characters not shown; keep large results in "
             f"variables and print slices or summaries ...]\n{self._tail}"
         )
+
+
+def capped(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, head and tail, as :class:`CappedText` keeps printed output."""
+    if len(text) <= limit:
+        return text
+    out = CappedText(limit)
+    out.write(text)
+    return out.render()
 
 
 def compile_cell(code: str, filename: str) -> CodeType:

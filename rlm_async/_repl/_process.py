@@ -28,7 +28,7 @@ import anyio
 from .._errors import BudgetExceeded, ConfigError, ToolError, WorkerError
 from .._sandbox._layers import WorkerPlan, read_only_roots
 from . import _wire
-from ._cell import CappedText
+from ._cell import capped
 from ._deadline import CellDeadline
 from ._protocol import KEEP, CellResult, Host
 from ._zygote import WorkerProcess, new_spool, remove_tree, start_worker
@@ -396,10 +396,10 @@ class ProcessRepl:
         # The worker cuts its output to max_output_chars (plus its note on the cut), but it is not trusted
         # to: cut again here, leaving room for that note.
         cap = self._max_output_chars + 500
-        error = None if done["error"] is None else _capped(done["error"], cap)
-        notes = tuple(_capped(note, 1000) for note in done["notes"][:20])
+        error = None if done["error"] is None else capped(done["error"], cap)
+        notes = tuple(capped(note, 1000) for note in done["notes"][:20])
         variables = tuple(name[:100] for name in done.get("variables", [])[:200])
-        return CellResult(_capped(done["output"], cap), error, notes, variables=variables)
+        return CellResult(capped(done["output"], cap), error, notes, variables=variables)
 
     async def _exchange(self, request: dict[str, Any], reply_op: str) -> dict[str, Any]:
         """Send one request and serve the worker's sub-calls until its reply arrives.
@@ -493,14 +493,6 @@ class ProcessRepl:
         except (ConfigError, _wire.ProtocolError) as exc:
             reply = {"op": "reply", "id": message["id"], "ok": False, "error": {"type": "Error", "message": str(exc)}}
         return reply
-
-
-def _capped(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    out = CappedText(limit)
-    out.write(text)
-    return out.render()
 
 
 #: Reapers of workers whose start outlived their REPL (strong references, so none is collected half-way).

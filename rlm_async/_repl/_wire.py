@@ -56,6 +56,7 @@ __all__ = [
     "decode_value",
     "encode_value",
     "encoded_size",
+    "fit",
     "frame",
     "parse_frame",
 ]
@@ -96,6 +97,31 @@ def frame(message: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
 def encoded_size(value: Any) -> int:
     """Bytes ``value`` takes inside a frame (as :func:`frame` encodes it)."""
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+
+
+def fit(text: str, budget: int) -> tuple[str, bool]:
+    """``(text, True)`` when its JSON in a frame (quotes included) takes at most ``budget`` bytes, else ``(its
+    longest prefix that does, False)``. A character takes 1 to 6 bytes of JSON (``\\u0001``), so a text of
+    up to ``(budget - 2) // 6`` characters fits unmeasured; a longer one is measured in 64K-character pieces,
+    once (a character's JSON does not depend on its neighbours): the OOLONG-Pairs answers of 6-8 M
+    characters, mostly ASCII, fit a frame whole."""
+    if len(text) <= (budget - 2) // 6:
+        return text, True
+    size, step = 2, 1 << 16
+    for start in range(0, len(text), step):
+        piece = text[start : start + step]
+        grown = size + encoded_size(piece) - 2
+        if grown > budget:
+            lo, hi = 0, len(piece)  # the longest prefix of this piece that still fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if size + encoded_size(piece[:mid]) - 2 <= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return text[: start + lo], False
+        size = grown
+    return text, True
 
 
 def frame_length(header: bytes, limit: int = MAX_FRAME_BYTES) -> int:

@@ -35,7 +35,6 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
@@ -264,22 +263,17 @@ class Worker:
             notes.append(note)
         # Everything but the answer is cut as the engine would cut it (and to a quarter of a frame at most);
         # the answer gets what is left of the frame.
-        quarter, size = self._wire.MAX_FRAME_BYTES // 4, self._wire.encoded_size
+        wire, quarter = self._wire, self._wire.MAX_FRAME_BYTES // 4
+        if error is not None:
+            error = wire.fit(self._cell.capped(error, self._max_output_chars), quarter)[0]
         message: dict[str, Any] = {
-            "op": "done", "id": cell_id,
-            "output": _fit(out.render(), quarter, size)[0],
-            "error": None if error is None else _fit(self._capped(error), quarter, size)[0],
+            "op": "done", "id": cell_id, "output": wire.fit(out.render(), quarter)[0], "error": error,
             "notes": [note[:1000] for note in notes[:19]],
             "variables": [name[:100] for name in self._fns.user_variables()[:200]],
         }  # fmt: skip
-        room = self._wire.MAX_FRAME_BYTES - self._wire.encoded_size(message) - _FRAME_SLACK
+        room = wire.MAX_FRAME_BYTES - wire.encoded_size(message) - _FRAME_SLACK
         message["answer"] = self._answer_state(message["notes"], room)
         return message
-
-    def _capped(self, text: str) -> str:
-        capped = self._cell.CappedText(self._max_output_chars)
-        capped.write(text)
-        return str(capped.render())
 
     def _answer_state(self, notes: list[str], budget: int) -> dict[str, Any]:
         """``answer`` as plain data: content coerced to str (whole when its JSON fits ``budget`` bytes, else
@@ -290,7 +284,7 @@ class Worker:
         except Exception as exc:
             notes.append(f'str() of answer["content"] failed: {type(exc).__name__}: {exc}')
             content = ""
-        fitted, whole = _fit(content, budget, self._wire.encoded_size)
+        fitted, whole = self._wire.fit(content, budget)
         if not whole:
             notes.append(
                 f'answer["content"] was cut to {len(fitted):,} of its {len(content):,} characters (the REPL '
@@ -307,31 +301,6 @@ class Worker:
 
 #: Bytes of a frame kept for a message's own fields and framing.
 _FRAME_SLACK = 4096
-
-
-def _fit(text: str, budget: int, encoded: Callable[[str], int]) -> tuple[str, bool]:
-    """``(text, True)`` when its JSON (quotes included) takes at most ``budget`` bytes by ``encoded``
-    (``_wire.encoded_size``), else ``(its longest prefix that does, False)``. A character takes 1 to 6
-    bytes of JSON (``\\u0001``), so a text of up to ``(budget - 2) // 6`` characters fits unmeasured; a
-    longer one is measured in 64K-character pieces, once (a character's JSON does not depend on its
-    neighbours): the OOLONG-Pairs answers of 6-8 M characters, mostly ASCII, fit a 16 MiB frame whole."""
-    if len(text) <= (budget - 2) // 6:
-        return text, True
-    size, step = 2, 1 << 16
-    for start in range(0, len(text), step):
-        piece = text[start : start + step]
-        grown = size + encoded(piece) - 2
-        if grown > budget:
-            lo, hi = 0, len(piece)  # the longest prefix of this piece that still fits
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if size + encoded(piece[:mid]) - 2 <= budget:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            return text[: start + lo], False
-        size = grown
-    return text, True
 
 
 def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType, mods: dict[str, ModuleType]) -> None:
