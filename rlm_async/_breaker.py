@@ -127,12 +127,11 @@ class Circuit:
         Raises:
             CircuitOpenError: the circuit is open, or half-open with its probe already out.
         """
-        state = self.state
-        if state == "closed":
+        if self._open_until is None:  # closed (what ``state`` would say, without its call on the hot path)
             self._started += 1
             self._in_flight += 1
             return False
-        if state == "half_open":
+        if self.state == "half_open":
             self._probing = True
             self._started += 1
             self._in_flight += 1
@@ -150,6 +149,10 @@ class Circuit:
     def record(self, error: BaseException | None, *, probe: bool) -> None:
         """Record how an admitted attempt ended: None for a response, else its error."""
         self._in_flight = max(self._in_flight - 1, 0)
+        if error is None and not probe and self._open_until is None:  # the hot path, a response while closed:
+            self._failures = 0  # what _close does that is not already so
+            self._started = self._in_flight
+            return
         if probe:
             self._probing = False
         failed = error is not None and counts_as_failure(error)

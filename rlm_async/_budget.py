@@ -259,7 +259,13 @@ Hold = tuple[int, int, float]
 
 
 class Ledger:
-    """The run's budget ledger: reserve, hold, settle, refund. Used only from the event loop thread."""
+    """The run's budget ledger: reserve, hold, settle, refund. Used only from the event loop thread.
+
+    Attributes:
+        spend_capped: True when a token or USD cap is set (``max_input_tokens``, ``max_output_tokens``,
+            ``max_cost_usd``). Only then do spend checks and holds mean anything, so the scheduler skips
+            :meth:`check_priced`, :meth:`check_spend`, :meth:`hold` and :meth:`release` without one.
+    """
 
     def __init__(self, limits: Limits, prices: Mapping[str, Price] | None = None) -> None:
         self.limits = limits
@@ -269,7 +275,7 @@ class Ledger:
         self._totals: dict[tuple[int, str, str], _Sum] = defaultdict(_Sum)
         self._total = _Sum()
         self._held = _Sum()  # estimates of the attempts in flight
-        self._spend_capped = any(
+        self.spend_capped = any(
             cap is not None for cap in (limits.max_input_tokens, limits.max_output_tokens, limits.max_cost_usd)
         )
 
@@ -280,7 +286,8 @@ class Ledger:
 
     @property
     def held(self) -> UsageTotals:
-        """The estimates held by the attempts in flight (``calls`` is always 0)."""
+        """The estimates held by the attempts in flight (``calls`` is always 0; always zero in a run that is not
+        :attr:`spend_capped`, where the scheduler holds nothing)."""
         return self._held.frozen()
 
     # -- reserved counts: never exceeded -------------------------------------------------------------
@@ -314,7 +321,7 @@ class Ledger:
     def check_spend(self) -> None:
         """Raises BudgetExceeded when input tokens, output tokens or USD are spent, counting the estimates
         held by the attempts in flight."""
-        if not self._spend_capped:
+        if not self.spend_capped:
             return
         lim, tot, held = self.limits, self._total, self._held
         for name, cap, used, holding in (

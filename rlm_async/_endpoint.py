@@ -88,7 +88,10 @@ class Slots:
 
     def give_back(self) -> None:
         """Return a slot taken by :meth:`try_take`."""
-        self._release()
+        if self._waiters:
+            self._release()
+        else:  # what _release does with nobody waiting, without its call
+            self._free += 1
 
     async def __aenter__(self) -> None:
         if self._free > 0 and not self._waiters:

@@ -9,7 +9,8 @@ of every agent at every depth goes through :meth:`Scheduler.call`, which in orde
    attempt takes no rate-limit token), waits for the model's RPM / TPM buckets, *then* takes a slot of the
    run (when the run has its own lower ``max_concurrency``) and one of the endpoint's for exactly one HTTP
    attempt; with the slot held it checks the token and USD budgets again, counting the estimates of the
-   attempts in flight, and holds its own estimate until it settles; then it asks the circuit breaker and
+   attempts in flight, and holds its own estimate until it settles (the spend checks and the hold only in a run
+   with a token or USD cap: ``Ledger.spend_capped``); then it asks the circuit breaker and
    sends the attempt under the per-attempt deadline (:class:`AttemptDeadline`, the one timeout mechanism: the
    clients the engine builds have none of their own);
 3. settles the usage of every billed response into the ledger;
@@ -189,8 +190,10 @@ class Scheduler:
         self._calls += 1
         loop = asyncio.get_running_loop()
         tracer = self._tracer
-        state = _CallState(call_id, depth, agent_id, request.model, loop.time())
-        if tracer.active:
+        # Asked once a call: whether anyone listens decides its call_queued, call_started and call_finished.
+        traced = tracer.active
+        state = _CallState(call_id, depth, agent_id, request.model, loop.time(), traced)
+        if traced:
             tracer.emit("call_queued", call_id=call_id, model=request.model, call_depth=depth)
         retries = 0
         try:
@@ -224,7 +227,7 @@ class Scheduler:
             if state.attempts == 0:
                 self._ledger.refund_calls(1)
             raise
-        if tracer.active:
+        if traced:
             tracer.emit(
                 "call_finished",
                 call_id=call_id,
@@ -235,15 +238,14 @@ class Scheduler:
             )
         return response
 
-    def _deadlines_on(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> DeadlineQueue | None:
-        """This scheduler's deadline queue on ``loop`` for ``timeout_s`` (None when there is no deadline)."""
+    def _new_deadlines(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> DeadlineQueue | None:
+        """A new deadline queue on ``loop`` for ``timeout_s``, for an attempt the current one does not fit (the
+        first, or one on another loop or under another policy); None when there is no deadline, or when the
+        current queue still has blocks (a policy changed mid-run, as tests do: its timer must stay)."""
         queue = self._deadlines
-        if queue is None or queue._loop is not loop or queue.timeout_s != timeout_s:
-            if timeout_s is None:
-                return None
-            if queue is not None and len(queue):  # a policy changed mid-run (tests do): keep the old queue's timer
-                return None
-            queue = self._deadlines = DeadlineQueue(loop, timeout_s)
+        if timeout_s is None or (queue is not None and len(queue)):
+            return None
+        queue = self._deadlines = DeadlineQueue(loop, timeout_s)
         return queue
 
     async def _back_off(self, retries: int, exc: ProviderError, state: _CallState) -> None:
@@ -268,8 +270,10 @@ class Scheduler:
         creation and a frame on every resume (docs/architecture.md has the measurement)."""
         endpoint, ledger, circuit = self._endpoint, self._ledger, self._circuit
         model = request.model
-        ledger.check_priced(model)
-        ledger.check_spend()  # early: a refused attempt should not take a rate-limit token
+        capped = ledger.spend_capped  # without a token or USD cap, nothing to check or hold
+        if capped:
+            ledger.check_priced(model)
+            ledger.check_spend()  # early: a refused attempt should not take a rate-limit token
         if circuit is not None:
             circuit.check_open()
         if endpoint.limiters:
@@ -285,11 +289,14 @@ class Scheduler:
                 await slots.__aenter__()
             try:
                 # With the slot held: the spend check and hold, the breaker's verdict, the counters, the deadline.
-                hold = ledger.hold(model, estimate_tokens(request.prompt_chars), request.max_tokens or 0)
+                hold = None
+                if capped:
+                    hold = ledger.hold(model, estimate_tokens(request.prompt_chars), request.max_tokens or 0)
                 try:
                     probe = circuit.before_attempt() if circuit is not None else False
                 except BaseException:
-                    ledger.release(hold)
+                    if hold is not None:
+                        ledger.release(hold)
                     raise
                 now = loop.time()
                 if state.attempts == 0:
@@ -304,9 +311,12 @@ class Scheduler:
                 timeout_s = self._retry.attempt_timeout_s
                 outcome: BaseException | None = None
                 try:
-                    if self._tracer.active:  # inside the try: a failing trace file must not leak the hold or probe
+                    if state.traced:  # inside the try: a failing trace file must not leak the hold or probe
                         self._tracer.emit("call_started", call_id=state.call_id, attempt=state.attempts)
-                    with AttemptDeadline(loop, timeout_s, self._deadlines_on(loop, timeout_s)):
+                    queue = self._deadlines
+                    if queue is None or queue._loop is not loop or queue.timeout_s != timeout_s:  # rare
+                        queue = self._new_deadlines(loop, timeout_s)
+                    with AttemptDeadline(loop, timeout_s, queue):
                         response = await self._client.chat(request)
                 except TimeoutError as exc:
                     outcome = ProviderTimeoutError(f"attempt ran past {timeout_s:g} s", status=None)
@@ -315,7 +325,8 @@ class Scheduler:
                     outcome = exc
                     raise
                 finally:
-                    ledger.release(hold)
+                    if hold is not None:
+                        ledger.release(hold)
                     self._in_flight -= 1
                     endpoint.in_flight -= 1
                     self._running_s += loop.time() - now
@@ -525,6 +536,7 @@ class _CallState:
     agent_id: str
     model: str
     started: float
+    traced: bool
     attempts: int = 0
 
 

@@ -57,6 +57,24 @@ def test_it_opens_after_failures_with_no_success_and_refuses_without_sending():
         c.before_attempt()
 
 
+def test_a_probe_answered_after_another_attempt_closed_the_circuit_still_ends_its_probe():
+    # The hot path of record() (a response while closed) must not skip a probe's end: a probe left marked
+    # as out would keep the circuit open for good the next time it opens.
+    c, clock = circuit()
+    slow = c.before_attempt()  # admitted while closed, answers late
+    fail(c, times=3)
+    clock.now += 5.0
+    probe = c.before_attempt()
+    assert probe and c.state == "open"
+    c.record(None, probe=slow)  # the slow attempt's response closes the circuit first
+    assert c.state == "closed"
+    c.record(None, probe=probe)
+    fail(c, times=3)
+    assert c.state == "open"
+    clock.now += 5.0
+    assert c.state == "half_open" and c.before_attempt() is True
+
+
 def test_fast_failures_overtaking_slow_successes_in_a_wave_do_not_open_it():
     """Regression: 64 attempts start at once; the 12 that fail come back first (instant 503s), the 52
     successes later. Counting consecutive failures alone opened the circuit on a healthy endpoint (seen in
