@@ -79,6 +79,7 @@ class Server:
         return await self.handler(request, body)
 
     async def list_models(self, request: web.Request) -> web.StreamResponse:
+        self.headers.append(request.headers.copy())
         return web.json_response(self.models)
 
 
@@ -390,14 +391,18 @@ async def test_the_lean_client_takes_org_project_and_extra_headers_as_the_sdk_do
     monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-2")
     for http in CLIENTS:
         await one(http, server.url)
-    client = AiohttpClient(base_url=server.url, api_key="k", default_headers={"X-Title": "rlm"})
+    extra = {"X-Title": "rlm", "authorization": "Bearer gateway"}  # a header named again, in other case
+    client = AiohttpClient(base_url=server.url, api_key="k", default_headers=extra)
     try:
         await client.chat(request())
+        assert await client.context_windows() == {}  # GET /models sends them too
     finally:
         await client.aclose()
     for headers in server.headers:
         assert (headers["OpenAI-Organization"], headers["OpenAI-Project"]) == ("org-1", "proj-2")
-    assert server.headers[-1]["X-Title"] == "rlm"
+    for headers in server.headers[-2:]:
+        assert headers["X-Title"] == "rlm"
+        assert headers.getall("Authorization") == ["Bearer gateway"]  # the later one replaces, once
 
 
 def test_the_lean_client_reads_the_proxy_from_the_environment_once(monkeypatch):

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 from .._errors import (
     ConfigError,
@@ -71,13 +72,19 @@ class AiohttpClient:
             raise ConfigError("AiohttpClient needs a base_url")
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._models_url = base_url.rstrip("/") + "/models"
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        # The session's default headers, so a request sends them without aiohttp merging a mapping of its own
+        # into them (0.99 µs a request against 0.15 µs, aiohttp 3.14). Case-insensitive: a later name replaces
+        # an earlier one however it is spelt, as it did when they were passed per request.
+        self._headers: CIMultiDict[str] = CIMultiDict(
+            {"Content-Type": "application/json", "Accept": "application/json"}
+        )
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         for variable, header in (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project")):
             if os.environ.get(variable):
                 self._headers[header] = os.environ[variable]
-        self._headers.update(default_headers or {})
+        for name, value in (default_headers or {}).items():
+            self._headers[name] = value
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=None, sock_read=None)
         self._connections = connections
         self._proxy = proxy_for(base_url)
@@ -87,7 +94,9 @@ class AiohttpClient:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, proxy=self._proxy)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, proxy=self._proxy, headers=self._headers
+            )
         return self._session
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
@@ -96,7 +105,7 @@ class AiohttpClient:
         except UnicodeEncodeError as exc:
             raise ConfigError(f"the request is not valid UTF-8 text (a lone surrogate?): {exc}") from exc
         try:
-            async with self._open().post(self._url, data=body, headers=self._headers) as resp:
+            async with self._open().post(self._url, data=body) as resp:
                 raw = await resp.read()
                 status = resp.status
                 if not 200 <= status < 300:  # the headers are copied only here: Retry-After lives in them
@@ -115,7 +124,7 @@ class AiohttpClient:
     async def context_windows(self) -> dict[str, int]:
         """Context windows (tokens) the server reports in ``GET /models``; {} when it reports none or fails."""
         try:
-            async with self._open().get(self._models_url, headers=self._headers) as resp:
+            async with self._open().get(self._models_url) as resp:
                 if resp.status != 200:
                     return {}
                 return windows_from_models(await resp.json(content_type=None))

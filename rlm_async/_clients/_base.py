@@ -104,6 +104,8 @@ def token_count(value: Any, name: str) -> int:
         ProviderResponseError: it is not a non-negative whole number, nor a string of digits (a negative
             count would lower what the budgets see as spent).
     """
+    if type(value) is int and value >= 0:  # what nearly every response sends, tested first (the hot path)
+        return value
     if value is None:
         return 0
     whole_float = isinstance(value, float) and value.is_integer()
@@ -123,7 +125,7 @@ def cost_value(value: Any) -> float | None:
         ProviderResponseError: a negative, infinite or NaN cost (it would lower or break what the budgets
             see as spent).
     """
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if value is None or not isinstance(value, int | float) or isinstance(value, bool):  # None: most providers
         return None
     cost = float(value)
     if not math.isfinite(cost) or cost < 0:
