@@ -131,29 +131,15 @@ def worker_processes(grace_s: float = 0.0) -> list[int]:
 
 def worker_spools(grace_s: float = 0.0) -> list[str]:
     """Workers' spool folders (``w-*``) left in the live zygotes' spools, after waiting up to ``grace_s`` for
-    them to go. A worker that was never forked from a zygote (``/tmp/rlm-repl-*``) is not looked for, nor a
-    folder holding only ``exit_status``: the zygote writes it after reaping, and under load that write can
-    land while the engine removes the folder (seen only on a loaded machine; to be fixed in the zygote)."""
+    them to go. A worker that was never forked from a zygote (``/tmp/rlm-repl-*``) is not looked for."""
     from rlm_async._repl import _zygote
 
     deadline = time.monotonic() + grace_s
     while True:
-        left = sorted(
-            str(p)
-            for z in list(_zygote._zygotes.values())
-            for p in z.spool.glob("w-*")
-            if _entries(p) not in ({"exit_status"}, None)  # the zygote's late write: a known race; None: gone
-        )
+        left = sorted(str(p) for z in list(_zygote._zygotes.values()) for p in z.spool.glob("w-*"))
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.05)
-
-
-def _entries(folder: Any) -> set[str] | None:
-    try:
-        return {f.name for f in folder.iterdir()}
-    except FileNotFoundError:
-        return None
 
 
 @pytest.fixture

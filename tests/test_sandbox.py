@@ -723,6 +723,25 @@ async def test_a_dead_workers_exit_status_is_never_read_half_written(no_leaks):
         assert "the REPL worker died (exit status 3)" in output, output
 
 
+async def test_the_zygote_writes_nothing_in_a_dead_workers_spool(monkeypatch, no_leaks):
+    """Regression: the zygote wrote each reaped worker's exit status into the worker's spool folder; under
+    load that write could land while the engine removed the folder, which was then left behind until the
+    engine exited. The status now reaches the engine over the zygote's control socket."""
+    from rlm_async._repl import _process, _zygote
+
+    kept: list[Path] = []
+    monkeypatch.setattr(_process, "remove_tree", kept.append)  # keep the spool, to look into it
+    try:
+        _, output = await run_code("import os\nos._exit(3)", sandbox="process")
+        assert "the REPL worker died (exit status 3)" in output, output  # read after the zygote reaped it
+        assert kept and all(not (spool / "exit_status").exists() for spool in kept)
+        zygote = next(z for z in _zygote._zygotes.values() if z.spool == kept[0].parent)
+        assert zygote.status(str(kept[0])) is None  # asked once, then forgotten
+    finally:
+        for spool in kept:
+            _zygote.remove_tree(spool)
+
+
 async def test_a_run_done_before_its_worker_is_up_returns_with_nothing_left_behind(no_leaks):
     from rlm_async._repl import _process
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
+import collections
 import faulthandler
 import importlib.util
 import inspect
@@ -301,6 +301,9 @@ class Worker:
 
 #: Bytes of a frame kept for a message's own fields and framing.
 _FRAME_SLACK = 4096
+#: Exit statuses the zygote keeps for workers whose status the engine has not asked for (discarded ones):
+#: about 0.2 MB at most, for a zygote that lives as long as the engine.
+STATUSES_KEPT = 1024
 
 
 def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType, mods: dict[str, ModuleType]) -> None:
@@ -335,8 +338,11 @@ class Zygote:
     environment). It reads fork requests from its control socket (SOCK_SEQPACKET): one message of JSON
     config with the new worker's channel fd attached (SCM_RIGHTS). It forks; the child confines itself and
     becomes the worker (:func:`run_worker`); the zygote answers with the child's pid and a pidfd for it, so
-    the engine can kill the worker and see it exit. It reaps its children and writes each one's wait status
-    to ``<spool>/exit_status`` for the engine. The zygote is single-threaded, so forking is safe.
+    the engine can kill the worker and see it exit. It reaps its children and keeps each one's wait status
+    until the engine asks for it (a message ``{"op": "status", "spool": ...}``, answered ``{"status": ...}``,
+    null while the worker is not reaped yet); it keeps the last :data:`STATUSES_KEPT` nobody asked for. It never
+    writes in a worker's spool: a status file written there could land while the engine removed the folder,
+    and leave it behind. The zygote is single-threaded, so forking is safe.
     """
 
     def __init__(self, config: dict[str, Any], confine: ModuleType, mods: dict[str, ModuleType]) -> None:
@@ -344,7 +350,8 @@ class Zygote:
         self._base = config
         self._confine = confine
         self._mods = mods
-        self._spools: dict[int, str] = {}
+        self._spools: dict[int, str] = {}  # pid -> its spool, until reaped
+        self._statuses: collections.OrderedDict[str, int] = collections.OrderedDict()  # spool -> wait status
         signal.signal(signal.SIGCHLD, self._reap)
 
     def _reap(self, signum: int, frame: Any) -> None:
@@ -357,9 +364,9 @@ class Zygote:
                 return
             spool = self._spools.pop(pid, None)
             if spool is not None:
-                with contextlib.suppress(OSError):  # written whole, then renamed: a reader never sees it half
-                    Path(spool, "exit_status.tmp").write_text(str(status))
-                    os.rename(Path(spool, "exit_status.tmp"), Path(spool, "exit_status"))
+                self._statuses[spool] = status
+                while len(self._statuses) > STATUSES_KEPT:  # workers discarded without asking
+                    self._statuses.popitem(last=False)
 
     def serve(self) -> None:
         self._control.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
@@ -368,7 +375,14 @@ class Zygote:
             if not data:
                 os._exit(0)  # the engine is gone
             try:
-                pidfd = self._fork(json.loads(data), fds)
+                request = json.loads(data)
+                if request.get("op") == "status":  # the signal handler runs between bytecodes: pop is atomic
+                    for fd in fds:
+                        os.close(fd)
+                    status = self._statuses.pop(str(request.get("spool")), None)
+                    self._control.send(json.dumps({"status": status}).encode())
+                    continue
+                pidfd = self._fork(request, fds)
             except Exception as exc:  # a bad request or a failed fork: say so, and stay up for the next
                 for fd in fds:
                     os.close(fd)

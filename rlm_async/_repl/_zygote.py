@@ -121,9 +121,10 @@ async def spawn_worker(plan: WorkerPlan, config: dict[str, Any], spool: Path, ch
 
 # -- forked from a zygote --------------------------------------------------------------------------------
 class _Forked:
-    def __init__(self, pidfd: int, spool: Path, group: bool) -> None:
+    def __init__(self, pidfd: int, spool: Path, group: bool, zygote: Zygote) -> None:
         self._pidfd = pidfd
         self._spool = spool
+        self._zygote = zygote
         self._group = group  # no pid namespace: the worker's pid is ours too, and it leads its own group
         self._host_pid = _pidfd_pid(pidfd)
         self._returncode: int | None = None
@@ -153,13 +154,15 @@ class _Forked:
             os.close(self._pidfd)
 
     async def settle(self) -> None:
-        """The zygote reaps the worker and writes its wait status to a file: wait for it, up to 2 s."""
-        status_file = self._spool / "exit_status"
+        """The zygote reaps the worker and keeps its wait status until asked: ask, up to 2 s."""
+        status = None
         with anyio.move_on_after(_STATUS_WAIT_S):
-            while not status_file.exists():  # noqa: ASYNC110 - a file the zygote writes has no event to wait on
+            # The zygote reaps on its SIGCHLD, which gives this process no event to wait on: poll.
+            while (status := await anyio.to_thread.run_sync(self._zygote.status, str(self._spool))) is None:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
-        with contextlib.suppress(OSError, ValueError):
-            self._returncode = os.waitstatus_to_exitcode(int(status_file.read_text()))
+        if status is not None:
+            with contextlib.suppress(ValueError):
+                self._returncode = os.waitstatus_to_exitcode(status)
 
 
 def remove_tree(path: Path) -> None:
@@ -273,6 +276,21 @@ class Zygote:
             raise WorkerError(f"the REPL zygote did not fork a worker: {why}")
         return fds[0], not self.plan.bwrap
 
+    def status(self, spool: str) -> int | None:
+        """The wait status (``os.waitpid``'s) of the worker forked for ``spool``, once the zygote has reaped it;
+        the zygote forgets it then. None before that, or when the zygote is gone."""
+        with self._lock:
+            try:
+                self._control.send(json.dumps({"op": "status", "spool": spool}).encode())
+                data = self._control.recv(4096)
+            except OSError:
+                return None
+        try:
+            status = json.loads(data).get("status") if data else None
+        except (ValueError, AttributeError):
+            return None
+        return status if isinstance(status, int) and not isinstance(status, bool) else None
+
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
@@ -361,10 +379,10 @@ async def start_worker(plan: WorkerPlan, config: dict[str, Any], channel: socket
     try:
         pidfd, group = await asyncio.wrap_future(forking)
     except BaseException:
-        forking.add_done_callback(lambda done: _undo_fork(done, channel, spool))  # now, or when the fork ends
+        forking.add_done_callback(lambda done: _undo_fork(done, channel, spool, zygote))  # now, or when it ends
         raise
     channel.close()
-    return _Forked(pidfd, spool, group)
+    return _Forked(pidfd, spool, group, zygote)
 
 
 _forker: concurrent.futures.ThreadPoolExecutor | None = None
@@ -379,13 +397,15 @@ def _fork_pool() -> concurrent.futures.ThreadPoolExecutor:
         return _forker
 
 
-def _undo_fork(done: concurrent.futures.Future[tuple[int, bool]], channel: socket.socket, spool: Path) -> None:
+def _undo_fork(
+    done: concurrent.futures.Future[tuple[int, bool]], channel: socket.socket, spool: Path, zygote: Zygote
+) -> None:
     """A start that failed or was cancelled, once its fork has finished (in the fork's thread, or at once when
     it never ran): kill the worker it made, if any, close the channel and remove the spool. The zygote reaps
     the worker."""
     channel.close()
     if not done.cancelled() and done.exception() is None:
         pidfd, group = done.result()
-        _Forked(pidfd, spool, group).kill()
+        _Forked(pidfd, spool, group, zygote).kill()
         os.close(pidfd)
     remove_tree(spool)
