@@ -174,12 +174,13 @@ class Agent:
             try:
                 with anyio.move_on_after(timeout) as deadline:
                     await self._take_worker_slot()
+                    session = None
                     try:
                         self._repl = session = repl or self._new_repl(query, context)
                         async with contextlib.nullcontext(session) if repl else session:
                             result = await self._loop(session, query, context, note)
-                    finally:
-                        self._give_worker_slot()
+                    finally:  # an own REPL's worker may outlive it briefly (a start in flight): so does the slot
+                        self._give_worker_slot(None if repl else session)
                 if deadline.cancelled_caught:
                     assert run.limits.agent_timeout_s is not None
                     error = RunTimeout("agent_timeout_s", run.limits.agent_timeout_s)
@@ -209,10 +210,14 @@ class Agent:
         await self._run.worker_slots.acquire()
         self._holds_worker_slot = True
 
-    def _give_worker_slot(self) -> None:
+    def _give_worker_slot(self, after: ReplSession | None = None) -> None:
+        """Give the ``max_workers`` slot back: now, or once the REPL ``after`` has no worker left."""
         if self._holds_worker_slot:
             self._holds_worker_slot = False
-            self._run.worker_slots.release()
+            if after is None:
+                self._run.worker_slots.release()
+            else:
+                after.when_gone(self._run.worker_slots.release)
 
     @contextlib.asynccontextmanager
     async def _lend_worker_slot(self) -> AsyncIterator[None]:

@@ -590,6 +590,39 @@ async def test_max_workers_bounds_the_workers_running_model_code(no_leaks):
     assert max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans) == 2, spans
 
 
+async def test_a_child_done_before_its_worker_is_up_keeps_its_slot_until_the_worker_is_gone(monkeypatch, no_leaks):
+    """Regression: a child that answered before its worker was up gave its ``max_workers`` slot back at once,
+    while a reaper still waited for the start, so the next children's workers started beside it: three of
+    three at once under max_workers=1. The slot now waits for the reaper."""
+    from rlm_async._repl import _process
+
+    kids: set[str] = set()  # the children's spools: their workers from start to discard
+    peak = 0
+    real_start, real_discard = _process.start_worker, _process._discard
+
+    async def counted_start(plan: Any, config: Any, channel: Any) -> Any:
+        nonlocal peak
+        if "." in config["name"]:  # a child's ("0.1"), not the root's ("0")
+            kids.add(config["spool"])
+            peak = max(peak, len(kids))
+        return await real_start(plan, config, channel)
+
+    async def counted_discard(worker: Any) -> None:
+        await real_discard(worker)
+        kids.discard(str(worker.spool))
+
+    monkeypatch.setattr(_process, "start_worker", counted_start)
+    monkeypatch.setattr(_process, "_discard", counted_discard)
+    root = "r = await rlm_batch(['kid 1', 'kid 2', 'kid 3'], ['a', 'b', 'c'])\nFINAL('|'.join(r))"
+    script = Script({"q": [repl(root)], "kid": ["FINAL(done)"]})  # each child answers on its first turn
+    rlm = RLM("m", client=FakeClient(script), limits=Limits(max_workers=1))
+    try:
+        assert (await rlm.completion("q", "ctx")).answer == "done|done|done"
+    finally:
+        await rlm.aclose()
+    assert peak == 1
+
+
 async def test_a_tree_deeper_than_max_workers_does_not_deadlock(no_leaks):
     kid = "g = await rlm_batch(['grandkid a', 'grandkid b'], ['x', 'y'])\nFINAL('+'.join(g))"
     root = "r = await rlm_batch(['kid 1', 'kid 2'], ['c', 'd'])\nFINAL('|'.join(r))"

@@ -19,6 +19,7 @@ import itertools
 import pickle
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -181,6 +182,7 @@ class ProcessRepl:
         self._answer: tuple[str, bool] = ("", False)
         self._worker: _Worker | None = None
         self._starting: asyncio.Task[_Worker] | None = None
+        self._reaper: asyncio.Task[None] | None = None  # set when leaving handed a start in flight to a reaper
         self._ids = itertools.count(1)
         self.restarts = 0
 
@@ -226,13 +228,22 @@ class ProcessRepl:
                 # A start is never cancelled half-way (a fork in a thread cannot be taken back), and leaving
                 # does not wait for it either (a cancelled rlm_batch of 100 children waited 0.3-0.5 s for
                 # their starts): a reaper discards the worker as soon as it has started.
-                _reap_when_started(starting)
+                self._reaper = _reap_when_started(starting)
                 return
             if not starting.cancelled() and starting.exception() is None:  # a failed start cleaned up itself
                 self._worker = starting.result()
         worker, self._worker = self._worker, None
         if worker is not None:
             await _discard(worker)
+
+    def when_gone(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this REPL's worker is gone: at once, or when the reaper that leaving handed a
+        start in flight to has discarded the worker."""
+        reaper = self._reaper
+        if reaper is None or reaper.done():
+            callback()
+        else:
+            reaper.add_done_callback(lambda _: callback())
 
     async def started(self) -> None:
         """Wait until the worker has started (the REPL's first use does this itself).
@@ -499,8 +510,9 @@ class ProcessRepl:
 _REAPERS: set[asyncio.Task[None]] = set()
 
 
-def _reap_when_started(starting: asyncio.Task[_Worker]) -> None:
-    """Discard the worker ``starting`` makes once it has started (a failed start cleaned up itself)."""
+def _reap_when_started(starting: asyncio.Task[_Worker]) -> asyncio.Task[None]:
+    """Discard the worker ``starting`` makes once it has started (a failed start cleaned up itself); returns
+    the reaper."""
 
     async def reap() -> None:
         try:
@@ -512,6 +524,7 @@ def _reap_when_started(starting: asyncio.Task[_Worker]) -> None:
     reaper = asyncio.get_running_loop().create_task(reap(), name=f"{starting.get_name()}-reaper")
     _REAPERS.add(reaper)
     reaper.add_done_callback(_REAPERS.discard)
+    return reaper
 
 
 async def reap_pending() -> None:

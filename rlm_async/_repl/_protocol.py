@@ -7,6 +7,7 @@ outcome dicts, and :class:`~rlm_async.BudgetExceeded` whose ``results`` are outc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
@@ -105,6 +106,12 @@ class ReplSession(Protocol):
     async def started(self) -> None:
         """Wait until the REPL can run a cell (a worker process starts in the background from ``__aenter__``;
         its first use waits for it anyway)."""
+        ...
+
+    def when_gone(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) once nothing this REPL started is left: at once, or, when
+        leaving it handed a worker's start in flight to a reaper, once the reaper has discarded that worker
+        (what an agent's ``max_workers`` slot waits for)."""
         ...
 
     async def run_cell(self, code: str) -> CellResult:

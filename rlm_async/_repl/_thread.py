@@ -23,6 +23,7 @@ import itertools
 import linecache
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
 from types import CodeType, TracebackType
 from typing import Any
@@ -111,6 +112,10 @@ class ThreadRepl:
 
     async def started(self) -> None:
         """Nothing to wait for: the REPL is ready when ``__aenter__`` returns."""
+
+    def when_gone(self, callback: Callable[[], None]) -> None:
+        """At once: leaving the REPL stops its thread before it returns."""
+        callback()
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
