@@ -10,6 +10,7 @@ import random
 
 import anyio
 import pytest
+import uvloop
 
 from rlm_async import (
     ChatRequest,
@@ -173,6 +174,32 @@ def test_a_trace_line_is_what_json_dumps_with_repr_writes(tmp_path) -> None:
     (line,) = path.read_text(encoding="utf-8").splitlines()
     assert line == json.dumps(seen[0], default=repr)
     assert json.loads(line)["value"] == repr(odd)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_deadline_that_falls_due_after_the_answer_was_handed_over_lets_it_through(loop_kind):
+    """The answer is set on what the attempt awaits, but the task has not run yet to take it, when the
+    deadline expires: an event loop that orders its callbacks otherwise than asyncio's (uvloop) can get there.
+    The deadline lets the task take its answer instead of cancelling it (which would lose it)."""
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[str] = loop.create_future()
+        deadline = AttemptDeadline(loop, 100.0)
+
+        async def attempt() -> str:
+            with deadline:
+                return await answer
+
+        task = asyncio.ensure_future(attempt())
+        await asyncio.sleep(0)  # the attempt now waits on `answer`
+        answer.set_result("the answer")  # its wake-up is queued ...
+        deadline._expire()  # ... and the deadline expires before it runs
+        return await task
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(main()) == "the answer"
 
 
 @on_fake_clock
