@@ -4,7 +4,6 @@ exists for a loop that orders its callbacks otherwise than asyncio's, and a whol
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ from rlm_async import RLM, FakeClient, LLMCallError, RetryPolicy
 from rlm_async._clients import ChatRequest
 
 from .conftest import Script, repl
-from .test_scheduler import request, scheduler
+from .test_scheduler import answer_read_although_the_loop_ran_late, request, scheduler
 
 
 def on_uvloop(main: Callable[[], Awaitable[Any]]) -> Any:
@@ -25,34 +24,9 @@ def on_uvloop(main: Callable[[], Awaitable[Any]]) -> Any:
 
 
 def test_an_answer_that_arrived_before_the_deadline_is_read_on_uvloop_too():
-    """As tests/test_scheduler.py checks on asyncio's loop: the answer is there 20 ms into a 100 ms attempt
-    but the loop is stuck until 300 ms, past the deadline, whose hops (a timer, then callbacks) run in
-    uvloop's order here. (The case where uvloop runs the deadline before the task that has its answer:
-    tests/test_hot_path.py.)"""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        sent = asyncio.Event()
-
-        async def answer_at_20_ms(req: ChatRequest) -> str:
-            answered: asyncio.Future[str] = loop.create_future()
-            loop.call_later(0.02, answered.set_result, "on time")
-            sent.set()
-            return await answered
-
-        def stuck_loop(until: float) -> None:
-            while time.perf_counter() < until:  # a CPU-bound stretch of the engine: the loop cannot run
-                pass
-
-        retry = RetryPolicy(max_retries=0, attempt_timeout_s=0.1)
-        sched, _, _ = scheduler(FakeClient(answer_at_20_ms), max_concurrency=1, retry=retry)
-        call = asyncio.ensure_future(sched.call(request(), depth=0, agent_id="0"))
-        await sent.wait()
-        loop.call_soon(stuck_loop, time.perf_counter() + 0.3)
-        assert (await call).text == "on time"
-        assert sched.stats().failed_calls == 0
-
-    on_uvloop(main)
+    """tests/test_scheduler.py's case on uvloop, whose order of timers and callbacks the deadline's hops then
+    follow. (uvloop running the deadline before the task that has its answer: tests/test_hot_path.py.)"""
+    on_uvloop(answer_read_although_the_loop_ran_late)
 
 
 def test_an_attempt_that_hangs_times_out_on_uvloop_and_leaves_no_timer():
