@@ -10,7 +10,6 @@ import random
 
 import anyio
 import pytest
-import uvloop
 
 from rlm_async import (
     ChatRequest,
@@ -181,7 +180,11 @@ def test_a_deadline_that_falls_due_after_the_answer_was_handed_over_lets_it_thro
     """The answer is set on what the attempt awaits, but the task has not run yet to take it, when the
     deadline expires: an event loop that orders its callbacks otherwise than asyncio's (uvloop) can get there.
     The deadline lets the task take its answer instead of cancelling it (which would lose it)."""
-    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    factory = asyncio.new_event_loop
+    if loop_kind == "uvloop":
+        import uvloop  # a dev dependency (not on Windows, where uvloop does not run)
+
+        factory = uvloop.new_event_loop
 
     async def main() -> str:
         loop = asyncio.get_running_loop()

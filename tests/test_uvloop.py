@@ -4,10 +4,15 @@ exists for a loop that orders its callbacks otherwise than asyncio's, and a whol
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+
+if sys.platform == "win32":  # uvloop does not run there (nor does the sandbox); a dev dependency elsewhere
+    pytest.skip("uvloop does not run on Windows", allow_module_level=True)
+
 import uvloop
 
 from rlm_async import RLM, FakeClient, LLMCallError, RetryPolicy

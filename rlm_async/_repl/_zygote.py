@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -157,8 +158,10 @@ class _Forked:
         """The zygote reaps the worker and keeps its wait status until asked: ask, up to 2 s."""
         status = None
         with anyio.move_on_after(_STATUS_WAIT_S):
-            # The zygote reaps on its SIGCHLD, which gives this process no event to wait on: poll.
-            while (status := await anyio.to_thread.run_sync(self._zygote.status, str(self._spool))) is None:  # noqa: ASYNC110
+            # The zygote reaps on its SIGCHLD, which gives this process no event to wait on: poll. A zygote that
+            # does not answer is abandoned at the deadline, not waited on.
+            ask = functools.partial(self._zygote.status, str(self._spool))
+            while (status := await anyio.to_thread.run_sync(ask, abandon_on_cancel=True)) is None:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         if status is not None:
             with contextlib.suppress(ValueError):
