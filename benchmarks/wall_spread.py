@@ -1,0 +1,60 @@
+"""Run-to-run spread of the makespan: back-to-back pairs of the floor and the engine, one run each.
+
+``floor_targets.py`` reports medians of five rounds; this prints every run, so outliers show: for each pair,
+the floor's and the engine's makespan, the engine's retries and CPU ms per call, and the garbage
+collections of each generation during the engine's run (the benchmark's own ``gc.collect()`` before timing
+is one generation-2 collection). The default configuration, N = 2,000 (``--n``) at C = 256 (``--c``), 50 ms
+simulated calls. Run from a checkout::
+
+    .venv/bin/python benchmarks/wall_spread.py --pairs 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+from typing import Any
+
+from rlm_async._budget import Limits
+from rlm_async.bench import _engine_run
+from rlm_async.bench._floor import bare_fanout
+from rlm_async.sim import LatencyModel, SimConfig, sim_process
+
+
+async def _pairs(pairs: int, n: int, c: int) -> None:
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    latency = LatencyModel(0.05, 1e12, 1e12, jitter_sigma=0.0, outlier_rate=0.0)
+    async with sim_process(SimConfig(latency=latency, capacity=4096)) as sim:
+        for i in range(pairs):
+            floor = await bare_fanout(sim.base_url, n, c)
+            collections.clear()
+            limits = Limits(max_concurrency=c, max_calls=2 * n + 10, max_fanout=n, max_depth=2)
+            result, cpu_s, _, _ = await _engine_run(sim.base_url, f"Fan out {n} sub-calls", "", limits)
+            stats = result.stats
+            gens = "/".join(str(collections.count(g)) for g in (0, 1, 2))
+            print(
+                f"{i + 1:3d}  floor {floor.wall_s:.3f} s  engine {stats.wall_s:.3f} s  "
+                f"({stats.wall_s / floor.wall_s:.3f}x)  retries {stats.retries}  "
+                f"CPU {cpu_s * 1000 / stats.calls:.3f} ms/call  gc gen0/1/2 {gens}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=12, help="floor/engine pairs (default 12)")
+    parser.add_argument("--n", type=int, default=2000, help="calls in the batch (default 2000)")
+    parser.add_argument("--c", type=int, default=256, help="max_concurrency (default 256)")
+    args = parser.parse_args()
+    asyncio.run(_pairs(args.pairs, args.n, args.c))
+
+
+if __name__ == "__main__":
+    main()
