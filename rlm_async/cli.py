@@ -20,6 +20,7 @@ from . import local
 from ._budget import SMALL_MODEL, Limits
 from ._engine import RLM, RLMResult
 from ._errors import ConfigError
+from ._listen import LISTEN_BACKLOG
 from ._sandbox import describe as describe_sandbox
 from ._trace import Event
 from .batch import _cli as batch_cli
@@ -237,7 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
         return served
 
     web.run_app(app(), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-                handler_cancellation=True, print=None)  # fmt: skip
+                handler_cancellation=True, backlog=LISTEN_BACKLOG, print=None)  # fmt: skip
     return EXIT_OK
 
 

@@ -12,10 +12,13 @@ import sys
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from rlm_async import RLM, ConfigError, Limits, RateLimit
+from rlm_async._listen import LISTEN_BACKLOG
+from rlm_async.cli import main as cli_main
 from rlm_async.serve import create_app, run
 from rlm_async.sim import PROFILES, SimConfig, SimServer
 
@@ -226,6 +229,22 @@ async def test_a_client_that_disconnects_cancels_its_run():
     assert "rlm_requests_in_progress 0.0" in text
     assert rlm.endpoint.in_flight == 0
     assert worker_processes(grace_s=5) == []
+
+
+def test_both_servers_listen_with_a_deep_accept_queue(monkeypatch):
+    """``serve.run`` and ``rlm-async serve`` ask ``listen(2)`` for LISTEN_BACKLOG, not aiohttp's 128: a burst
+    of new clients past 128 had its SYNs dropped and waited 1 s each (tests/test_sim.py proves the effect)."""
+    calls: list[dict] = []
+
+    def fake_run_app(app, **kwargs):
+        if asyncio.iscoroutine(app):
+            app.close()
+        calls.append(kwargs)
+
+    monkeypatch.setattr(web, "run_app", fake_run_app)
+    run({"rlm": RLM("sim-root", base_url="http://127.0.0.1:9/v1", api_key="unused")})  # never connects
+    assert cli_main(["serve", "--sim", "--port", "0"]) == 0
+    assert [kwargs["backlog"] for kwargs in calls] == [LISTEN_BACKLOG, LISTEN_BACKLOG]
 
 
 async def test_sigterm_lets_running_requests_finish_then_exits():

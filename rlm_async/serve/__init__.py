@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .._engine import RLM
 from .._errors import ConfigError
+from .._listen import LISTEN_BACKLOG
 from ._app import create_app
 
 __all__ = ["create_app", "is_loopback", "run"]
@@ -48,4 +49,12 @@ def run(
             f"refusing to serve on {host} without an API key: pass --api-key or set RLM_ASYNC_SERVE_API_KEY"
         )
     app = create_app(models, api_key=api_key, max_request_bytes=max_request_bytes)
-    web.run_app(app, host=host, port=port, shutdown_timeout=shutdown_timeout_s, handler_cancellation=True, print=None)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        shutdown_timeout=shutdown_timeout_s,
+        handler_cancellation=True,
+        backlog=LISTEN_BACKLOG,
+        print=None,
+    )

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from .._errors import ConfigError
+from .._listen import LISTEN_BACKLOG
 from ._faults import FaultPlan
 from ._latency import PROFILES, LatencyModel
 from ._responders import Responder, SimResponder
@@ -130,10 +131,17 @@ class SimServer:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0: any free port); returns the base URL, e.g. ``http://127.0.0.1:8000/v1``."""
+        """Serve on ``host:port`` (0: any free port); returns the base URL, e.g. ``http://127.0.0.1:8000/v1``.
+
+        The accept queue holds :data:`~rlm_async._listen.LISTEN_BACKLOG` connections, so a fan-out of a few
+        hundred connections opened at once is not stalled by dropped SYNs.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         bound = self._runner.addresses[0]
         self.base_url = f"http://{bound[0]}:{bound[1]}/v1"
