@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -82,6 +83,8 @@ class SimStats:
         tokenizer: how tokens are counted.
         early_retries: requests that came back sooner than 0.95 of the Retry-After a 429 gave the same
             request body (a client that does not honour Retry-After).
+        gc_frozen: objects the serving process has moved out of the garbage collector's reach
+            (``gc.get_freeze_count()``); :func:`~rlm_async.sim.sim_process`'s child freezes its startup heap.
     """
 
     requests: int
@@ -95,6 +98,7 @@ class SimStats:
     open_connections: int
     tokenizer: str
     early_retries: int = 0
+    gc_frozen: int = 0
 
 
 class SimServer:
@@ -177,6 +181,7 @@ class SimServer:
             open_connections=len(server.connections) if server is not None else 0,
             tokenizer=self.tokenizer,
             early_retries=self._early,
+            gc_frozen=gc.get_freeze_count(),
         )
 
     def set_faults(self, plan: FaultPlan) -> None:
