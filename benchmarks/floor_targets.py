@@ -2,9 +2,9 @@
 
 The same call the full suite makes (``rlm_async.bench._floor.floor_targets``: N = 2,000 at C = 64 and 256, each
 round running the floor and every configuration once in turn, medians), against the same simulator (50 ms a
-call, in a child process). About two minutes here with the default 5 rounds. Run from a checkout::
+call, in a child process). About three minutes here with the default 9 rounds. Run from a checkout::
 
-    .venv/bin/python benchmarks/floor_targets.py [--reps 5] [--out benchmarks/results/floor_targets.json]
+    .venv/bin/python benchmarks/floor_targets.py [--reps 9] [--out benchmarks/results/floor_targets.json]
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlm_async.bench import BenchConfig, Measurement, _engine_run, _measure
-from rlm_async.bench._floor import floor_targets
+from rlm_async.bench._floor import FLOOR_ROUNDS, floor_targets
 from rlm_async.sim import SimConfig, sim_process
 
 
-async def run(reps: int) -> list[Measurement]:
+async def run(reps: int = FLOOR_ROUNDS) -> list[Measurement]:
     """The floor-target rows, ``reps`` rounds."""
     cfg = BenchConfig()
     sim_config = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, capacity=4096)
@@ -32,7 +32,7 @@ async def run(reps: int) -> list[Measurement]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--reps", type=int, default=FLOOR_ROUNDS, help=f"interleaved rounds (default {FLOOR_ROUNDS})")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     load = os.getloadavg()

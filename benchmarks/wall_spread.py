@@ -1,6 +1,6 @@
 """Run-to-run spread of the makespan: back-to-back pairs of the floor and the engine, one run each.
 
-``floor_targets.py`` reports medians of five rounds; this prints every run, so outliers show: for each pair,
+``floor_targets.py`` reports medians of nine rounds; this prints every run, so outliers show: for each pair,
 the floor's and the engine's makespan, the engine's retries and CPU ms per call, and the garbage
 collections of each generation during the engine's run (the benchmark's own ``gc.collect()`` before timing
 is one generation-2 collection), and, on Linux, the kernel's listen-queue overflows and SYN retransmits

@@ -74,7 +74,7 @@ async def test_the_floor_makes_the_same_calls_and_engine_rows_carry_ratios_to_it
     async with sim_process(SimConfig(latency=cfg.latency, time_scale=cfg.time_scale)) as sim:
         floor = await bare_fanout(sim.base_url, 30, 8)
         stats = await sim.stats()
-        rows = await floor_targets(sim.base_url, bench._engine_run, bench._measure, n=20, reps=1)
+        rows = await floor_targets(sim.base_url, bench._engine_run, bench._measure, n=20, reps=2)
     assert floor.ok and floor.calls == 31 == stats.completed and floor.cpu_ms_per_call > 0
     assert stats.peak_in_flight <= 8
     by = {(r.params["C"], r.params["config"]): r for r in rows}
@@ -86,4 +86,7 @@ async def test_the_floor_makes_the_same_calls_and_engine_rows_carry_ratios_to_it
         assert row.ok, (c, config, row.answer)
         assert row.cpu_vs_floor is not None and row.cpu_vs_floor > 0
         assert (row.wall_vs_floor is None) == (config == "rlm_batch")
+        if config != "bare aiohttp":  # every round's own ratios are kept beside the medians'
+            assert row.extra["reps"] == len(row.extra["cpu_vs_floor_rounds"]) == 2
+            assert len(row.extra.get("wall_vs_floor_rounds", [])) == (0 if config == "rlm_batch" else 2)
     assert by[(64, "default")].calls == by[(64, "bare aiohttp")].calls == 21

@@ -45,7 +45,7 @@ from .._retry import RetryPolicy
 from .._scheduler import RateLimit, Scheduler
 from .._trace import Event, Tracer
 from ..sim import PROFILES, FaultPlan, LatencyModel, SimConfig, sim_process
-from ._floor import FloorRun, bare_fanout, floor_targets
+from ._floor import FLOOR_ROUNDS, FloorRun, bare_fanout, floor_targets
 
 __all__ = ["BenchConfig", "Measurement", "run_benchmarks"]
 
@@ -430,7 +430,7 @@ async def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] = lam
     sim_config = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, capacity=4096)
     async with sim_process(sim_config) as sim:
         progress("the floor targets (N=2000 at C=64 and 256, against a bare aiohttp loop)")
-        rows += await floor_targets(sim.base_url, _engine_run, _measure, reps=1 if cfg.quick else 5)
+        rows += await floor_targets(sim.base_url, _engine_run, _measure, reps=1 if cfg.quick else FLOOR_ROUNDS)
         progress("fan-out grid")
         rows += await fanout(cfg, sim.base_url)
         rows += await fanout_openai(cfg, sim.base_url)

@@ -38,7 +38,12 @@ import aiohttp
 from .._budget import Limits
 from .._clients import ChatRequest
 
-__all__ = ["FloorRun", "bare_fanout", "floor_targets"]
+__all__ = ["FLOOR_ROUNDS", "FloorRun", "bare_fanout", "floor_targets"]
+
+#: Interleaved rounds behind each floor-target median. Five were not enough at C = 64: the floor's makespan
+#: alone moves by about 5% from run to run there (1.77-1.87 s in eight runs), and one full run's median of
+#: five came out at 1.051x where the others of the session gave 1.009-1.036x.
+FLOOR_ROUNDS = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +102,7 @@ EngineRun = Callable[..., Coroutine[Any, Any, Any]]
 
 
 async def floor_targets(
-    base_url: str, engine_run: EngineRun, measure: Callable[..., Any], *, n: int = 2000, reps: int = 5
+    base_url: str, engine_run: EngineRun, measure: Callable[..., Any], *, n: int = 2000, reps: int = FLOOR_ROUNDS
 ) -> list[Any]:
     """The targets' grid: N = ``n`` at C = 64 and 256, ``reps`` rounds, each round running the floor and every
     engine configuration once, in turn (so drift on a shared machine hits all alike); medians per row.
@@ -112,7 +117,9 @@ async def floor_targets(
         measure: ``bench._measure``.
 
     Returns:
-        ``Measurement`` rows: a ``floor`` row and the engine rows with ``cpu_vs_floor`` and ``wall_vs_floor``.
+        ``Measurement`` rows: a ``floor`` row and the engine rows with ``cpu_vs_floor`` and ``wall_vs_floor``
+        (ratios of the medians), each engine row's ``extra`` holding every round's own ratios
+        (``cpu_vs_floor_rounds``, ``wall_vs_floor_rounds``: the engine's run over the floor run before it).
     """
     rows = []
     k = max(min(n // 10, 100), 1)
@@ -151,6 +158,15 @@ async def floor_targets(
                 row.extra["reps"] = reps
                 row.cpu_vs_floor = row.cpu_ms_per_call / floor_cpu
                 row.wall_vs_floor = None if name == "rlm_batch" else row.wall_s / floor_wall
+                # Each round's own ratios (engine run / the floor run just before it), so the spread behind
+                # the medians is on record: at C = 64 the floor's makespan alone moves by about 5% run to run.
+                row.extra["cpu_vs_floor_rounds"] = [
+                    round(e.cpu_ms_per_call / f.cpu_ms_per_call, 3) for e, f in zip(each, floors, strict=True)
+                ]
+                if name != "rlm_batch":
+                    row.extra["wall_vs_floor_rounds"] = [
+                        round(e.wall_s / f.wall_s, 3) for e, f in zip(each, floors, strict=True)
+                    ]
                 rows.append(row)
     return rows
 
