@@ -148,6 +148,11 @@ class Agent:
         self.messages: list[Message] = []  # the conversation with the model, as far as it got
 
     @property
+    def turns(self) -> int:
+        """Model turns begun so far (a turn that was stopped part-way counts)."""
+        return self._iterations
+
+    @property
     def draft(self) -> str:
         """``answer["content"]`` as it stands now (the partial answer after a stop)."""
         return self._repl.answer()[0] if self._repl is not None else ""

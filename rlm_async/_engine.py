@@ -52,6 +52,8 @@ class RunStats:
         running_s: seconds, summed over attempts, holding a slot.
         circuit_opened: how many times the endpoint's circuit breaker opened during the run.
         stop_reason: the root's (see :data:`~rlm_async.StopReason`).
+        turns: the root's model turns begun (at most ``Limits.max_iterations``; a re-asked empty or cut
+            reply is part of its turn, a child's turns are not counted).
     """
 
     wall_s: float
@@ -67,6 +69,7 @@ class RunStats:
     running_s: float
     circuit_opened: int
     stop_reason: StopReason
+    turns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +183,8 @@ class Run:
         """Seconds to the run's deadline, or None without ``timeout_s``."""
         return None if self.deadline is None else max(self.deadline - anyio.current_time(), 0.0)
 
-    def stats(self, stop_reason: StopReason) -> RunStats:
-        """A snapshot of the run's counters."""
+    def stats(self, stop_reason: StopReason, turns: int = 0) -> RunStats:
+        """A snapshot of the run's counters; ``turns``: the root's."""
         s = self.scheduler.stats()
         return RunStats(
             wall_s=anyio.current_time() - self.started,
@@ -197,6 +200,7 @@ class Run:
             running_s=s.running_s,
             circuit_opened=s.circuit_opened,
             stop_reason=stop_reason,
+            turns=turns,
         )
 
 
@@ -507,7 +511,7 @@ class RLM:
                     answer, stop_reason, error = root.draft, "timeout", RunTimeout("timeout_s", limits.timeout_s)
                 else:
                     answer, stop_reason, error = outcome.answer, outcome.stop_reason, outcome.error
-                stats = run.stats(stop_reason)
+                stats = run.stats(stop_reason, root.turns)
                 usage = run.ledger.usage()
                 tracer.emit(
                     "run_end",

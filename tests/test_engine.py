@@ -330,14 +330,15 @@ async def test_max_iterations_ends_with_one_last_call_for_the_answer():
     rlm, client = make_rlm(handler, limits=Limits(max_iterations=3))
     result = await rlm.completion("q", "ctx")
     assert (result.stop_reason, result.answer) == ("max_iterations", "the final answer")
-    assert len(client.requests) == 4
+    assert len(client.requests) == 4 and result.stats.turns == 3  # the answer's own call is not a turn
     del script
 
 
 async def test_the_official_text_forms_of_final_work():
     script = Script({"q": [repl("total = 6 * 7"), "The result is ready.\nFINAL_VAR(total)"]})
     rlm, _ = make_rlm(script)
-    assert (await rlm.completion("q", "ctx")).answer == "42"
+    result = await rlm.completion("q", "ctx")
+    assert (result.answer, result.stats.turns) == ("42", 2)
     rlm, _ = make_rlm(Script({"q": ["FINAL(forty-two)"]}))
     assert (await rlm.completion("q", "ctx")).answer == "forty-two"
 

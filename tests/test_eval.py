@@ -11,8 +11,11 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from rlm_async.eval import (
     read_results,
     run_eval,
     string_match_all,
+    summarise,
 )
 from rlm_async.eval import _cli as eval_cli
 from rlm_async.eval._answers import oolong_answer, oolong_render, pair_users, parse_labels, parse_line
@@ -362,6 +366,7 @@ async def test_each_family_runs_end_to_end_on_both_engines(task, length, tmp_pat
         assert ours["stop_reason"] == "answer" and ours["error"] is None and ours["calls"] >= 2
         assert _written(ours["trace"])
         assert plain["calls"] == 1 and plain["extra"] == {"truncated": False}
+        assert plain["turns"] is None and 1 <= ours["turns"] <= Limits().max_iterations
         # the same rule-based sub-model labels for both engines, so the same score: plumbing, not intelligence
         assert ours["score"] == pytest.approx(plain["score"])
         assert 0 <= ours["score"] <= 1
@@ -372,7 +377,57 @@ async def test_each_family_runs_end_to_end_on_both_engines(task, length, tmp_pat
     (group,) = summary.groups
     assert (group.task, group.engine, group.length_tokens, group.n) == (task, "rlm_async", length, 2)
     assert group.ci_low <= group.score <= group.ci_high and group.p50_s <= group.p95_s
+    assert group.non_empty == 2 and group.stop_reasons == {"answer": 2}
+    assert group.turns_n == 2 and group.turns == sum(r["turns"] for r in rows if r["engine"] == "rlm_async")
+    (plain_group,) = summaries["plain"].groups
+    assert plain_group.turns is None and plain_group.turns_n == 0
     assert (tmp_path / "summary.json").exists()
+
+
+def test_the_summary_counts_non_empty_answers_turns_and_stop_reasons():
+    """What issue 16 asks of each group beside the score: the share of runs ending with a non-empty answer, the
+    root's turns, how runs ended. Rows written before turns were recorded have none."""
+    base = {"task": "s_niah", "engine": "official", "model": "m", "length_tokens": 8192, "wall_s": 1.0}
+    rows = [
+        {**base, "score": 1.0, "answer_chars": 7, "stop_reason": "answer", "turns": 3},
+        {**base, "score": 0.0, "answer_chars": 0, "stop_reason": "error", "turns": 8, "error": "boom"},
+        {**base, "score": 0.0, "answer_chars": 12, "stop_reason": "answer"},  # an older row: no turns
+    ]
+    (group,) = summarise(rows)
+    assert (group.n, group.non_empty, group.errors) == (3, 2, 1)
+    assert (group.turns, group.turns_n) == (11, 2)
+    assert group.stop_reasons == {"answer": 2, "error": 1}
+
+
+def test_the_official_driver_counts_the_roots_iterations(tmp_path):
+    """The official engine's turns are the root instance's ``_completion_turn`` calls (rlms 0.1.3 never calls
+    its ``on_iteration_start`` callback, so a first version of this count read 0 on every item); here a
+    stand-in ``rlm`` package iterates as rlms 0.1.3 does, with a child instance iterating too."""
+    fake = tmp_path / "fake" / "rlm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "class _Result:\n"
+        "    response = 'the answer'\n"
+        "    usage_summary = None\n"
+        "class RLM:\n"
+        "    def __init__(self, **kwargs):\n"
+        "        self.kwargs = kwargs\n"
+        "    def _completion_turn(self, prompt):\n"
+        "        return prompt\n"
+        "    def completion(self, context, root_prompt=None):\n"
+        "        child = RLM(**self.kwargs)\n"
+        "        for i in range(3):\n"
+        "            self._completion_turn(i)\n"
+        "            child._completion_turn(i)  # a child's iteration\n"
+        "        return _Result()\n"
+    )
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"query": "q", "context": "c", "model": "m", "base_url": "u", "api_key": "k"}))
+    driver = Path(eval_cli.__file__).with_name("official_driver.py")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    done = subprocess.run([sys.executable, str(driver), str(request)], capture_output=True, text=True, env=env)
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["ok"] and record["answer"] == "the answer" and record["turns"] == 3, (record, done.stderr)
 
 
 async def test_a_rerun_resumes_and_the_budget_stops_before_an_item(tmp_path):

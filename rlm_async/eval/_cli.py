@@ -196,13 +196,14 @@ async def _run(args: argparse.Namespace, items: list[Item], err: Console, **endp
 def _table(console: Console, summary: EvalSummary) -> None:
     title = "eval" + (" on the simulator (scores measure the plumbing, not intelligence)" if summary.simulated else "")
     table = Table(title=title)
-    for name in ("task", "engine", "model", "length", "n", "score % (95% CI)", "cost", "tokens in/out", "wall",
-                 "calls", "p50", "p95", "errors"):  # fmt: skip
+    for name in ("task", "engine", "model", "length", "n", "score % (95% CI)", "non-empty", "turns/item", "cost",
+                 "tokens in/out", "wall", "calls", "p50", "p95", "errors"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("task", "engine", "model") else "right")
     for g in summary.groups:
         table.add_row(
             g.task, g.engine, g.model, f"{g.length_tokens:,}", str(g.n),
-            f"{100 * g.score:.1f} ({100 * g.ci_low:.1f}-{100 * g.ci_high:.1f})", f"${g.cost_usd:.4f}",
+            f"{100 * g.score:.1f} ({100 * g.ci_low:.1f}-{100 * g.ci_high:.1f})", f"{g.non_empty}/{g.n}",
+            "-" if g.turns is None else f"{g.turns / g.turns_n:.1f}", f"${g.cost_usd:.4f}",
             f"{g.prompt_tokens:,}/{g.completion_tokens:,}", f"{g.wall_s:.1f} s", f"{g.calls:,}",
             f"{g.p50_s:.2f} s", f"{g.p95_s:.2f} s", str(g.errors),
         )  # fmt: skip

@@ -87,6 +87,8 @@ class Outcome:
         cost_usd: provider-reported, or from ``ModelConfig.prices``; 0.0 when neither is known.
         trace: the JSONL trace of the run (rlm_async only), or None.
         extra: engine-specific facts (truncation of the plain prompt, ...).
+        turns: the root model's REPL turns (rlm_async: ``RunStats.turns``; official: the root's iterations,
+            the default-answer call after the last one not counted), or None (the plain call, a failed run).
     """
 
     answer: str
@@ -98,6 +100,7 @@ class Outcome:
     cost_usd: float = 0.0
     trace: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    turns: int | None = None
 
 
 class Engine(Protocol):
@@ -119,7 +122,7 @@ class _RlmAsync:
         return Outcome(
             result.answer, result.stop_reason, None if result.error is None else str(result.error).splitlines()[0],
             u.calls, u.prompt_tokens, u.completion_tokens, u.cost_usd, None if trace is None else str(trace),
-            {"agents": result.stats.agents, "peak_in_flight": result.stats.peak_in_flight},
+            {"agents": result.stats.agents, "peak_in_flight": result.stats.peak_in_flight}, result.stats.turns,
         )  # fmt: skip
 
 
@@ -153,6 +156,7 @@ class _Official:
                     str(record.get("answer") or ""), "answer" if record.get("ok") else "error", record.get("error"),
                     int(usage.get("calls") or 0), int(usage.get("prompt_tokens") or 0),
                     int(usage.get("completion_tokens") or 0), cost,
+                    turns=record["turns"] if isinstance(record.get("turns"), int) else None,
                 )  # fmt: skip
         return Outcome("", "timeout", f"the official driver ran past {cfg.timeout_s + 60:g} s")
 

@@ -315,6 +315,7 @@ def _row(item: Item, engine: str, model: str, sub_model: str | None, outcome: Ou
         "trace": outcome.trace,
         "wall_s": wall,
         "stop_reason": outcome.stop_reason,
+        "turns": outcome.turns,
         "error": outcome.error,
         "metadata": dict(item.metadata),
         "extra": dict(outcome.extra),

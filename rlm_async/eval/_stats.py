@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import ConfigError
@@ -69,6 +70,11 @@ class GroupSummary:
         wall_s: seconds over the items (they run one after another).
         p50_s, p95_s: per-item latency percentiles, seconds (:func:`percentile`).
         errors: items that ended without an answer (their score counts as 0).
+        non_empty: items whose answer is not empty (issue 16's target: at least 95% of runs).
+        turns: the root's REPL turns summed over the items that report them (``turns_n`` of them), or None
+            where none does (the plain call; rows written before turns were recorded).
+        turns_n: items behind ``turns``.
+        stop_reasons: stop reason -> items.
     """
 
     task: str
@@ -87,6 +93,10 @@ class GroupSummary:
     p50_s: float
     p95_s: float
     errors: int
+    non_empty: int = 0
+    turns: int | None = None
+    turns_n: int = 0
+    stop_reasons: dict[str, int] = field(default_factory=dict)
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> list[GroupSummary]:
@@ -102,6 +112,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> list[Group
         walls = [float(r["wall_s"]) for r in members]
         low, high = bootstrap_ci(scores, seed=seed)
         usage = [r.get("usage") or {} for r in members]
+        turns = [r["turns"] for r in members if isinstance(r.get("turns"), int)]
         out.append(
             GroupSummary(
                 task,
@@ -120,6 +131,10 @@ def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> list[Group
                 percentile(walls, 50),
                 percentile(walls, 95),
                 sum(1 for r in members if r.get("error")),
+                non_empty=sum(1 for r in members if int(r.get("answer_chars") or 0) > 0),
+                turns=sum(turns) if turns else None,
+                turns_n=len(turns),
+                stop_reasons=dict(Counter(str(r.get("stop_reason")) for r in members).most_common()),
             )
         )
     return out

@@ -5,7 +5,8 @@ virtual environment that has ``rlms`` installed (the benchmark's, ``rlm_async.be
 The request is a JSON file (the context can be far longer than a command-line argument may be):
 ``{"query", "context", "model", "sub_model", "base_url", "api_key", "max_depth", "max_iterations",
 "workers", "timeout_s", "max_budget", "sampling"}``. It prints one JSON line: ``answer``, ``ok``, ``error``,
-``wall_s`` and ``usage`` (``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``).
+``wall_s``, ``usage`` (``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``) and ``turns`` (the
+root's iterations begun, or null where this rlms has no ``RLM._completion_turn`` to count them by).
 
     python official_driver.py request.json
 """
@@ -59,11 +60,28 @@ def _merge_consecutive_roles() -> None:
         cls.create = create
 
 
+def _count_turns(rlm: Any, record: dict[str, Any]) -> None:
+    """Count the root's iterations into ``record["turns"]``. rlms 0.1.3 takes an ``on_iteration_start``
+    callback but never calls it, so this wraps the root instance's ``_completion_turn`` (one call an
+    iteration, ``rlm/core/rlm.py``); children are other instances, so their iterations are not counted. The
+    default-answer call after the last iteration is not an iteration."""
+    turn = getattr(rlm, "_completion_turn", None)
+    if turn is None:
+        return
+    record["turns"] = 0
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        record["turns"] += 1
+        return turn(*args, **kwargs)
+
+    rlm._completion_turn = counted
+
+
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         req = json.load(f)
     started = time.perf_counter()
-    record: dict[str, Any] = {"ok": False, "answer": "", "error": None, "usage": {}}
+    record: dict[str, Any] = {"ok": False, "answer": "", "error": None, "usage": {}, "turns": None}
     try:
         _merge_consecutive_roles()
         rlm_module = importlib.import_module("rlm")
@@ -83,6 +101,7 @@ def main() -> None:
             if req.get(ours) is not None:
                 kwargs[theirs] = req[ours]
         rlm = rlm_module.RLM(**kwargs)
+        _count_turns(rlm, record)
         result = rlm.completion(req["context"], root_prompt=req["query"])
         record.update(ok=True, answer=str(getattr(result, "response", result)), usage=_usage(result))
     except Exception as exc:  # the comparison records the peer's failures too
