@@ -26,7 +26,8 @@ from rlm_async.sim import LatencyModel, SimConfig, sim_process
 
 
 def _tcp_counters() -> tuple[int, int] | None:
-    """``(ListenOverflows, TCPSynRetrans)`` since boot, host-wide; None where ``/proc/net/netstat`` is absent."""
+    """``(ListenOverflows, TCPSynRetrans)`` of this network namespace since it was made; None where
+    ``/proc/net/netstat`` is absent."""
     try:
         lines = Path("/proc/net/netstat").read_text().splitlines()
     except OSError:

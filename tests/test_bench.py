@@ -90,3 +90,32 @@ async def test_the_floor_makes_the_same_calls_and_engine_rows_carry_ratios_to_it
             assert row.extra["reps"] == len(row.extra["cpu_vs_floor_rounds"]) == 2
             assert len(row.extra.get("wall_vs_floor_rounds", [])) == (0 if config == "rlm_batch" else 2)
     assert by[(64, "default")].calls == by[(64, "bare aiohttp")].calls == 21
+
+
+async def test_each_rounds_ratio_is_that_rounds_engine_run_over_that_rounds_floor(monkeypatch):
+    """The per-round ratios beside the medians. The first version overwrote round 1's engine row with the
+    medians before the ratios were taken, so the first entry of every list was median / round-1 floor."""
+    from rlm_async.bench import _floor
+
+    floor_walls: list[float] = []
+
+    async def floor_run(base_url: str, n: int, c: int) -> _floor.FloorRun:
+        floor_walls.append([1.0, 2.0, 4.0][len(floor_walls) % 3])
+        return _floor.FloorRun(floor_walls[-1], floor_walls[-1], 1000, True)  # CPU ms a call = wall s, here
+
+    async def engine_run(*args: object, **kwargs: object) -> float:
+        return floor_walls[-1] * [1.1, 1.0, 1.2][(len(floor_walls) - 1) % 3]  # this round's floor, scaled
+
+    def measure(scenario: str, params: dict, ideal: None, wall: float, right: str) -> bench.Measurement:
+        return bench.Measurement(scenario, "rlm_async", params, wall, None, 1000, wall, 64, None, True, right)
+
+    monkeypatch.setattr(_floor, "bare_fanout", floor_run)
+    rows = await _floor.floor_targets("http://unused", engine_run, measure, n=1000, reps=3)
+    for row in rows:
+        if row.engine == "floor":
+            assert (row.wall_s, row.cpu_ms_per_call, row.wall_vs_floor) == (2.0, 2.0, 1.0)
+            continue
+        assert row.extra["cpu_vs_floor_rounds"] == [1.1, 1.0, 1.2], row.params
+        assert row.extra.get("wall_vs_floor_rounds", [1.1, 1.0, 1.2]) == [1.1, 1.0, 1.2]
+        assert row.wall_s == row.cpu_ms_per_call == 2.0  # the medians: 1.1, 2.0 and 4.8
+        assert row.cpu_vs_floor == 1.0 and row.wall_vs_floor in (1.0, None)

@@ -389,14 +389,16 @@ def test_the_summary_counts_non_empty_answers_turns_and_stop_reasons():
     root's turns, how runs ended. Rows written before turns were recorded have none."""
     base = {"task": "s_niah", "engine": "official", "model": "m", "length_tokens": 8192, "wall_s": 1.0}
     rows = [
-        {**base, "score": 1.0, "answer_chars": 7, "stop_reason": "answer", "turns": 3},
-        {**base, "score": 0.0, "answer_chars": 0, "stop_reason": "error", "turns": 8, "error": "boom"},
-        {**base, "score": 0.0, "answer_chars": 12, "stop_reason": "answer"},  # an older row: no turns
+        {**base, "score": 1.0, "answer": "5642167", "stop_reason": "answer", "turns": 3},
+        {**base, "score": 0.0, "answer": "", "stop_reason": "error", "turns": 8, "error": "boom"},
+        {**base, "score": 0.0, "answer": "a guess", "stop_reason": "answer"},  # an older row: no turns
+        {**base, "score": 0.0, "answer": " \n", "stop_reason": "answer", "turns": 1},  # blank is empty
     ]
     (group,) = summarise(rows)
-    assert (group.n, group.non_empty, group.errors) == (3, 2, 1)
-    assert (group.turns, group.turns_n) == (11, 2)
-    assert group.stop_reasons == {"answer": 2, "error": 1}
+    assert (group.n, group.non_empty, group.errors) == (4, 2, 1)
+    assert (group.turns, group.turns_n) == (12, 3)
+    assert group.stop_reasons == {"answer": 3, "error": 1}
+    assert hash(group)  # still a frozen, hashable summary
 
 
 def test_the_official_driver_counts_the_roots_iterations(tmp_path):
@@ -425,7 +427,9 @@ def test_the_official_driver_counts_the_roots_iterations(tmp_path):
     request.write_text(json.dumps({"query": "q", "context": "c", "model": "m", "base_url": "u", "api_key": "k"}))
     driver = Path(eval_cli.__file__).with_name("official_driver.py")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
-    done = subprocess.run([sys.executable, str(driver), str(request)], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, str(driver), str(request)], capture_output=True, text=True, env=env, timeout=120
+    )
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["ok"] and record["answer"] == "the answer" and record["turns"] == 3, (record, done.stderr)
 

@@ -4,6 +4,7 @@ usage, determinism, endpoints, and the responders."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import time
 from typing import Any
@@ -33,6 +34,7 @@ from rlm_async.sim import (
     sim_process,
     verse_counts,
 )
+from rlm_async.sim._process import RemoteSim
 from rlm_async.sim._tokens import token_counter
 
 STEADY = LatencyModel(ttft_s=10.0, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
@@ -335,3 +337,28 @@ async def test_the_simulator_process_keeps_its_startup_heap_out_of_full_collecti
     async with sim_process(SimConfig()) as sim:
         stats = await sim.stats()
     assert stats.gc_frozen > 10_000  # the interpreter, aiohttp and the tokenizer: some 10^5 objects
+
+
+async def test_a_port_in_use_is_an_os_error_and_leaves_no_runner_behind():
+    async with SimServer(SimConfig()) as first:
+        port = int(first.base_url.rsplit(":", 1)[1].split("/")[0])
+        second = SimServer(SimConfig())
+        with pytest.raises(OSError):
+            await second.start("127.0.0.1", port)
+        assert second._runner is None  # it was set up before the bind failed, and is cleaned up again
+
+
+async def test_remote_stats_ignore_fields_a_newer_simulator_adds():
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    reported = {**dataclasses.asdict(SimServer(SimConfig()).stats()), "requests": 7, "a_newer_field": 1}
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(reported)
+
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+    async with TestServer(app, host="127.0.0.1") as server:
+        remote = RemoteSim(str(server.make_url("/v1")))
+        assert (await remote.stats()).requests == 7

@@ -23,6 +23,7 @@ at most 1.2x CPU and 1.05x wall for N = 2,000 at C = 64 and C = 256, in the defa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import statistics
@@ -119,7 +120,7 @@ async def floor_targets(
     Returns:
         ``Measurement`` rows: a ``floor`` row and the engine rows with ``cpu_vs_floor`` and ``wall_vs_floor``
         (ratios of the medians), each engine row's ``extra`` holding every round's own ratios
-        (``cpu_vs_floor_rounds``, ``wall_vs_floor_rounds``: the engine's run over the floor run before it).
+        (``cpu_vs_floor_rounds``, ``wall_vs_floor_rounds``: the engine's run over that round's floor run).
     """
     rows = []
     k = max(min(n // 10, 100), 1)
@@ -151,23 +152,29 @@ async def floor_targets(
             for name, _, _ in configs + children:
                 right = f"{k} of {k} chains" if name == "rlm_batch" else f"{n} of {n} right"
                 each = [measure("floor_target", {"N": n, "C": c, "config": name}, None, r, right) for r in runs[name]]
-                row = each[0]
-                row.cpu_ms_per_call = statistics.median(r.cpu_ms_per_call for r in each)
-                row.wall_s = statistics.median(r.wall_s for r in each)
-                row.ok = all(r.ok for r in each)
-                row.extra["reps"] = reps
-                row.cpu_vs_floor = row.cpu_ms_per_call / floor_cpu
-                row.wall_vs_floor = None if name == "rlm_batch" else row.wall_s / floor_wall
-                # Each round's own ratios (engine run / the floor run just before it), so the spread behind
+                # Each round's own ratios (the engine's run over that round's floor run), so the spread behind
                 # the medians is on record: at C = 64 the floor's makespan alone moves by about 5% run to run.
-                row.extra["cpu_vs_floor_rounds"] = [
+                extra: dict[str, Any] = {**each[0].extra, "reps": reps}
+                extra["cpu_vs_floor_rounds"] = [
                     round(e.cpu_ms_per_call / f.cpu_ms_per_call, 3) for e, f in zip(each, floors, strict=True)
                 ]
                 if name != "rlm_batch":
-                    row.extra["wall_vs_floor_rounds"] = [
+                    extra["wall_vs_floor_rounds"] = [
                         round(e.wall_s / f.wall_s, 3) for e, f in zip(each, floors, strict=True)
                     ]
-                rows.append(row)
+                cpu_ms = statistics.median(r.cpu_ms_per_call for r in each)
+                wall_s = statistics.median(r.wall_s for r in each)
+                rows.append(
+                    dataclasses.replace(
+                        each[0],
+                        cpu_ms_per_call=cpu_ms,
+                        wall_s=wall_s,
+                        ok=all(r.ok for r in each),
+                        extra=extra,
+                        cpu_vs_floor=cpu_ms / floor_cpu,
+                        wall_vs_floor=None if name == "rlm_batch" else wall_s / floor_wall,
+                    )
+                )
     return rows
 
 

@@ -88,7 +88,8 @@ class Outcome:
         trace: the JSONL trace of the run (rlm_async only), or None.
         extra: engine-specific facts (truncation of the plain prompt, ...).
         turns: the root model's REPL turns (rlm_async: ``RunStats.turns``; official: the root's iterations,
-            the default-answer call after the last one not counted), or None (the plain call, a failed run).
+            the default-answer call after the last one not counted), failed and stopped runs included; None
+            for the plain call, and where the engine could not say (the official driver crashed or timed out).
     """
 
     answer: str

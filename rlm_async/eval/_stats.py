@@ -70,7 +70,7 @@ class GroupSummary:
         wall_s: seconds over the items (they run one after another).
         p50_s, p95_s: per-item latency percentiles, seconds (:func:`percentile`).
         errors: items that ended without an answer (their score counts as 0).
-        non_empty: items whose answer is not empty (issue 16's target: at least 95% of runs).
+        non_empty: items whose answer is not empty or blank (issue 16's target: at least 95% of runs).
         turns: the root's REPL turns summed over the items that report them (``turns_n`` of them), or None
             where none does (the plain call; rows written before turns were recorded).
         turns_n: items behind ``turns``.
@@ -96,7 +96,7 @@ class GroupSummary:
     non_empty: int = 0
     turns: int | None = None
     turns_n: int = 0
-    stop_reasons: dict[str, int] = field(default_factory=dict)
+    stop_reasons: dict[str, int] = field(default_factory=dict, hash=False)
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> list[GroupSummary]:
@@ -131,7 +131,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> list[Group
                 percentile(walls, 50),
                 percentile(walls, 95),
                 sum(1 for r in members if r.get("error")),
-                non_empty=sum(1 for r in members if int(r.get("answer_chars") or 0) > 0),
+                non_empty=sum(1 for r in members if str(r.get("answer") or "").strip()),
                 turns=sum(turns) if turns else None,
                 turns_n=len(turns),
                 stop_reasons=dict(Counter(str(r.get("stop_reason")) for r in members).most_common()),

@@ -68,13 +68,16 @@ def _count_turns(rlm: Any, record: dict[str, Any]) -> None:
     turn = getattr(rlm, "_completion_turn", None)
     if turn is None:
         return
-    record["turns"] = 0
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         record["turns"] += 1
         return turn(*args, **kwargs)
 
-    rlm._completion_turn = counted
+    try:
+        rlm._completion_turn = counted
+    except (AttributeError, TypeError):  # a version with slots or a read-only attribute: turns stay unknown
+        return
+    record["turns"] = 0
 
 
 def main() -> None:

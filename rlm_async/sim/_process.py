@@ -27,7 +27,9 @@ class RemoteSim:
     async def stats(self) -> SimStats:
         """What the server saw, read from its ``/stats`` endpoint."""
         async with aiohttp.ClientSession() as http, http.get(self.base_url.removesuffix("/v1") + "/stats") as resp:
-            return SimStats(**await resp.json())
+            data = await resp.json()
+        # Only the fields this SimStats has: a newer server may report more.
+        return SimStats(**{k: v for k, v in data.items() if k in SimStats.__dataclass_fields__})
 
 
 @contextlib.asynccontextmanager

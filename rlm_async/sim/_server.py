@@ -146,7 +146,11 @@ class SimServer:
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=LISTEN_BACKLOG)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await self.stop()  # the runner was set up: leave nothing behind
+            raise
         bound = self._runner.addresses[0]
         self.base_url = f"http://{bound[0]}:{bound[1]}/v1"
         return self.base_url
