@@ -183,7 +183,7 @@ class Run:
         """Seconds to the run's deadline, or None without ``timeout_s``."""
         return None if self.deadline is None else max(self.deadline - anyio.current_time(), 0.0)
 
-    def stats(self, stop_reason: StopReason, turns: int = 0) -> RunStats:
+    def stats(self, stop_reason: StopReason, turns: int) -> RunStats:
         """A snapshot of the run's counters; ``turns``: the root's."""
         s = self.scheduler.stats()
         return RunStats(

@@ -20,7 +20,6 @@ from . import local
 from ._budget import SMALL_MODEL, Limits
 from ._engine import RLM, RLMResult
 from ._errors import ConfigError
-from ._listen import LISTEN_BACKLOG
 from ._sandbox import describe as describe_sandbox
 from ._trace import Event
 from .batch import _cli as batch_cli
@@ -202,13 +201,10 @@ def _serve(args: argparse.Namespace) -> int:
     """Serve one RLM under ``--name`` until SIGINT / SIGTERM (graceful: running requests may finish)."""
     from aiohttp import web
 
-    from .serve import create_app, is_loopback
+    from .serve import create_app, refuse_open_exposure, serve_app
 
     api_key = args.api_key or os.environ.get("RLM_ASYNC_SERVE_API_KEY")
-    if api_key is None and not is_loopback(args.host):
-        raise ConfigError(
-            f"refusing to serve on {args.host} without an API key: pass --api-key or set RLM_ASYNC_SERVE_API_KEY"
-        )
+    refuse_open_exposure(args.host, api_key)
     limits = Limits(max_concurrency=args.max_concurrency, max_calls=args.max_calls, timeout_s=args.timeout)
     err = Console(stderr=True)
 
@@ -237,8 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
         err.print(f"[green]rlm-async serve: model {args.name!r} at http://{args.host}:{args.port}/v1[/green]")
         return served
 
-    web.run_app(app(), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-                handler_cancellation=True, backlog=LISTEN_BACKLOG, print=None)  # fmt: skip
+    serve_app(app(), args.host, args.port, args.shutdown_timeout)
     return EXIT_OK
 
 

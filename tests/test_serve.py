@@ -140,10 +140,13 @@ async def test_auth_errors_and_limits_are_openai_style(sim):
     assert too_big.status == 413 and too_big_body["error"]["code"] == "request_too_large"
 
 
-def test_no_key_means_loopback_only():
+def test_no_key_means_loopback_only(monkeypatch, capsys):
     rlm = RLM("m", base_url="http://127.0.0.1:9/v1", api_key="x")
     with pytest.raises(ConfigError, match="without an API key"):
         run({"rlm": rlm}, host="0.0.0.0")
+    monkeypatch.delenv("RLM_ASYNC_SERVE_API_KEY", raising=False)
+    assert cli_main(["serve", "--sim", "--host", "0.0.0.0"]) == 2  # the command asks the same question
+    assert "without an API key" in capsys.readouterr().err
 
 
 async def test_two_hundred_concurrent_requests_share_the_endpoints_cap_and_rpm():

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -44,11 +45,28 @@ def run(
         ConfigError: no ``api_key`` with a ``host`` that is not loopback (an open RLM would spend your
             provider budget for anyone who finds it).
     """
+    refuse_open_exposure(host, api_key)
+    serve_app(create_app(models, api_key=api_key, max_request_bytes=max_request_bytes), host, port, shutdown_timeout_s)
+
+
+def refuse_open_exposure(host: str, api_key: str | None) -> None:
+    """Refuse to serve without an API key anywhere but loopback (``run`` and ``rlm-async serve`` both ask).
+
+    Raises:
+        ConfigError: ``api_key`` is None and ``host`` is not loopback.
+    """
     if api_key is None and not is_loopback(host):
         raise ConfigError(
             f"refusing to serve on {host} without an API key: pass --api-key or set RLM_ASYNC_SERVE_API_KEY"
         )
-    app = create_app(models, api_key=api_key, max_request_bytes=max_request_bytes)
+
+
+def serve_app(
+    app: web.Application | Coroutine[Any, Any, web.Application], host: str, port: int, shutdown_timeout_s: float
+) -> None:
+    """Serve ``app`` (or the application a coroutine builds on the server's loop) until SIGINT or SIGTERM:
+    handlers are cancelled when their client hangs up, running requests get ``shutdown_timeout_s`` seconds
+    to finish, and the accept queue holds :data:`~rlm_async._listen.LISTEN_BACKLOG` connections."""
     web.run_app(
         app,
         host=host,
