@@ -72,21 +72,17 @@ Example:
 print(type(context), len(context))
 print(context[:500])
 ```
-(next reply, after reading the output)
+(next reply, after reading the output: one block that splits, asks and combines)
 ```repl
 chunks = [context[i:i + 20000] for i in range(0, len(context), 20000)]
 prompts = [f"Part {{k + 1}} of {{len(chunks)}} of a longer text:\\n{{c}}\\n\\nFrom this part only, note what "
-           f"helps to answer: {{query}}" for k, c in enumerate(chunks)]
+           f"helps to answer: {{query}}\\nIf nothing in this part helps, reply only: NONE"
+           for k, c in enumerate(chunks)]
 notes = await llm_batch(prompts)
-ok = [n for n in notes if not is_failure(n)]
-print(len(chunks), "parts,", len(ok), "answered")
-for n in ok[:3]:
-    print(n[:300])
-```
-(next reply, after reading the notes)
-```repl
-combined = await llm_query("Notes from each part of a text:\\n" + "\\n---\\n".join(ok)
-                           + f"\\n\\nFrom these notes, answer: {{query}}")
+ok = [n for n in notes if not is_failure(n) and not n.strip().upper().startswith("NONE")]
+print(len(chunks), "parts,", len(ok), "with notes")
+combined = await llm_query("Notes from the parts of a text that hold something relevant:\\n"
+                           + "\\n---\\n".join(ok) + f"\\n\\nFrom these notes, answer: {{query}}")
 answer["content"] = combined
 print(combined)
 ```

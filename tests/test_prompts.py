@@ -68,3 +68,35 @@ async def test_a_block_run_again_is_pointed_out():
     second_output = client.requests[2].messages[-1]["content"]
     assert "you ran this same code in turn 1" in second_output
     assert "same code" not in client.requests[1].messages[-1]["content"]
+
+
+async def test_the_worked_example_runs_as_written_and_drops_parts_with_nothing_to_say():
+    """Issue 16: at 32K the 1.5B followed the example into 7 parts, the 6 without the needle made up "7", and the
+    combining call took the majority; the 0.5B copied the combine block without the block that defines its
+    inputs. The example is now one self-contained block whose parts may answer NONE and are then left out."""
+    from .conftest import Script, make_rlm
+
+    prompt = system_prompt(depth=0, max_depth=2, max_fanout=1000, max_output_chars=20_000, kind="a str")
+    example = prompt[prompt.index("Example:") : prompt.index("Adapt it to the query")]
+    blocks = parse_code_blocks(example)
+    assert len(blocks) == 3, "peek; split, ask and combine; ready"
+    replies = [f"```repl\n{block}```" for block in blocks]
+
+    combine_prompts: list[str] = []
+
+    def sub(prompt: str) -> str:
+        if prompt.startswith("Notes from the parts"):
+            combine_prompts.append(prompt)
+            return "The code is 4417."
+        return "The code is 4417." if "code is 4417" in prompt else "NONE"
+
+    haystack = "lorem ipsum dolor sit amet " * 2_000  # 54,000 characters: 3 parts of 20,000
+    context = haystack[:30_000] + " The code is 4417. " + haystack[30_000:]
+    rlm, _ = make_rlm(Script({"What is the code?": replies}, sub=sub))
+    result = await rlm.completion("What is the code?", context)
+
+    assert result.stop_reason == "answer"
+    assert result.answer == "The code is 4417."
+    assert len(combine_prompts) == 1
+    notes = combine_prompts[0].split("\n\nFrom these notes")[0]
+    assert notes.count("4417") == 1 and "NONE" not in notes
