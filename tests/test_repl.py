@@ -6,8 +6,10 @@ interrupts, a context holding a threading.Event) use ``thread_session``."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -351,3 +353,48 @@ async def test_an_answer_too_long_for_a_frame_is_cut_to_fit_with_a_note(no_leaks
     assert _wire.encoded_size(content) <= frame - 4096 < _wire.encoded_size(content + "\x01") + 1000
     assert content.startswith("é" * 1_000_000)
     assert [n for n in result.notes if 'answer["content"] was cut to' in n and "of its 5,000,000" in n], result
+
+
+async def test_a_restart_cancelled_mid_fork_is_gone_before_when_gone_calls_back(monkeypatch, no_leaks):
+    """Regression: ``_restart`` awaited its start inline, so a run cancelled while the zygote forked the new
+    worker left that fork to finish (and be killed) from the fork thread, while ``when_gone`` called back at
+    once: the agent gave its ``max_workers`` slot back with the worker still starting."""
+    import os
+
+    from rlm_async._repl import _zygote
+
+    plan = plan_for(Sandbox("strict"))
+    if not _zygote.uses_zygote(plan):
+        pytest.skip("workers are spawned, not forked, on this machine (bubblewrap without Landlock)")
+    real_fork = _zygote.Zygote.fork
+    forks: list[str] = []
+    in_fork, let_go = threading.Event(), threading.Event()
+
+    def slow_fork(self: Any, channel: Any, config: Any) -> Any:
+        forks.append(config["spool"])
+        if len(forks) == 2:  # the restart's
+            in_fork.set()
+            assert let_go.wait(60)
+        return real_fork(self, channel, config)
+
+    monkeypatch.setattr(_zygote.Zygote, "fork", slow_fork)
+    spool_left: list[bool] = []
+    gone = asyncio.Event()
+    async with ProcessRepl(context="c", host=FakeHost(), plan=plan, max_output_chars=10_000) as repl:
+        assert (await repl.run_cell("x = 1")).error is None
+        cell = asyncio.get_running_loop().create_task(repl.run_cell("import os; os._exit(3)"))
+        assert await anyio.to_thread.run_sync(in_fork.wait, 60)
+        cell.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cell
+
+    def on_gone() -> None:
+        spool_left.append(os.path.exists(forks[1]))
+        gone.set()
+
+    repl.when_gone(on_gone)
+    let_go.set()  # before asserting: a failed test must not leave the fork thread waiting
+    assert not gone.is_set(), "when_gone called back while the restart's fork was still under way"
+    with anyio.fail_after(60):
+        await gone.wait()
+    assert spool_left == [False]

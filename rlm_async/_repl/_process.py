@@ -337,7 +337,10 @@ class ProcessRepl:
         if worker is not None:
             await _discard(worker)
         self.restarts += 1
-        self._worker = await self._start()
+        # Through `_starting`, as the first start: a restart cancelled mid-fork is then left to a reaper on
+        # exit, and `when_gone` waits for it (awaited inline, the fork's worker outlived the REPL's slot).
+        self._starting = asyncio.get_running_loop().create_task(self._start(), name=f"repl-restart-{self._name}")
+        await self._live()
         return note + "; the REPL was restarted and its variables are lost (`context` was reloaded)"
 
     # -- state the agent reads ------------------------------------------------------------------------
