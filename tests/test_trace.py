@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import structlog
 
 from rlm_async._trace import Tracer, bound
+
+from .conftest import on_fake_clock
 
 
 def test_nobody_listening_means_no_event_is_built(monkeypatch):
@@ -70,6 +73,33 @@ def test_a_trace_file_or_a_listener_gets_every_event_whatever_the_logger(tmp_pat
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["event"] for e in lines] == [e["event"] for e in seen] == ["call_queued", "call_finished"]
     assert all(e["run_id"] == "r" and e["depth"] == 0 for e in lines)
+
+
+@on_fake_clock
+async def test_the_trace_file_is_on_disk_within_a_second_of_an_event(tmp_path):
+    """Regression: the JSONL file was flushed only when its 8 KiB buffer filled, so a 32K-token eval item's
+    trace stayed empty for minutes while the run waited on a local model."""
+    from rlm_async._trace import FLUSH_AFTER_S
+
+    path = tmp_path / "t.jsonl"
+    tracer = Tracer(trace_path=path)
+    tracer.emit("turn")
+    tracer.emit("reply", text="x")
+    assert path.read_text() == ""  # buffered: one flush serves every event of the next second
+    await asyncio.sleep(FLUSH_AFTER_S)  # looptime: no real time passes
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["turn", "reply"]
+    tracer.emit("turn")
+    tracer.close()  # cancels the pending flush and closes the file with its line
+    assert len(path.read_text().splitlines()) == 3
+    await asyncio.sleep(FLUSH_AFTER_S)  # the cancelled timer does not touch the closed file
+
+
+def test_an_event_written_outside_an_event_loop_is_flushed_at_once(tmp_path):
+    path = tmp_path / "t.jsonl"
+    tracer = Tracer(trace_path=path)
+    tracer.emit("turn")
+    assert json.loads(path.read_text())["event"] == "turn"
+    tracer.close()
 
 
 def test_the_default_logger_is_asked_through_structlogs_lazy_proxy(caplog):
