@@ -18,14 +18,12 @@ from pathlib import Path
 
 from rlm_async.bench import BenchConfig, Measurement, _engine_run, _measure
 from rlm_async.bench._floor import FLOOR_ROUNDS, floor_targets
-from rlm_async.sim import SimConfig, sim_process
+from rlm_async.sim import sim_process
 
 
 async def run(reps: int = FLOOR_ROUNDS) -> list[Measurement]:
     """The floor-target rows, ``reps`` rounds."""
-    cfg = BenchConfig()
-    sim_config = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, capacity=4096)
-    async with sim_process(sim_config) as sim:
+    async with sim_process(BenchConfig().sim_config()) as sim:
         rows: list[Measurement] = await floor_targets(sim.base_url, _engine_run, _measure, reps=reps)
     return rows
 

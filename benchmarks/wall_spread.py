@@ -6,7 +6,7 @@ collections of each generation during the engine's run (the benchmark's own ``gc
 is one generation-2 collection), and, on Linux, the kernel's listen-queue overflows and SYN retransmits
 during the pair (``/proc/net/netstat``: a full accept queue drops a SYN, which the client resends after
 its 1 s initial retransmission timeout, RFC 6298). The default configuration, N = 2,000 (``--n``) at
-C = 256 (``--c``), 50 ms simulated calls. Run from a checkout::
+C = 256 (``--c``), against the simulator and limits of ``floor_targets``. Run from a checkout::
 
     .venv/bin/python benchmarks/wall_spread.py --pairs 12
 """
@@ -19,10 +19,9 @@ import gc
 from pathlib import Path
 from typing import Any
 
-from rlm_async._budget import Limits
-from rlm_async.bench import _engine_run
-from rlm_async.bench._floor import bare_fanout
-from rlm_async.sim import LatencyModel, SimConfig, sim_process
+from rlm_async.bench import BenchConfig, _engine_run
+from rlm_async.bench._floor import bare_fanout, floor_limits
+from rlm_async.sim import sim_process
 
 
 def _tcp_counters() -> tuple[int, int] | None:
@@ -47,13 +46,12 @@ async def _pairs(pairs: int, n: int, c: int) -> None:
             collections.append(info["generation"])
 
     gc.callbacks.append(count)
-    latency = LatencyModel(0.05, 1e12, 1e12, jitter_sigma=0.0, outlier_rate=0.0)
-    async with sim_process(SimConfig(latency=latency, capacity=4096)) as sim:
+    async with sim_process(BenchConfig().sim_config()) as sim:  # the simulator floor_targets runs against
         for i in range(pairs):
             before = _tcp_counters()
             floor = await bare_fanout(sim.base_url, n, c)
             collections.clear()
-            limits = Limits(max_concurrency=c, max_calls=2 * n + 10, max_fanout=n, max_depth=2)
+            limits = floor_limits(n, c)
             result, cpu_s, _, _ = await _engine_run(sim.base_url, f"Fan out {n} sub-calls", "", limits)
             stats = result.stats
             gens = "/".join(str(collections.count(g)) for g in (0, 1, 2))

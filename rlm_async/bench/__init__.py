@@ -79,6 +79,11 @@ class BenchConfig:
         """Every call takes exactly ``call_s`` (before the time scale)."""
         return LatencyModel(self.call_s, 1e12, 1e12, jitter_sigma=0.0, outlier_rate=0.0)
 
+    def sim_config(self) -> SimConfig:
+        """The simulator of the floor targets and the grids: :attr:`latency` at ``time_scale``, ``seed``, and
+        room for 4,096 calls at once (the largest C is 256)."""
+        return SimConfig(latency=self.latency, time_scale=self.time_scale, seed=self.seed, capacity=4096)
+
     @property
     def scaled_call_s(self) -> float:
         """Seconds one call really takes."""
@@ -427,8 +432,7 @@ async def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] = lam
     """Run every scenario; write ``results.json`` and the plots to ``cfg.out_dir``; return the measurements."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Measurement] = []
-    sim_config = SimConfig(latency=cfg.latency, time_scale=cfg.time_scale, seed=cfg.seed, capacity=4096)
-    async with sim_process(sim_config) as sim:
+    async with sim_process(cfg.sim_config()) as sim:
         progress("the floor targets (N=2000 at C=64 and 256, against a bare aiohttp loop)")
         rows += await floor_targets(sim.base_url, _engine_run, _measure, reps=1 if cfg.quick else FLOOR_ROUNDS)
         progress("fan-out grid")

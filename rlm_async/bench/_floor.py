@@ -102,6 +102,12 @@ async def bare_fanout(base_url: str, n: int, c: int, model: str = "sim-sub") -> 
 EngineRun = Callable[..., Coroutine[Any, Any, Any]]
 
 
+def floor_limits(n: int, c: int, agents: int = 1) -> Limits:
+    """The engine's limits in a floor comparison: C in flight, a batch of N, room for the N + 1 calls twice
+    over (retries never decide a run), and ``agents`` agents (the root, plus children where a row has them)."""
+    return Limits(max_concurrency=c, max_calls=2 * n + 10, max_fanout=n, max_depth=2, max_agents=agents)
+
+
 async def floor_targets(
     base_url: str, engine_run: EngineRun, measure: Callable[..., Any], *, n: int = 2000, reps: int = FLOOR_ROUNDS
 ) -> list[Any]:
@@ -141,10 +147,7 @@ async def floor_targets(
             for _ in range(reps):
                 floors.append(await bare_fanout(base_url, n, c))
                 for name, query, kwargs in configs + children:
-                    limits = Limits(
-                        max_concurrency=c, max_calls=2 * n + 10, max_fanout=n, max_depth=2, max_agents=k + 1
-                    )
-                    runs[name].append(await engine_run(base_url, query, "", limits, **kwargs))
+                    runs[name].append(await engine_run(base_url, query, "", floor_limits(n, c, k + 1), **kwargs))
                     trace.unlink(missing_ok=True)
             floor_cpu = statistics.median(f.cpu_ms_per_call for f in floors)
             floor_wall = statistics.median(f.wall_s for f in floors)
