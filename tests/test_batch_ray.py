@@ -139,6 +139,39 @@ async def test_a_killed_worker_actors_items_finish_elsewhere_once(cluster: None,
     print(f"\nretried after the kill: {sum(r.attempts == 2 for r in got)} items; not run: {120 - len(got)}")
 
 
+async def test_an_item_whose_call_ray_fails_runs_again_and_one_it_fails_every_time_is_recorded(
+    cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Regression: a call Ray failed with the worker still alive (an object lost with its node, memory that ran
+    out) was recorded as the item's final failure after one try, so a rerun skipped an item nothing was wrong
+    with. Such an item now runs again, like one whose worker died; after ``max_item_attempts`` it is
+    recorded with Ray's error."""
+    from ray.exceptions import OutOfMemoryError
+
+    from rlm_async.batch import _ray as on_ray
+
+    class FlakyWorker(on_ray.WorkerActor):  # defined here, so Ray ships it to the workers by value
+        async def run(self, item: Any, attempts: int) -> Any:
+            if (item.id == "item-1" and attempts == 1) or item.id == "item-2":
+                raise OutOfMemoryError(f"test: {item.id}, try {attempts}")
+            return await on_ray.WorkerActor.run(self, item, attempts)
+
+    monkeypatch.setattr(on_ray, "WorkerActor", FlakyWorker)
+    items = [verse_item(i) for i in range(4)]
+    out = tmp_path / "out.jsonl"
+    async with sim_process(SimConfig(latency=LATENCY, time_scale=SCALE)) as sim:
+        report = await batch(
+            items, MODEL, out=out, ray="auto", workers=1, max_runs=4, max_item_attempts=3,
+            limits=Limits(max_concurrency=4), **options(sim.base_url),
+        )  # fmt: skip
+    rows = {str(r["id"]): r for r in lines_of(out)}
+    assert (report.done, report.failed) == (3, 1)
+    assert [(rows[f"item-{i}"]["status"], rows[f"item-{i}"]["attempts"]) for i in range(4)] == [
+        ("done", 1), ("done", 2), ("failed", 3), ("done", 1),
+    ]  # fmt: skip
+    assert rows["item-2"]["stop_reason"] == "error" and "OutOfMemoryError" in str(rows["item-2"]["error"])
+
+
 def _actor(name: str) -> Any:
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["name"] == name:

@@ -228,7 +228,9 @@ async def batch(
         worker_cpus: CPUs each Ray worker actor reserves (default 1).
         max_calls: the job's model calls (HTTP requests, retries included) across every item, or None.
         max_cost_usd: the job's USD across every item, or None; needs ``prices`` for every model.
-        max_item_attempts: on Ray, tries per item when workers die under it, then ``"worker_lost"`` (default 3).
+        max_item_attempts: on Ray, tries per item when workers die under it, then ``"worker_lost"``, or when
+            Ray fails the call for a cause outside the item (an object lost with its node, memory that ran out:
+            ``_ray.TRANSIENT_RAY_ERRORS``), then ``"error"`` (default 3).
         lease: on Ray, the lease sizes (:class:`LeaseSizes`; docs/scale-out.md).
         on_result: called with each result as it is recorded.
         on_start: called with each item's id as it starts.
@@ -331,7 +333,8 @@ def ray_batch(
     once. The endpoint's in-flight cap (``limits.max_concurrency``) and ``rate_limits`` hold across the
     cluster, leased from one coordinator actor (docs/scale-out.md: the lease sizes and the overshoot they
     allow), as do the job's ``max_calls`` and ``max_cost_usd``. An item whose worker dies is retried on
-    another, up to ``max_item_attempts`` tries, then recorded failed (``"worker_lost"``). An item the job's
+    another, up to ``max_item_attempts`` tries, then recorded failed (``"worker_lost"``); so is an item whose
+    call Ray failed for a cause outside it (then ``"error"``). An item the job's
     ``max_calls`` / ``max_cost_usd`` stops is neither yielded nor recorded (a rerun runs it). When this call
     started Ray (``address="local"``, or no cluster was connected yet), it shuts it down at the end.
 

@@ -66,7 +66,8 @@ class ItemResult:
         answer: the answer, or the partial draft of a run that stopped early ("" when none ran).
         stop_reason: the run's :data:`~rlm_async.StopReason`, or, when no run produced a result:
             ``"worker_lost"`` (the Ray worker running it died on every one of ``max_item_attempts`` tries),
-            ``"bad_input"`` (its ``context_path`` could not be read) or ``"error"`` (the engine raised).
+            ``"bad_input"`` (its ``context_path`` could not be read) or ``"error"`` (the engine raised, or Ray
+            failed its call on every try).
         usage: the run's tree-wide usage (calls, tokens, USD).
         error: why the item did not answer (the typed error's text), or None.
         attempts: how many times the item was started (more than 1 after a worker died under it).

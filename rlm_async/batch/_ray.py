@@ -25,11 +25,27 @@ from ._runner import Engine, EngineSpec, run_item
 
 try:
     import ray
+    from ray import exceptions as ray_errors
     from ray.exceptions import RayActorError
 except ImportError as exc:  # pragma: no cover - the extra is missing
     raise ConfigError("--ray needs Ray: pip install 'rlm-async[ray]'") from exc
 
 __all__ = ["run_ray"]
+
+#: Ray's failures of a call that say nothing about the item: an object lost with its node or its owner, memory
+#: or disk that ran out, a node or raylet that died, a worker process that crashed, an RPC that failed. The item
+#: runs again, as when its worker actor dies; anything else (our code raised in the actor) is recorded.
+TRANSIENT_RAY_ERRORS: tuple[type[Exception], ...] = (
+    ray_errors.ObjectLostError,
+    ray_errors.ObjectStoreFullError,
+    ray_errors.OutOfMemoryError,
+    ray_errors.OutOfDiskError,
+    ray_errors.NodeDiedError,
+    ray_errors.LocalRayletDiedError,
+    ray_errors.WorkerCrashedError,
+    ray_errors.RpcError,
+    ray_errors.RaySystemError,
+)
 
 #: Seconds the driver gives worker actors to cancel their items and give their leases back before it kills them.
 CLOSE_TIMEOUT_S = 10.0
@@ -312,6 +328,12 @@ async def run_ray(
                         continue
                     why = f"the Ray worker died on each of {tries} tries: {type(exc).__name__}"
                     outcome = Outcome(ItemResult.failure(item.id, "worker_lost", why, attempts=tries), False, False)
+                except TRANSIENT_RAY_ERRORS as exc:  # the worker lives on: the item goes back in the queue
+                    if tries < max_item_attempts:
+                        pending.appendleft((item, tries))
+                        continue
+                    why = f"Ray failed the call on each of {tries} tries: {type(exc).__name__}: {exc}"
+                    outcome = Outcome(ItemResult.failure(item.id, "error", why, attempts=tries), False, False)
                 except Exception as exc:  # the actor call itself failed (not the run: run_item never raises)
                     failure = ItemResult.failure(item.id, "error", f"{type(exc).__name__}: {exc}")
                     outcome = Outcome(failure, False, False)
