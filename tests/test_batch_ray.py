@@ -1,6 +1,7 @@
 """rlm-async batch on a local Ray cluster (``ray.init(num_cpus=2)``) against the simulator: 500 items each
 answered once with the cluster-wide in-flight cap and RPM held at the server, a worker actor killed mid-job,
-an interrupted job rerun, and the same answers as the single-machine path.
+an interrupted job rerun, and the same answers as the single-machine path; and the command itself, with its
+own cluster, stopped by SIGINT and rerun.
 
 Marked ``ray``; CI runs them (ray is in the dev extra). Without Ray this module fails to import: it does not
 skip.
@@ -8,14 +9,18 @@ skip.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import ray
 
@@ -170,6 +175,44 @@ async def test_an_item_whose_call_ray_fails_runs_again_and_one_it_fails_every_ti
         ("done", 1), ("done", 2), ("failed", 3), ("done", 1),
     ]  # fmt: skip
     assert rows["item-2"]["stop_reason"] == "error" and "OutOfMemoryError" in str(rows["item-2"]["error"])
+
+
+async def test_the_command_on_its_own_ray_cluster_stops_cleanly_on_sigint_and_the_rerun_finishes(tmp_path: Path):
+    """``rlm-async batch --ray local`` as a user runs it, in its own process with its own cluster: SIGINT lands
+    while items run on the worker actors; the command exits 130 with the finished items kept whole, and the
+    rerun runs exactly the others, with the answers of the single-machine path."""
+    slow = LatencyModel(ttft_s=0.15, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
+    items = [verse_item(i) for i in range(16)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i.id, "query": i.query, "context": i.context}) + "\n" for i in items))
+    out = tmp_path / "out.jsonl"
+    async with sim_process(SimConfig(latency=slow)) as sim:
+        command = [sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out), "--json"]
+        command += ["--base-url", sim.base_url, "--api-key", "k", "--model", "sim-root", "--sub-model", "sim-sub"]
+        command += ["--ray", "local", "--workers", "2", "--max-runs", "2"]
+        process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            with anyio.fail_after(180):  # the cluster's start: seconds on a busy 2-core machine
+                while not out.exists() or len(out.read_text().splitlines()) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+        except BaseException:
+            process.kill()
+            raise
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = await process.communicate()
+        assert process.returncode == 130, stderr.decode()[-2000:]
+        summary = json.loads(stdout.decode().strip().splitlines()[-1])
+        first = lines_of(out)
+        assert summary["interrupted"] is True and summary["done"] == len(first) < 16
+        rerun = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = await rerun.communicate()
+        assert rerun.returncode == 0, stderr.decode()[-2000:]
+        summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert summary["skipped"] == len(first) and summary["done"] == 16 - len(first)
+    every = lines_of(out)
+    assert sorted(r["id"] for r in every) == sorted(i.id for i in items)
+    by_id = {i.id: i for i in items}
+    assert all(json.loads(str(r["answer"])) == expected(by_id[str(r["id"])]) for r in every)
 
 
 def _actor(name: str) -> Any:
