@@ -79,10 +79,11 @@ prompts = [f"Part {{k + 1}} of {{len(chunks)}} of a longer text:\\n{{c}}\\n\\nFr
            f"helps to answer: {{query}}\\nIf nothing in this part helps, reply only: NONE"
            for k, c in enumerate(chunks)]
 notes = await llm_batch(prompts)
-ok = [n for n in notes if not is_failure(n) and not n.strip().upper().startswith("NONE")]
+ok = [n for n in notes if not is_failure(n) and n.strip(" .*'\\"\\n").upper() != "NONE"]
 print(len(chunks), "parts,", len(ok), "with notes")
-combined = await llm_query("Notes from the parts of a text that hold something relevant:\\n"
-                           + "\\n---\\n".join(ok) + f"\\n\\nFrom these notes, answer: {{query}}")
+found = "\\n---\\n".join(ok) or "(no part held anything that helps)"
+combined = await llm_query(f"Notes from the parts of a text that hold something relevant:\\n{{found}}\\n\\n"
+                           f"From these notes, answer: {{query}}")
 answer["content"] = combined
 print(combined)
 ```

@@ -88,7 +88,9 @@ async def test_the_worked_example_runs_as_written_and_drops_parts_with_nothing_t
         if prompt.startswith("Notes from the parts"):
             combine_prompts.append(prompt)
             return "The code is 4417."
-        return "The code is 4417." if "code is 4417" in prompt else "NONE"
+        if "code is 4417" in prompt:  # a note that starts like NONE but holds the answer is kept
+            return "None of the other lines matter, but the code is 4417."
+        return "NONE" if prompt.startswith("Part 1 ") else "**NONE.**"
 
     haystack = "lorem ipsum dolor sit amet " * 2_000  # 54,000 characters: 3 parts of 20,000
     context = haystack[:30_000] + " The code is 4417. " + haystack[30_000:]
@@ -99,4 +101,25 @@ async def test_the_worked_example_runs_as_written_and_drops_parts_with_nothing_t
     assert result.answer == "The code is 4417."
     assert len(combine_prompts) == 1
     notes = combine_prompts[0].split("\n\nFrom these notes")[0]
-    assert notes.count("4417") == 1 and "NONE" not in notes
+    assert notes.count("4417") == 1 and "NONE" not in notes and "---" not in notes
+
+
+async def test_the_worked_example_tells_the_combining_call_when_no_part_had_anything():
+    """Review finding: with every part answering NONE, the combining call got an empty list of notes."""
+    from .conftest import Script, make_rlm
+
+    prompt = system_prompt(depth=0, max_depth=2, max_fanout=1000, max_output_chars=20_000, kind="a str")
+    example = prompt[prompt.index("Example:") : prompt.index("Adapt it to the query")]
+    replies = [f"```repl\n{block}```" for block in parse_code_blocks(example)]
+    combine_prompts: list[str] = []
+
+    def sub(prompt: str) -> str:
+        if prompt.startswith("Notes from the parts"):
+            combine_prompts.append(prompt)
+            return "No code was found."
+        return "NONE"
+
+    rlm, _ = make_rlm(Script({"What is the code?": replies}, sub=sub))
+    result = await rlm.completion("What is the code?", "lorem ipsum " * 5_000)
+    assert result.answer == "No code was found."
+    assert "(no part held anything that helps)" in combine_prompts[0]
