@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,12 +177,17 @@ async def test_an_item_whose_call_ray_fails_runs_again_and_one_it_fails_every_ti
     assert rows["item-2"]["stop_reason"] == "error" and "OutOfMemoryError" in str(rows["item-2"]["error"])
 
 
-async def test_the_command_on_its_own_ray_cluster_stops_cleanly_on_sigint_and_the_rerun_finishes(tmp_path: Path):
-    """``rlm-async batch --ray local`` as a user runs it, in its own process with its own cluster: SIGINT lands
-    while items run on the worker actors; the command exits 130 with the finished items kept whole, and the
-    rerun runs exactly the others, with the answers of the single-machine path."""
-    slow = LatencyModel(ttft_s=0.15, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
-    items = [verse_item(i) for i in range(16)]
+@pytest.mark.timeout(480)  # two starts of a cluster and two jobs, on a busy 2-core machine
+async def test_the_command_on_its_own_ray_cluster_stops_cleanly_on_sigint_and_the_rerun_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``rlm-async batch --ray local`` as a user runs it, in its own process with its own cluster (not the one
+    RAY_ADDRESS names: ``ray.init()`` without an address joined it): SIGINT lands while items run on the
+    worker actors; the command exits 130 with the finished items kept whole, and the rerun runs exactly the
+    others, with the answers of the single-machine path."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # nothing listens there
+    slow = LatencyModel(ttft_s=0.3, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
+    items = [verse_item(i) for i in range(40)]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i.id, "query": i.query, "context": i.context}) + "\n" for i in items))
     out = tmp_path / "out.jsonl"
@@ -191,28 +196,41 @@ async def test_the_command_on_its_own_ray_cluster_stops_cleanly_on_sigint_and_th
         command += ["--base-url", sim.base_url, "--api-key", "k", "--model", "sim-root", "--sub-model", "sim-sub"]
         command += ["--ray", "local", "--workers", "2", "--max-runs", "2"]
         process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
+        async with _killed_on_failure(process):
             with anyio.fail_after(180):  # the cluster's start: seconds on a busy 2-core machine
-                while not out.exists() or len(out.read_text().splitlines()) < 2:  # noqa: ASYNC110
+                while not out.exists() or len(out.read_text().splitlines()) < 2:
+                    assert process.returncode is None, (await process.communicate())[1].decode()[-2000:]
                     await anyio.sleep(0.05)
-        except BaseException:
-            process.kill()
-            raise
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = await process.communicate()
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                stdout, stderr = await process.communicate()
         assert process.returncode == 130, stderr.decode()[-2000:]
         summary = json.loads(stdout.decode().strip().splitlines()[-1])
         first = lines_of(out)
-        assert summary["interrupted"] is True and summary["done"] == len(first) < 16
+        assert summary["interrupted"] is True and summary["done"] == len(first) < 40
         rerun = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        stdout, stderr = await rerun.communicate()
+        async with _killed_on_failure(rerun):
+            with anyio.fail_after(180):
+                stdout, stderr = await rerun.communicate()
         assert rerun.returncode == 0, stderr.decode()[-2000:]
         summary = json.loads(stdout.decode().strip().splitlines()[-1])
-    assert summary["skipped"] == len(first) and summary["done"] == 16 - len(first)
+    assert summary["skipped"] == len(first) and summary["done"] == 40 - len(first)
     every = lines_of(out)
     assert sorted(r["id"] for r in every) == sorted(i.id for i in items)
     by_id = {i.id: i for i in items}
     assert all(json.loads(str(r["answer"])) == expected(by_id[str(r["id"])]) for r in every)
+
+
+@contextlib.asynccontextmanager
+async def _killed_on_failure(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """Kill the command (and so its Ray cluster's driver) when the block fails, rather than leave it running."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
 
 
 def _actor(name: str) -> Any:

@@ -71,7 +71,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--job-max-calls", type=int, default=None, help="model calls (requests) across the job")
     p.add_argument("--job-max-cost-usd", type=float, default=None, help="USD across the job (needs --price)")
     p.add_argument("--price", action="append", default=[], metavar="MODEL=IN,OUT", help="USD per million tokens")
-    p.add_argument("--max-item-attempts", type=int, default=DEFAULT_ITEM_ATTEMPTS, help="tries when workers die")
+    p.add_argument(
+        "--max-item-attempts",
+        type=int,
+        default=DEFAULT_ITEM_ATTEMPTS,
+        help="tries when Ray workers die or Ray fails a call",
+    )
     p.add_argument("--sandbox", choices=["strict", "process", "none"], default="strict")
     p.add_argument("--json", action="store_true", help="print the final summary as one JSON object")
 

@@ -70,7 +70,8 @@ class ItemResult:
             failed its call on every try).
         usage: the run's tree-wide usage (calls, tokens, USD).
         error: why the item did not answer (the typed error's text), or None.
-        attempts: how many times the item was started (more than 1 after a worker died under it).
+        attempts: how many times the item was started (more than 1 after a Ray worker died under it or Ray
+            failed its call).
         wall_s: seconds from the item's (last) start to its result.
     """
 

@@ -34,7 +34,9 @@ __all__ = ["run_ray"]
 
 #: Ray's failures of a call that say nothing about the item: an object lost with its node or its owner, memory
 #: or disk that ran out, a node or raylet that died, a worker process that crashed, an RPC that failed. The item
-#: runs again, as when its worker actor dies; anything else (our code raised in the actor) is recorded.
+#: runs again, as when its worker actor dies; anything else is recorded: our code raised in the actor, or
+#: ``RaySystemError`` (Ray returns it when the driver cannot deserialize a result, which fails the same way on
+#: every try, after paying for the item's model calls each time).
 TRANSIENT_RAY_ERRORS: tuple[type[Exception], ...] = (
     ray_errors.ObjectLostError,
     ray_errors.ObjectStoreFullError,
@@ -44,7 +46,6 @@ TRANSIENT_RAY_ERRORS: tuple[type[Exception], ...] = (
     ray_errors.LocalRayletDiedError,
     ray_errors.WorkerCrashedError,
     ray_errors.RpcError,
-    ray_errors.RaySystemError,
 )
 
 #: Seconds the driver gives worker actors to cancel their items and give their leases back before it kills them.
@@ -233,7 +234,7 @@ def _connect(address: str) -> bool:
         return False
     try:
         if address == "local":
-            init_ray(include_dashboard=False, log_to_driver=False)
+            init_ray(address="local", include_dashboard=False, log_to_driver=False)  # not RAY_ADDRESS's cluster
         else:
             init_ray(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
