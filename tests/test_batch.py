@@ -451,19 +451,33 @@ async def test_a_second_signal_does_not_cut_the_cleanup_short() -> None:
 
 
 # -- the command, against the simulator ---------------------------------------------------------------------
+def batch_command(items: list[BatchItem], tmp_path: Path, base_url: str, *options: str) -> tuple[list[str], Path]:
+    """``rlm-async batch`` as a user runs it, on ``items`` (written to an input file in ``tmp_path``) against the
+    simulator at ``base_url``, with ``options``; and its results file."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i.id, "query": i.query, "context": i.context}) + "\n" for i in items))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out), "--json"]
+    command += ["--base-url", base_url, "--api-key", "k", "--model", "sim-root", "--sub-model", "sim-sub", *options]
+    return command, out
+
+
+def assert_each_item_answered_once(out: Path, items: list[BatchItem]) -> None:
+    """The results file holds every item once, each with the single-machine path's answer."""
+    rows = lines_of(out)
+    assert sorted(r["id"] for r in rows) == sorted(i.id for i in items)
+    by_id = {i.id: i for i in items}
+    assert all(json.loads(str(r["answer"])) == expected(by_id[str(r["id"])]) for r in rows)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_the_command_stops_cleanly_on_a_signal_and_resumes(tmp_path: Path, signum: int) -> None:
     """A slow simulator (0.15 s a call), 4 runs at once: the signal lands while items run; the finished ones
     are kept, none is torn, and the rerun runs exactly the others."""
     slow = LatencyModel(ttft_s=0.15, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
     items = [verse_item(i) for i in range(8)]
-    source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"id": i.id, "query": i.query, "context": i.context}) + "\n" for i in items))
-    out = tmp_path / "out.jsonl"
     async with sim_process(SimConfig(latency=slow)) as sim:
-        command = [sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out), "--json"]
-        command += ["--base-url", sim.base_url, "--api-key", "k", "--model", "sim-root", "--sub-model", "sim-sub"]
-        command += ["--max-runs", "4"]
+        command, out = batch_command(items, tmp_path, sim.base_url, "--max-runs", "4")
         process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         with anyio.fail_after(60):
             while not out.exists() or len(out.read_text().splitlines()) < 2:  # noqa: ASYNC110
@@ -479,10 +493,7 @@ async def test_the_command_stops_cleanly_on_a_signal_and_resumes(tmp_path: Path,
         assert rerun.returncode == 0, stderr.decode()[-2000:]
         summary = json.loads(stdout.decode().strip().splitlines()[-1])
     assert summary["skipped"] == len(first) and summary["done"] == 8 - len(first)
-    every = lines_of(out)
-    assert sorted(r["id"] for r in every) == sorted(i.id for i in items)
-    by_id = {i.id: i for i in items}
-    assert all(json.loads(str(r["answer"])) == expected(by_id[str(r["id"])]) for r in every)
+    assert_each_item_answered_once(out, items)
 
 
 async def test_single_machine_batch_over_the_simulator(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from rlm_async.batch import ItemResult, LeaseSizes
 from rlm_async.batch._ray import init_ray
 from rlm_async.sim import LatencyModel, SimConfig, sim_process
 
-from .test_batch import expected, lines_of, verse_item
+from .test_batch import assert_each_item_answered_once, batch_command, expected, lines_of, verse_item
 
 pytestmark = pytest.mark.ray
 
@@ -188,13 +187,10 @@ async def test_the_command_on_its_own_ray_cluster_stops_cleanly_on_sigint_and_th
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # nothing listens there
     slow = LatencyModel(ttft_s=0.3, prefill_tok_per_s=1e9, decode_tok_per_s=1e9, jitter_sigma=0.0, outlier_rate=0.0)
     items = [verse_item(i) for i in range(40)]
-    source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"id": i.id, "query": i.query, "context": i.context}) + "\n" for i in items))
-    out = tmp_path / "out.jsonl"
     async with sim_process(SimConfig(latency=slow)) as sim:
-        command = [sys.executable, "-m", "rlm_async.cli", "batch", str(source), "--out", str(out), "--json"]
-        command += ["--base-url", sim.base_url, "--api-key", "k", "--model", "sim-root", "--sub-model", "sim-sub"]
-        command += ["--ray", "local", "--workers", "2", "--max-runs", "2"]
+        command, out = batch_command(
+            items, tmp_path, sim.base_url, "--ray", "local", "--workers", "2", "--max-runs", "2"
+        )
         process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         async with _killed_on_failure(process):
             with anyio.fail_after(180):  # the cluster's start: seconds on a busy 2-core machine
@@ -215,10 +211,7 @@ async def test_the_command_on_its_own_ray_cluster_stops_cleanly_on_sigint_and_th
         assert rerun.returncode == 0, stderr.decode()[-2000:]
         summary = json.loads(stdout.decode().strip().splitlines()[-1])
     assert summary["skipped"] == len(first) and summary["done"] == 40 - len(first)
-    every = lines_of(out)
-    assert sorted(r["id"] for r in every) == sorted(i.id for i in items)
-    by_id = {i.id: i for i in items}
-    assert all(json.loads(str(r["answer"])) == expected(by_id[str(r["id"])]) for r in every)
+    assert_each_item_answered_once(out, items)
 
 
 @contextlib.asynccontextmanager
