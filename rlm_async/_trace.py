@@ -162,21 +162,20 @@ class Tracer:
         if logged:
             self._log.debug(**record)
         if self._file is not None:
-            self._write(_ENCODER.encode(record) + "\n")
+            self._write(self._file, _ENCODER.encode(record) + "\n")
         for listener in self._listeners:
             try:
                 listener(record)
             except Exception:  # a user's callback must not change the run: logged, then left out
                 _callback_log.exception("on_event callback %r raised on %r; the run goes on", listener, event)
 
-    def _write(self, line: str) -> None:
+    def _write(self, file: IO[str], line: str) -> None:
         """Write one line to the JSONL file; flush it within :data:`FLUSH_AFTER_S` (at once outside a loop)."""
-        assert self._file is not None
-        self._file.write(line)
+        file.write(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a thread or sync code: there is no later to flush in
-            self._file.flush()
+            file.flush()
             return
         if self._flush_timer is None or self._flush_loop is not loop:  # a timer on a loop since gone never fires
             self._flush_loop = loop

@@ -70,18 +70,21 @@ async def test_a_block_run_again_is_pointed_out():
     assert "same code" not in client.requests[1].messages[-1]["content"]
 
 
+def example_replies() -> list[str]:
+    """The system prompt's worked example, block by block, as a scripted root would write it."""
+    prompt = system_prompt(depth=0, max_depth=2, max_fanout=1000, max_output_chars=20_000, kind="a str")
+    example = prompt[prompt.index("Example:") : prompt.index("Adapt it to the query")]
+    return [f"```repl\n{block}```" for block in parse_code_blocks(example)]
+
+
 async def test_the_worked_example_runs_as_written_and_drops_parts_with_nothing_to_say():
     """Issue 16: at 32K the 1.5B followed the example into 7 parts, the 6 without the needle made up "7", and the
     combining call took the majority; the 0.5B copied the combine block without the block that defines its
     inputs. The example is now one self-contained block whose parts may answer NONE and are then left out."""
     from .conftest import Script, make_rlm
 
-    prompt = system_prompt(depth=0, max_depth=2, max_fanout=1000, max_output_chars=20_000, kind="a str")
-    example = prompt[prompt.index("Example:") : prompt.index("Adapt it to the query")]
-    blocks = parse_code_blocks(example)
-    assert len(blocks) == 3, "peek; split, ask and combine; ready"
-    replies = [f"```repl\n{block}```" for block in blocks]
-
+    replies = example_replies()
+    assert len(replies) == 3, "peek; split, ask and combine; ready"
     combine_prompts: list[str] = []
 
     def sub(prompt: str) -> str:
@@ -108,9 +111,6 @@ async def test_the_worked_example_tells_the_combining_call_when_no_part_had_anyt
     """Review finding: with every part answering NONE, the combining call got an empty list of notes."""
     from .conftest import Script, make_rlm
 
-    prompt = system_prompt(depth=0, max_depth=2, max_fanout=1000, max_output_chars=20_000, kind="a str")
-    example = prompt[prompt.index("Example:") : prompt.index("Adapt it to the query")]
-    replies = [f"```repl\n{block}```" for block in parse_code_blocks(example)]
     combine_prompts: list[str] = []
 
     def sub(prompt: str) -> str:
@@ -119,7 +119,7 @@ async def test_the_worked_example_tells_the_combining_call_when_no_part_had_anyt
             return "No code was found."
         return "NONE"
 
-    rlm, _ = make_rlm(Script({"What is the code?": replies}, sub=sub))
+    rlm, _ = make_rlm(Script({"What is the code?": example_replies()}, sub=sub))
     result = await rlm.completion("What is the code?", "lorem ipsum " * 5_000)
     assert result.answer == "No code was found."
     assert "(no part held anything that helps)" in combine_prompts[0]
