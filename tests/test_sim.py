@@ -84,6 +84,16 @@ async def test_capacity_queues_requests_beyond_it():
     assert stats.peak_in_flight == 2 and stats.peak_queued >= 1 and stats.completed == 6
 
 
+async def test_a_request_served_at_once_never_queued():
+    """``peak_queued`` counts requests that waited for a slot; one that found a free slot did not (it counted
+    as queued until the fix, so no test could show that a client kept within the capacity)."""
+    async with SimServer(SimConfig(latency=STEADY, time_scale=0.001, capacity=2)) as sim:
+        await one_call(sim)
+        await one_call(sim)
+        stats = sim.stats()
+    assert stats.peak_in_flight == 1 and stats.peak_queued == 0 and stats.completed == 2
+
+
 async def test_spike_is_slower():
     plan = FaultPlan({"spike": 1.0}, spike_factor=10.0)
     async with SimServer(SimConfig(latency=STEADY, time_scale=0.002, faults=plan)) as sim:

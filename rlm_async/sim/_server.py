@@ -297,12 +297,15 @@ class SimServer:
         self._completion_tokens += payload["usage"]["completion_tokens"]
 
     async def _serve(self, seconds: float) -> None:
-        self._queued += 1
-        self._peak_queued = max(self._peak_queued, self._queued)
-        try:
-            await self._capacity.acquire()
-        finally:
-            self._queued -= 1
+        if self._capacity.locked():  # every slot is taken: this request waits
+            self._queued += 1
+            self._peak_queued = max(self._peak_queued, self._queued)
+            try:
+                await self._capacity.acquire()
+            finally:
+                self._queued -= 1
+        else:
+            await self._capacity.acquire()  # a free slot: no wait
         self._in_flight += 1
         self._peak = max(self._peak, self._in_flight)
         try:
