@@ -20,6 +20,7 @@ from . import local
 from ._budget import SMALL_MODEL, Limits
 from ._engine import RLM, RLMResult
 from ._errors import ConfigError
+from ._retry import RetryPolicy
 from ._sandbox import describe as describe_sandbox
 from ._trace import Event
 from .batch import _cli as batch_cli
@@ -72,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sub-model", default=None, help="model for sub-calls and child agents")
     run.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL)")
     run.add_argument("--api-key", default=None, help="default: OPENAI_API_KEY")
-    run.add_argument("--max-concurrency", type=int, default=64)
+    run.add_argument("--max-concurrency", type=int, default=None,
+                     help="HTTP attempts in flight (default 64; with --local, the server's slots)")  # fmt: skip
     run.add_argument("--max-depth", type=int, default=3)
     run.add_argument("--max-calls", type=int, default=1000)
     run.add_argument("--max-cost-usd", type=float, default=None)
@@ -278,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
     context = _read_context(args.context)
     given = {name: getattr(args, name) for name in LOCAL_LIMITS if getattr(args, name) is not None}
     limits = Limits(
-        max_concurrency=args.max_concurrency,
+        **_given_concurrency(args),
         max_depth=args.max_depth,
         max_calls=args.max_calls,
         max_cost_usd=args.max_cost_usd,
@@ -293,7 +295,8 @@ def _run(args: argparse.Namespace) -> int:
             args.base_url, args.api_key = srv.base_url, srv.api_key or "local"
             args.model = args.sub_model = srv.model.name
             args.temperature = 0.0 if args.temperature is None else args.temperature
-            result = asyncio.run(_run_async(args, context, limits))
+            limits, retry = srv.engine_settings(limits, max_concurrency=args.max_concurrency)
+            result = asyncio.run(_run_async(args, context, limits, retry))
     else:
         result = asyncio.run(_run_async(args, context, limits))
     if args.json:
@@ -321,7 +324,14 @@ async def _endpoint(args: argparse.Namespace, err: Console) -> AsyncIterator[tup
         yield sim.base_url, "sim"
 
 
-async def _run_async(args: argparse.Namespace, context: str, limits: Limits) -> RLMResult:
+def _given_concurrency(args: argparse.Namespace) -> dict[str, Any]:
+    """``--max-concurrency`` as a ``Limits`` keyword when given (None leaves the default, or the local server's)."""
+    return {} if args.max_concurrency is None else {"max_concurrency": args.max_concurrency}
+
+
+async def _run_async(
+    args: argparse.Namespace, context: str, limits: Limits, retry: RetryPolicy | None = None
+) -> RLMResult:
     err = Console(stderr=True)
     async with _endpoint(args, err) as (base_url, api_key):
         simulated = api_key == "sim"
@@ -335,6 +345,7 @@ async def _run_async(args: argparse.Namespace, context: str, limits: Limits) -> 
             base_url=base_url or None,
             api_key=api_key,
             limits=limits,
+            retry=retry,
             trace_path=args.trace,
             on_event=progress.on_event if progress else None,
             temperature=args.temperature,

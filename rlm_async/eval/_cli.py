@@ -72,7 +72,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="folder with oolong/ (default: ../shared/data)")
     p.add_argument("--context-window", type=int, default=None, help="the plain engine's window, tokens")
     p.add_argument("--temperature", type=float, default=None, help="default: the provider's (0 with --local)")
-    p.add_argument("--max-concurrency", type=int, default=64)
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="HTTP attempts in flight (default 64; with --local, the server's slots)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per item (default 1800)")
     p.add_argument("--sandbox", choices=["strict", "process", "none"], default="strict")
     p.add_argument("--time-scale", type=float, default=0.1, help="the simulator's time scale (default 0.1)")
@@ -106,7 +107,8 @@ def _items(args: argparse.Namespace, console: Console) -> list[Item]:
 
 @contextlib.contextmanager
 def _local_endpoint(args: argparse.Namespace, console: Console) -> Iterator[dict[str, Any]]:
-    """With ``--local``: the llama.cpp server's endpoint and the CLI's limits for a small local model."""
+    """With ``--local``: the llama.cpp server's endpoint, and the small-model limits and a retry policy fitted
+    to the server (:meth:`LocalServer.engine_settings`)."""
     if not args.local:
         yield {}
         return
@@ -115,13 +117,15 @@ def _local_endpoint(args: argparse.Namespace, console: Console) -> Iterator[dict
 
     with local.serving(args.local_model, log=lambda s: console.print(f"[dim]{s}[/dim]")) as srv:
         console.print(f"[yellow]local model {srv.model.name} at {srv.base_url} ({srv.parallel} slots)[/yellow]")
+        limits, retry = srv.engine_settings(Limits(max_depth=1, **LOCAL_LIMITS), max_concurrency=args.max_concurrency)
         yield {
             "base_url": srv.base_url,
             "api_key": srv.api_key or "local",
             "model": srv.model.name,
             "sub_model": srv.model.name,
             "temperature": 0.0 if args.temperature is None else args.temperature,
-            "limits": LOCAL_LIMITS,
+            "limits": limits,
+            "retry": retry,
         }
 
 
@@ -147,13 +151,14 @@ def _main(args: argparse.Namespace, err: Console) -> int:
         if base_url and not model:
             raise ConfigError("--model is required with a real endpoint")
         api_key = local_endpoint.get("api_key", args.api_key)
-        limits = Limits(max_concurrency=args.max_concurrency, max_depth=1, **local_endpoint.get("limits", {}))
+        given = {} if args.max_concurrency is None else {"max_concurrency": args.max_concurrency}
+        limits = local_endpoint.get("limits") or Limits(max_depth=1, **given)
         if not model:
             err.print("[yellow]no model: running on the embedded simulator; its scores measure the plumbing, "
                       "not intelligence[/yellow]")  # fmt: skip
         summary = asyncio.run(
             _run(args, items, err, model=model, sub_model=local_endpoint.get("sub_model", args.sub_model),
-                 base_url=base_url, api_key=api_key, prices=prices, limits=limits,
+                 base_url=base_url, api_key=api_key, prices=prices, limits=limits, retry=local_endpoint.get("retry"),
                  temperature=local_endpoint.get("temperature", args.temperature))
         )  # fmt: skip
     if args.json:

@@ -25,6 +25,7 @@ from .._clients import ChatRequest, OpenAIClient, windows_from_models
 from .._compaction import window_for
 from .._engine import RLM
 from .._errors import ConfigError, LLMCallError, RLMError
+from .._retry import RetryPolicy
 from .._scheduler import Scheduler
 from .._trace import Tracer
 from ..sim._tokens import token_counter
@@ -51,6 +52,7 @@ class ModelConfig:
         context_window: the ``plain`` engine's window in tokens; None asks the endpoint's ``GET /models``,
             then the published windows (``rlm_async._compaction.KNOWN_WINDOWS``), else no cut.
         limits: the ``rlm_async`` engine's limits (``max_depth=1`` by default: the paper's depth-1 RLM).
+        retry: the retry policy of the ``rlm_async`` and ``plain`` engines.
         sandbox: where the ``rlm_async`` engine runs model code (``RLM(sandbox=...)``).
         max_depth: the official engine's ``max_depth``.
         max_iterations: the official engine's ``max_iterations`` (``run_eval`` passes ``limits.max_iterations``,
@@ -67,6 +69,7 @@ class ModelConfig:
     temperature: float | None = None
     context_window: int | None = None
     limits: Limits = field(default_factory=lambda: Limits(max_depth=1))
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     sandbox: Literal["strict", "process", "none"] = "strict"
     max_depth: int = 1
     max_iterations: int = 30
@@ -213,7 +216,7 @@ class _Plain:
         )  # fmt: skip
         # The engine's own scheduler, for its one retry layer (Retry-After, backoff, per-attempt timeout).
         ledger = Ledger(Limits(max_calls=None), self.cfg.prices)
-        scheduler = Scheduler(self.client, ledger, Tracer(), max_concurrency=1)  # the default RetryPolicy
+        scheduler = Scheduler(self.client, ledger, Tracer(), max_concurrency=1, retry=self.cfg.retry)
         try:
             response = await scheduler.call(request, depth=0, agent_id="plain")
         except LLMCallError as exc:
@@ -252,7 +255,7 @@ async def open_engine(name: EngineName, cfg: ModelConfig) -> AsyncIterator[Engin
     if name == "rlm_async":
         async with RLM(
             cfg.model, sub_model=cfg.sub_model, base_url=cfg.base_url, api_key=api_key, limits=cfg.limits,
-            prices=cfg.prices, temperature=cfg.temperature, sandbox=cfg.sandbox,
+            retry=cfg.retry, prices=cfg.prices, temperature=cfg.temperature, sandbox=cfg.sandbox,
             context_windows={cfg.model: cfg.context_window} if cfg.context_window else None,
         ) as rlm:  # fmt: skip
             yield _RlmAsync(rlm, cfg)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from .._budget import Limits, Price
 from .._errors import ConfigError, RLMError
+from .._retry import RetryPolicy
 from ..sim import PROFILES, SimConfig, SimServer, sim_process
 from ._engines import ENGINES, EngineName, ModelConfig, Outcome, open_engine
 from ._plot import plot_scores
@@ -110,6 +111,7 @@ async def run_eval(
     temperature: float | None = None,
     context_window: int | None = None,
     limits: Limits | None = None,
+    retry: RetryPolicy | None = None,
     sandbox: Literal["strict", "process", "none"] = "strict",
     timeout_s: float = 1800.0,
     official_venv: Path | None = None,
@@ -140,6 +142,7 @@ async def run_eval(
         limits: the rlm_async engine's ``Limits`` (default ``Limits(max_depth=1)``, the paper's depth-1 RLM);
             the official engine gets the same ``max_depth``, ``max_iterations``, ``max_tokens_per_turn`` (as
             its ``max_tokens`` sampling argument) and ``max_concurrency`` (its ``max_concurrent_subcalls``).
+        retry: the retry policy of the rlm_async and plain engines (default ``RetryPolicy()``).
         sandbox: where the rlm_async engine runs model code.
         timeout_s: seconds one item may run (rlm_async: unless ``limits.timeout_s`` says otherwise).
         official_venv: the official package's virtual environment (default: the benchmark's, in
@@ -193,6 +196,7 @@ async def run_eval(
                 temperature=temperature,
                 context_window=context_window,
                 limits=rlm_limits,
+                retry=retry or RetryPolicy(),
                 sandbox=sandbox,
                 max_depth=rlm_limits.max_depth,
                 max_iterations=rlm_limits.max_iterations,
