@@ -43,6 +43,7 @@ from ._retry import RetryPolicy
 __all__ = [
     "LLAMA_CPP_BIN",
     "MODELS",
+    "SLOWDOWN",
     "LocalModel",
     "LocalServer",
     "LocalSetupError",
@@ -437,11 +438,13 @@ class LocalServer:
         """Seconds one request may take on this server before it counts as stuck, for ``RetryPolicy``.
 
         With every slot busy, the cores read the whole shared context (``context_tokens`` at the model's
-        ``prefill_tok_per_s``) and decode ``max_tokens`` for each slot (at ``decode_tok_per_s``), times
-        :data:`SLOWDOWN`. The 1.5B model with 32,768 tokens, 4 slots and 1,024 tokens: 2.5 x (607 + 186) s,
-        about 33 minutes. A retry after a timeout reads the same prompt again at the same speed, so a shorter
-        timeout throws work away: openai-python's 600 s cut four 7,400-token sub-calls of one 32K eval item
-        on the 1.5B, which then ran again (issue 16).
+        ``prefill_tok_per_s``) and decode ``max_tokens`` for each slot (at ``decode_tok_per_s``, one request's
+        speed taken as all slots' together: an upper bound), times :data:`SLOWDOWN`. The 1.5B model with
+        32,768 tokens, 4 slots and 1,024 tokens: 2.5 x (607 + 186) s, about 33 minutes. A retry after a
+        timeout reads the same prompt again at the same speed, so a shorter timeout throws work away: the
+        engine's default, 600 s (openai-python's), cut four 7,400-token sub-calls of one 32K eval item on the
+        1.5B, which then ran again (issue 16). It assumes this process is the server's only client.
+        llama-server's own read/write timeout is 3,600 s in the build ``local setup`` installs.
         """
         m = self.model
         busy_s = self.context_tokens / m.prefill_tok_per_s + self.parallel * max_tokens / m.decode_tok_per_s
@@ -453,14 +456,15 @@ class LocalServer:
         ``max_concurrency`` becomes the server's slots unless given: a request past the slots waits in
         llama-server's queue, where its attempt clock runs, instead of in the engine's scheduler, where none
         does. The policy's ``attempt_timeout_s`` is :meth:`attempt_timeout_s` for the larger of the limits'
-        ``max_tokens_per_turn`` and ``max_tokens_per_subcall`` (a slot's share of the context when neither is
-        set); the rest is openai-python's policy, as ``RetryPolicy()``.
+        ``max_tokens_per_turn`` and ``max_tokens_per_subcall``, a cap that is None counting as a slot's share
+        of the context (a sub-call whose code asks for a larger ``max_tokens`` is not covered); the rest is
+        openai-python's policy, as ``RetryPolicy()``.
 
         Raises:
-            ConfigError: ``max_concurrency`` < 1.
+            ConfigError: ``max_concurrency`` is not an int >= 1.
         """
-        caps = (limits.max_tokens_per_turn, limits.max_tokens_per_subcall)
-        max_tokens = max((t for t in caps if t is not None), default=self.context_tokens // self.parallel)
+        slot = self.context_tokens // self.parallel
+        max_tokens = max(slot if t is None else t for t in (limits.max_tokens_per_turn, limits.max_tokens_per_subcall))
         fitted = replace(limits, max_concurrency=self.parallel if max_concurrency is None else max_concurrency)
         return fitted, RetryPolicy(attempt_timeout_s=self.attempt_timeout_s(max_tokens))
 
@@ -512,7 +516,7 @@ def find_server(key: str = "0.5b", cache: Path | None = None) -> LocalServer | N
             str(state.get("api_key", "")),
             int(state.get("context_tokens", 32_768)),
         )
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return server if server.healthy() else None
 
@@ -587,8 +591,9 @@ def start_server(
             _started.pop(process.pid, None)
             raise LocalSetupError(f"llama-server not healthy after {ready_timeout_s:g} s: {_last_line(log_path)}")
         time.sleep(0.25)
-    state = {"pid": server.pid, "port": port, "parallel": parallel, "api_key": api_key}
-    state["context_tokens"] = context_tokens
+    state = {
+        "pid": server.pid, "port": port, "parallel": parallel, "api_key": api_key, "context_tokens": context_tokens
+    }  # fmt: skip
     state_file = _state_file(cache, key)
     state_file.touch(mode=0o600)
     state_file.chmod(0o600)

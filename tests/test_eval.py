@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from rlm_async import ConfigError, Limits
+from rlm_async import ConfigError, Limits, RetryPolicy
 from rlm_async.eval import (
     PAIR_QUERIES,
     TASKS,
@@ -449,6 +449,11 @@ async def test_a_rerun_resumes_and_the_budget_stops_before_an_item(tmp_path):
     assert (again.ran, again.resumed) == (1, 2)
     assert seen[2:4] == [(items[0].id, True), (items[1].id, True)] and seen[4] == (items[2].id, False)
     assert len(read_results(tmp_path / "results.jsonl")) == 3
+    paced = await run_eval(  # how fast, not what: rows written with 64 in flight resume under --local's 4 slots
+        items, out_dir=tmp_path, simulator=INSTANT, simulator_in_process=True, sandbox="none",
+        limits=Limits(max_depth=1, max_concurrency=4, max_workers=2),
+    )  # fmt: skip
+    assert (paced.ran, paced.resumed) == (0, 3)
     with pytest.raises(ConfigError, match=r"limits\.early_finish, limits\.max_iterations differ"):
         await run_eval(  # regression: the resume key ignored the limits, so this reused the rows above
             items, out_dir=tmp_path, simulator=INSTANT, simulator_in_process=True, sandbox="none",
@@ -546,3 +551,15 @@ async def test_the_plain_engine_retries_through_the_engine_scheduler():
     replies[:] = [ProviderStatusError("bad key", status=401)]
     outcome = await _Plain(FakeClient(handler), ModelConfig("m"), None).run(item, None, None)  # type: ignore[arg-type]
     assert outcome.stop_reason == "llm_error" and "bad key" in (outcome.error or "")
+    replies[:] = [ProviderStatusError("busy", status=503), "the answer"]
+    no_retries = ModelConfig("m", retry=RetryPolicy(max_retries=0))  # the config's policy, not the default
+    outcome = await _Plain(FakeClient(handler), no_retries, None).run(item, None, None)  # type: ignore[arg-type]
+    assert outcome.stop_reason == "llm_error" and "busy" in (outcome.error or "")
+
+
+async def test_the_rlm_async_engine_gets_the_configs_retry_policy():
+    from rlm_async.eval._engines import ModelConfig, open_engine
+
+    cfg = ModelConfig("m", base_url="http://127.0.0.1:9/v1", retry=RetryPolicy(attempt_timeout_s=1_982.0))
+    async with open_engine("rlm_async", cfg) as engine:
+        assert engine.rlm.retry is cfg.retry  # type: ignore[attr-defined]

@@ -3,7 +3,6 @@ engine's settings for a server (checked on the simulator standing in for llama-s
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -11,15 +10,14 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from rich.console import Console
 
 from rlm_async import ConfigError, Limits, RetryPolicy, local
 from rlm_async.cli import main
-from rlm_async.sim import PROFILES, SimConfig, SimServer
+from rlm_async.sim import PROFILES, SimConfig, SimServer, SimStats
 
 
 def test_parts_are_joined_in_order_and_checked(tmp_path):
@@ -121,68 +119,105 @@ def test_a_local_server_sets_the_concurrency_and_the_attempt_timeout():
     assert limits.max_concurrency == 4 and limits.max_iterations == Limits.small_model().max_iterations
     busy_s = 32_768 / 54.0 + 4 * 1_024 / 22.0  # the whole context read, 1,024 tokens decoded per slot
     assert retry.attempt_timeout_s == pytest.approx(local.SLOWDOWN * busy_s)
-    assert retry.attempt_timeout_s > 4 * 7_400 / 54.0 * local.SLOWDOWN > RetryPolicy().attempt_timeout_s
+    assert retry.attempt_timeout_s > RetryPolicy().attempt_timeout_s
     assert retry.max_retries == RetryPolicy().max_retries
 
     assert server.engine_settings(Limits(), max_concurrency=9)[0].max_concurrency == 9
-    uncapped = Limits(max_tokens_per_turn=None, max_tokens_per_subcall=None)
-    assert server.engine_settings(uncapped)[1].attempt_timeout_s == pytest.approx(server.attempt_timeout_s(8_192))
+    one_cap = Limits(max_tokens_per_turn=512, max_tokens_per_subcall=None)  # sub-calls may fill a slot
+    assert server.engine_settings(one_cap)[1].attempt_timeout_s == pytest.approx(server.attempt_timeout_s(8_192))
     with pytest.raises(ConfigError):
         server.engine_settings(Limits(), max_concurrency=0)
 
 
 @contextlib.contextmanager
-def sim_in_thread(config: SimConfig) -> Iterator[SimServer]:
-    """A simulator served from its own thread and loop, for CLI entry points that run their own loop."""
-    started: queue.Queue[tuple[SimServer, asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
+def sim_in_thread(config: SimConfig) -> Iterator[tuple[int, Callable[[], SimStats]]]:
+    """A simulator served from its own thread and loop, for CLI entry points that run their own loop. Yields
+    its port and a function that returns its stats, read on its loop."""
+    started: queue.Queue[tuple[SimServer, asyncio.AbstractEventLoop, asyncio.Event] | BaseException] = queue.Queue()
 
     async def serve() -> None:
         stop = asyncio.Event()
-        async with SimServer(config) as sim:
-            started.put((sim, asyncio.get_running_loop(), stop))
-            await stop.wait()
+        try:
+            async with SimServer(config) as sim:
+                started.put((sim, asyncio.get_running_loop(), stop))
+                await stop.wait()
+        except BaseException as exc:  # surfaced in the test, not as a thread warning
+            started.put(exc)
+            raise
 
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="sim-server")
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="sim-server", daemon=True)
     thread.start()
-    sim, loop, stop = started.get(timeout=60)
+    got = started.get(timeout=60)
+    if isinstance(got, BaseException):
+        raise got
+    sim, loop, stop = got
+
+    async def stats() -> SimStats:
+        return sim.stats()
+
     try:
-        yield sim
+        port = int(sim.base_url.rsplit(":", 1)[1].split("/")[0])
+        yield port, lambda: asyncio.run_coroutine_threadsafe(stats(), loop).result(timeout=30)
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(60)
+        assert not thread.is_alive(), "the simulator's thread did not stop"
 
 
-@pytest.fixture
-def two_slot_server(monkeypatch):
-    """``local.serving`` answers with a stand-in for llama-server: the simulator with 2 slots (``capacity``)."""
-    with sim_in_thread(SimConfig(latency=PROFILES["fast"], capacity=2)) as sim:
-        port = int(sim.base_url.rsplit(":", 1)[1].split("/")[0])
+def serve_locally(monkeypatch: pytest.MonkeyPatch, port: int, parallel: int) -> None:
+    """``local.serving`` answers with a stand-in for llama-server on ``port`` with ``parallel`` slots."""
 
-        @contextlib.contextmanager
-        def serving(key: str, **kwargs: Any) -> Iterator[local.LocalServer]:
-            yield local.LocalServer(pid=os.getpid(), port=port, model=local.MODELS[key], parallel=2)
+    @contextlib.contextmanager
+    def serving(key: str, **kwargs: Any) -> Iterator[local.LocalServer]:
+        yield local.LocalServer(pid=os.getpid(), port=port, model=local.MODELS[key], parallel=parallel)
 
-        monkeypatch.setattr(local, "serving", serving)
-        yield sim
+    monkeypatch.setattr(local, "serving", serving)
 
 
-def test_run_local_queues_in_the_engine_not_at_the_server(two_slot_server, tmp_path, capsys):
-    """With ``--local`` a fan-out of 8 sub-calls keeps to the server's 2 slots: past them, a request would
-    wait in llama-server's queue with its attempt clock running."""
-    context = tmp_path / "context.txt"
-    context.write_text("unused")
-    assert main(["run", "Fan out 8 sub-calls", "--context", str(context), "--local", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["answer"] == "8 of 8 right"
-    stats = two_slot_server.stats()
-    assert stats.peak_in_flight == 2 and stats.peak_queued == 0
+def spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[dict[str, Any]]:
+    """Record the keyword arguments of each call to ``module.name``, which still runs."""
+    calls: list[dict[str, Any]] = []
+    real = getattr(module, name)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls
 
 
-def test_eval_local_fits_its_limits_and_retry_policy_to_the_server(two_slot_server):
-    from rlm_async.eval._cli import _local_endpoint
+def test_run_local_queues_in_the_engine_not_at_the_server(monkeypatch, tmp_path, capsys):
+    """With ``--local`` a fan-out of 8 sub-calls keeps to the server's 2 slots (past them, a request would
+    wait in llama-server's queue with its attempt clock running), and the engine gets the server's retry
+    policy."""
+    import rlm_async.cli
 
-    args = argparse.Namespace(local=True, local_model="1.5b", max_concurrency=None, temperature=None)
-    with _local_endpoint(args, Console(quiet=True)) as endpoint:
-        assert endpoint["limits"].max_concurrency == 2 and endpoint["limits"].max_depth == 1
-        assert endpoint["retry"].attempt_timeout_s > RetryPolicy().attempt_timeout_s
-    with _local_endpoint(argparse.Namespace(**{**vars(args), "max_concurrency": 5}), Console(quiet=True)) as endpoint:
-        assert endpoint["limits"].max_concurrency == 5
+    with sim_in_thread(SimConfig(latency=PROFILES["fast"], capacity=2)) as (port, stats):
+        serve_locally(monkeypatch, port, parallel=2)
+        engines = spy(monkeypatch, rlm_async.cli, "RLM")
+        context = tmp_path / "context.txt"
+        context.write_text("unused")
+        assert main(["run", "Fan out 8 sub-calls", "--context", str(context), "--local", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["answer"] == "8 of 8 right"
+        seen = stats()
+    assert seen.peak_in_flight == 2 and seen.peak_queued == 0
+    (kwargs,) = engines
+    assert kwargs["retry"].attempt_timeout_s > RetryPolicy().attempt_timeout_s
+
+
+def test_eval_local_fits_its_limits_and_retry_policy_to_the_server(monkeypatch, tmp_path):
+    import rlm_async.eval._cli as eval_cli
+
+    serve_locally(monkeypatch, port=9, parallel=2)
+    evals = spy(monkeypatch, eval_cli, "run_eval")
+    monkeypatch.setattr(eval_cli, "_items", lambda args, console: [])  # no item: run_eval returns at once
+    assert main(["eval", "s_niah", "--local", "--local-model", "1.5b", "--out", str(tmp_path), "--json"]) == 0
+    assert main(["eval", "s_niah", "--local", "--max-concurrency", "5", "--out", str(tmp_path), "--json"]) == 0
+    first, second = evals
+    assert first["limits"].max_concurrency == 2 and first["limits"].max_depth == 1
+    assert (
+        first["retry"].attempt_timeout_s
+        == local.LocalServer(0, 9, local.MODELS["1.5b"], 2).engine_settings(first["limits"])[1].attempt_timeout_s
+    )
+    assert second["limits"].max_concurrency == 5

@@ -259,13 +259,26 @@ def _resume(
     done = {(r["id"], r["engine"], r["model"]): r for r in read_results(out / "results.jsonl")}
     rows = [done[key] for item in items if (key := (item.id, engine, model)) in done]
     for row in rows:
-        if row.get("config", config) != config:
-            changed = sorted(_differences(row["config"], config))
+        if _deciding(row.get("config", config)) != _deciding(config):
+            changed = sorted(_differences(_deciding(row["config"]), _deciding(config)))
             raise ConfigError(
                 f"{out / 'results.jsonl'} holds {row['id']} on {engine} / {model} run with another configuration "
                 f"({', '.join(changed)} differ); resuming would mix the two: use another out_dir"
             )
     return rows, [item for item in items if (item.id, engine, model) not in done]
+
+
+#: Limits that set how fast an item runs, not what it answers: resuming across them mixes nothing (``--local``
+#: sets ``max_concurrency`` to the server's slots, where rows written before it hold 64).
+_PACING_LIMITS = frozenset({"max_concurrency", "max_workers"})
+
+
+def _deciding(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without :data:`_PACING_LIMITS`."""
+    limits = config.get("limits")
+    if not isinstance(limits, Mapping):
+        return dict(config)
+    return {**config, "limits": {k: v for k, v in limits.items() if k not in _PACING_LIMITS}}
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
