@@ -41,6 +41,7 @@ from ._errors import RLMError
 from ._retry import RetryPolicy
 
 __all__ = [
+    "CONTEXT_TOKENS",
     "LLAMA_CPP_BIN",
     "MODELS",
     "SLOWDOWN",
@@ -402,6 +403,9 @@ def _model(key: str) -> LocalModel:
         raise LocalSetupError(f"unknown local model {key!r}; known: {', '.join(MODELS)}") from None
 
 
+#: The server's context (``-c``) unless :func:`start_server` is told otherwise, shared among its slots.
+CONTEXT_TOKENS = 32_768
+
 #: How much slower than a model's median speeds a busy 2-core machine may run a request: the slowest 1.5B
 #: prompt read in the log behind ``prefill_tok_per_s`` ran at 23 tok/s, 0.43 of the median, while other work
 #: shared the cores.
@@ -427,7 +431,7 @@ class LocalServer:
     model: LocalModel
     parallel: int
     api_key: str = ""
-    context_tokens: int = 32_768
+    context_tokens: int = CONTEXT_TOKENS
 
     @property
     def base_url(self) -> str:
@@ -514,7 +518,7 @@ def find_server(key: str = "0.5b", cache: Path | None = None) -> LocalServer | N
             _model(key),
             int(state["parallel"]),
             str(state.get("api_key", "")),
-            int(state.get("context_tokens", 32_768)),
+            int(state.get("context_tokens", CONTEXT_TOKENS)),  # a state file from before it was recorded
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -527,7 +531,7 @@ def start_server(
     cache: Path | None = None,
     port: int = 0,
     parallel: int = 4,
-    context_tokens: int = 32_768,
+    context_tokens: int = CONTEXT_TOKENS,
     threads: int = 2,
     tie_to_parent: bool = False,
     ready_timeout_s: float = 300.0,

@@ -106,18 +106,17 @@ def _items(args: argparse.Namespace, console: Console) -> list[Item]:
 
 
 @contextlib.contextmanager
-def _local_endpoint(args: argparse.Namespace, console: Console) -> Iterator[dict[str, Any]]:
-    """With ``--local``: the llama.cpp server's endpoint, and the small-model limits and a retry policy fitted
-    to the server (:meth:`LocalServer.engine_settings`)."""
+def _local_endpoint(args: argparse.Namespace, console: Console, limits: Limits) -> Iterator[dict[str, Any]]:
+    """With ``--local``: the llama.cpp server's endpoint, and ``limits`` and a retry policy fitted to the
+    server (:meth:`LocalServer.engine_settings`)."""
     if not args.local:
         yield {}
         return
     from .. import local
-    from ..cli import LOCAL_LIMITS
 
     with local.serving(args.local_model, log=lambda s: console.print(f"[dim]{s}[/dim]")) as srv:
         console.print(f"[yellow]local model {srv.model.name} at {srv.base_url} ({srv.parallel} slots)[/yellow]")
-        limits, retry = srv.engine_settings(Limits(max_depth=1, **LOCAL_LIMITS), max_concurrency=args.max_concurrency)
+        limits, retry = srv.engine_settings(limits, max_concurrency=args.max_concurrency)
         yield {
             "base_url": srv.base_url,
             "api_key": srv.api_key or "local",
@@ -145,14 +144,15 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace, err: Console) -> int:
     prices = _prices(args.price)
     items = _items(args, err)
-    with _local_endpoint(args, err) as local_endpoint:
+    given = {} if args.max_concurrency is None else {"max_concurrency": args.max_concurrency}
+    limits = (Limits.small_model if args.local else Limits)(max_depth=1, **given)  # the paper's depth-1 RLM
+    with _local_endpoint(args, err, limits) as local_endpoint:
         model = local_endpoint.get("model", args.model)
         base_url = local_endpoint.get("base_url", args.base_url or os.environ.get("OPENAI_BASE_URL"))
         if base_url and not model:
             raise ConfigError("--model is required with a real endpoint")
         api_key = local_endpoint.get("api_key", args.api_key)
-        given = {} if args.max_concurrency is None else {"max_concurrency": args.max_concurrency}
-        limits = local_endpoint.get("limits") or Limits(max_depth=1, **given)
+        limits = local_endpoint.get("limits", limits)
         if not model:
             err.print("[yellow]no model: running on the embedded simulator; its scores measure the plumbing, "
                       "not intelligence[/yellow]")  # fmt: skip

@@ -258,9 +258,10 @@ def _resume(
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["id"], r["engine"], r["model"]): r for r in read_results(out / "results.jsonl")}
     rows = [done[key] for item in items if (key := (item.id, engine, model)) in done]
+    wanted = _deciding(config)
     for row in rows:
-        if _deciding(row.get("config", config)) != _deciding(config):
-            changed = sorted(_differences(_deciding(row["config"]), _deciding(config)))
+        if (recorded := _deciding(row.get("config", config))) != wanted:
+            changed = sorted(_differences(recorded, wanted))
             raise ConfigError(
                 f"{out / 'results.jsonl'} holds {row['id']} on {engine} / {model} run with another configuration "
                 f"({', '.join(changed)} differ); resuming would mix the two: use another out_dir"
