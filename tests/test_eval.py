@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from rlm_async import ConfigError, Limits, RetryPolicy
@@ -563,3 +564,21 @@ async def test_the_rlm_async_engine_gets_the_configs_retry_policy():
     cfg = ModelConfig("m", base_url="http://127.0.0.1:9/v1", retry=RetryPolicy(attempt_timeout_s=1_982.0))
     async with open_engine("rlm_async", cfg) as engine:
         assert engine.rlm.retry is cfg.retry  # type: ignore[attr-defined]
+
+
+@on_fake_clock
+async def test_the_plain_engine_stops_at_the_item_timeout():
+    """A plain call that never answers ends the item at ``timeout_s`` (it used to wait out every attempt's
+    timeout and retry: three times 33 minutes under ``--local``), typed, with the prompt's facts kept."""
+    from rlm_async import FakeClient
+    from rlm_async.eval._engines import ModelConfig, _Plain
+
+    async def never(request):
+        await anyio.sleep_forever()
+
+    (item,) = generate("s_niah", 1, 2048, 5)
+    cfg = ModelConfig("m", timeout_s=90.0, retry=RetryPolicy(attempt_timeout_s=1_982.0))
+    started = anyio.current_time()
+    outcome = await _Plain(FakeClient(never), cfg, None).run(item, None, None)  # type: ignore[arg-type]
+    assert (outcome.answer, outcome.stop_reason, outcome.extra) == ("", "timeout", {"truncated": False})
+    assert "90 s" in (outcome.error or "") and anyio.current_time() - started == pytest.approx(90.0, abs=1.0)

@@ -57,7 +57,7 @@ class ModelConfig:
         max_depth: the official engine's ``max_depth``.
         max_iterations: the official engine's ``max_iterations`` (``run_eval`` passes ``limits.max_iterations``,
             so both RLM engines get the same number of turns; the official default is 30).
-        timeout_s: seconds one item may take (both RLM engines; plain calls take the retry policy's).
+        timeout_s: seconds one item may take, retries included (every engine).
         official_venv: where the official package's virtual environment lives (created on first use).
     """
 
@@ -218,9 +218,12 @@ class _Plain:
         ledger = Ledger(Limits(max_calls=None), self.cfg.prices)
         scheduler = Scheduler(self.client, ledger, Tracer(), max_concurrency=1, retry=self.cfg.retry)
         try:
-            response = await scheduler.call(request, depth=0, agent_id="plain")
+            with anyio.move_on_after(self.cfg.timeout_s) as deadline:
+                response = await scheduler.call(request, depth=0, agent_id="plain")
         except LLMCallError as exc:
             return Outcome("", "llm_error", str(exc).splitlines()[0], extra=extra)
+        if deadline.cancelled_caught:
+            return Outcome("", "timeout", f"the plain call ran past {self.cfg.timeout_s:g} s", extra=extra)
         cost = ledger.total.cost_usd  # provider-reported where given, else from the price table
         return Outcome(
             response.text, "answer", None, 1, response.prompt_tokens, response.completion_tokens, cost, extra=extra

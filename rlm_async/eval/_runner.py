@@ -144,7 +144,8 @@ async def run_eval(
             its ``max_tokens`` sampling argument) and ``max_concurrency`` (its ``max_concurrent_subcalls``).
         retry: the retry policy of the rlm_async and plain engines (default ``RetryPolicy()``).
         sandbox: where the rlm_async engine runs model code.
-        timeout_s: seconds one item may run (rlm_async: unless ``limits.timeout_s`` says otherwise).
+        timeout_s: seconds one item may run, retries included, on every engine (rlm_async: unless
+            ``limits.timeout_s`` says otherwise).
         official_venv: the official package's virtual environment (default: the benchmark's, in
             ``~/.cache/rlm-async``).
         simulator: the simulator's configuration when one is used (default: the ``fast`` profile at time
