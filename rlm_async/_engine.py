@@ -492,8 +492,9 @@ class RLM:
             with bound(run_id=run_id):
                 run = Run(self, client, tracer, run_id, limits)
                 tracer.emit(
-                    "run_start", model=self.model, sub_model=self.sub_model, limits=limits.describe(), metadata=metadata
-                )
+                    "run_start", model=self.model, sub_model=self.sub_model, limits=limits.describe(),
+                    retry=self.retry.describe(), metadata=metadata,
+                )  # fmt: skip
                 run.ledger.reserve_agents(1)
                 root = Agent(run, 0, "0")
                 with run.scope, anyio.move_on_after(limits.timeout_s) as deadline:

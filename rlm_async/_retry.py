@@ -17,7 +17,8 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from ._errors import (
     ConfigError,
@@ -69,6 +70,10 @@ class RetryPolicy:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"jitter must be in [0, 1), got {self.jitter}")
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as a plain dict (field name -> value), for traces."""
+        return asdict(self)
 
     def is_retryable(self, error: BaseException, *, now: float | None = None) -> bool:
         """Whether ``error`` from one attempt deserves another attempt (ignoring the attempt count).

@@ -416,7 +416,7 @@ async def test_cancelling_mid_run_leaves_no_tasks_or_threads(no_leaks):
 async def test_events_go_to_structlog_and_jsonl_with_context(tmp_path):
     trace = tmp_path / "trace.jsonl"
     script = Script({"q": [repl("r = await rlm_agent('kid', 'c')\nFINAL(r)")], "kid": [finish("k")]})
-    rlm, _ = make_rlm(script, trace_path=trace, logger=structlog.get_logger())
+    rlm, _ = make_rlm(script, trace_path=trace, logger=structlog.get_logger(), retry=RetryPolicy(attempt_timeout_s=7.0))
     with structlog.testing.capture_logs() as logs:
         result = await rlm.completion("q", "ctx")
     records = [json.loads(line) for line in trace.read_text().splitlines()]
@@ -434,6 +434,11 @@ async def test_events_go_to_structlog_and_jsonl_with_context(tmp_path):
         "run_end",
     } <= names
     assert all(r["run_id"] == result.run_id for r in records)
+    assert records[0]["event"] == "run_start" and records[0]["limits"] == rlm.limits.describe()
+    assert records[0]["retry"] == RetryPolicy(attempt_timeout_s=7.0).describe() == {
+        "max_retries": 2, "initial_backoff_s": 0.5, "max_backoff_s": 8.0, "jitter": 0.25,
+        "max_retry_after_s": 120.0, "attempt_timeout_s": 7.0,
+    }  # fmt: skip
     kid = [r for r in records if r.get("agent_id") == "0.1"]
     assert kid and all(r["depth"] == 1 for r in kid)
     assert [log["event"] for log in logs] == [r["event"] for r in records]
