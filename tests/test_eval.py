@@ -467,6 +467,27 @@ async def test_a_rerun_resumes_and_the_budget_stops_before_an_item(tmp_path):
     assert broke.stopped == "max_cost_usd" and broke.ran == 0
 
 
+async def test_a_new_system_prompt_is_a_new_configuration(tmp_path, monkeypatch):
+    """rlm_async rows record their system prompt's fingerprint, so a resume cannot mix two prompts (prompt work
+    at 32K once had to keep each prompt's rows apart by hand); rows written before it was recorded resume."""
+    from rlm_async import _prompts
+
+    items = generate("s_niah", 2, 2048, 0)
+    common: dict[str, Any] = {"out_dir": tmp_path, "simulator": INSTANT, "simulator_in_process": True}
+    first = await run_eval(items[:1], sandbox="none", **common)
+    (row,) = read_results(tmp_path / "results.jsonl")
+    assert first.ran == 1 and re.fullmatch(r"[0-9a-f]{16}", row["config"]["system_prompt"])
+    monkeypatch.setattr(_prompts, "_SYSTEM", _prompts._SYSTEM.replace("Work in small steps", "Work in big steps"))
+    with pytest.raises(ConfigError, match=r"\(system_prompt differ\)"):
+        await run_eval(items, sandbox="none", **common)
+    plain = await run_eval(items[:1], engine="plain", **common)  # the prompt is rlm_async's alone
+    assert plain.ran == 1 and "system_prompt" not in read_results(tmp_path / "results.jsonl")[-1]["config"]
+    del row["config"]["system_prompt"]  # as written before the fingerprint was recorded
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    again = await run_eval(items, sandbox="none", **common)
+    assert (again.ran, again.resumed) == (1, 1)
+
+
 async def test_the_plain_engine_cuts_the_context_to_the_window(tmp_path):
     item = generate("niah_single_1", 1, 8192, 0)[0]
     summary = await run_eval(

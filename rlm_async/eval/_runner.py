@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 from .._budget import Limits, Price
 from .._errors import ConfigError, RLMError
+from .._prompts import system_prompt
 from .._retry import RetryPolicy
 from ..sim import PROFILES, SimConfig, SimServer, sim_process
 from ._engines import ENGINES, EngineName, ModelConfig, Outcome, open_engine
@@ -237,14 +239,27 @@ def _config(
     engine: str, sub_model: str | None, temperature: float | None, context_window: int | None, limits: Limits
 ) -> dict[str, Any]:
     """What, besides the item, the engine and the root model, decides an item's result: recorded with each row
-    and compared on resume. The limits count for the RLM engines only, the window for the plain one."""
+    and compared on resume. The limits count for the RLM engines only, the window for the plain one, and
+    rlm_async's system prompt (:func:`prompt_fingerprint`) for rlm_async only."""
     config: dict[str, Any] = {"sub_model": sub_model, "temperature": temperature}
     if engine == "plain":
         config["context_window"] = context_window
     else:
         config["limits"] = limits.describe()
+    if engine == "rlm_async":
+        config["system_prompt"] = prompt_fingerprint(limits)
     recorded: dict[str, Any] = json.loads(json.dumps(config))  # as it reads back from results.jsonl
     return recorded
+
+
+def prompt_fingerprint(limits: Limits) -> str:
+    """The first 16 hex digits of the SHA-256 of the root's system prompt under ``limits`` (for a ``str``
+    context): a prompt change, such as a new worked example, is a new configuration."""
+    text = system_prompt(
+        depth=0, max_depth=limits.max_depth, max_fanout=limits.max_fanout,
+        max_output_chars=limits.max_output_chars, kind="str",
+    )  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _resume(
@@ -254,14 +269,16 @@ def _resume(
 
     Raises:
         ConfigError: a row for one of these items, engine and model was run with another configuration (rows
-            written before the configuration was recorded are taken as they are).
+            written before the configuration, or one of :data:`_RECORDED_LATER`, was recorded are taken as
+            they are).
     """
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["id"], r["engine"], r["model"]): r for r in read_results(out / "results.jsonl")}
     rows = [done[key] for item in items if (key := (item.id, engine, model)) in done]
-    wanted = _deciding(config)
     for row in rows:
-        if (recorded := _deciding(row.get("config", config))) != wanted:
+        recorded = _deciding(row.get("config", config))
+        wanted = _deciding({k: v for k, v in config.items() if k in recorded or k not in _RECORDED_LATER})
+        if recorded != wanted:
             changed = sorted(_differences(recorded, wanted))
             raise ConfigError(
                 f"{out / 'results.jsonl'} holds {row['id']} on {engine} / {model} run with another configuration "
@@ -269,6 +286,9 @@ def _resume(
             )
     return rows, [item for item in items if (item.id, engine, model) not in done]
 
+
+#: Configuration keys added after rows were first written: a row without one is compared on the rest.
+_RECORDED_LATER = frozenset({"system_prompt"})
 
 #: Limits that set how fast an item runs, not what it answers: resuming across them mixes nothing (``--local``
 #: sets ``max_concurrency`` to the server's slots, where rows written before it hold 64).
