@@ -28,6 +28,7 @@ import pytest
 from rlm_async import RLM, ConfigError, FakeClient, Limits, Sandbox, WorkerError
 from rlm_async._sandbox import probe
 from rlm_async._sandbox._layers import LayerSupport, plan_for
+from rlm_async._sandbox._pids import PidsCgroup, pids_parent
 
 from .conftest import Script, printed, repl, worker_processes, worker_spools
 
@@ -47,7 +48,7 @@ with_seccomp = needs(SUPPORT.seccomp_bpf is not None, SUPPORT.seccomp_why)
 with_landlock_scope = needs(SUPPORT.landlock_abi >= 6, SUPPORT.landlock_why or "Landlock ABI < 6")
 
 
-async def run_code(code: str, *, context: object = "ctx", sandbox: str = "strict", **limits: object):
+async def run_code(code: str, *, context: object = "ctx", sandbox: str | Sandbox = "strict", **limits: object):
     """Run ``code`` as the root's first cell; return (result, the cell's output as the model saw it, without
     its last newline)."""
     finish = repl("answer['content'] = answer['content'] or 'done'\nanswer['ready'] = True")  # never empty
@@ -234,6 +235,45 @@ async def test_a_thread_bomb_is_bounded(no_leaks):
     _, output = await run_code(code)
     assert output.startswith("stopped True"), output
     await assert_host_unaffected()
+
+
+THREADS_BOUND = os.geteuid() != 0 or pids_parent()[0] is not None
+
+
+@needs(THREADS_BOUND, f"the engine runs as root and {pids_parent()[1]}")
+async def test_a_small_stack_thread_bomb_stops_at_sandbox_processes(no_leaks):
+    """With 32 KiB stacks the address space no longer stops a thread bomb (a red-team cell took a root host to
+    17,481 threads, docs/security.md): ``Sandbox.processes`` must, as RLIMIT_NPROC or, as root, a pids cgroup."""
+    code = "import threading\nthreading.stack_size(32768)\nn = 0\ntry:\n    while n < 5_000:\n"
+    code += "        threading.Thread(target=threading.Event().wait, daemon=True).start()\n        n += 1\n"
+    code += "except (RuntimeError, MemoryError) as e:\n    print('stopped', n, type(e).__name__)"
+    _, output = await run_code(code, sandbox=Sandbox(processes=200))
+    assert output.startswith("stopped "), output
+    assert 150 <= int(output.split()[1]) < 200, output  # the worker's own threads count too
+    await assert_host_unaffected()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: otherwise RLIMIT_NPROC applies and no cgroup is made")
+@needs(pids_parent()[0] is not None, pids_parent()[1])
+def test_a_pids_cgroup_refuses_tasks_past_its_limit_and_close_kills_what_is_left():
+    parent = pids_parent()[0]
+    assert parent is not None
+    cgroup = PidsCgroup.create(parent, 3)
+    code = "import subprocess, time\nps = []\ntry:\n    for _ in range(10):\n"
+    code += "        ps.append(subprocess.Popen(['sleep', '600']))\nexcept OSError:\n    print(len(ps), flush=True)\n"
+    code += "time.sleep(600)"
+    proc = subprocess.Popen(cgroup.wrap([sys.executable, "-c", code]), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "2\n"  # itself and 2 sleeps: 3 tasks
+        assert len(cgroup.tasks()) == 3 and proc.pid in cgroup.tasks()
+        cgroup.close()
+        assert not cgroup.path.exists() and proc.wait(timeout=10) == -signal.SIGKILL
+        cgroup.close()  # idempotent
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        cgroup.close()
 
 
 async def test_a_4_gib_allocation_is_refused(no_leaks):

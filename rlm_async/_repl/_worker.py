@@ -319,6 +319,8 @@ def run_worker(config: dict[str, Any], sock: socket.socket, confine: ModuleType,
     layers = ["env", *confine.apply_rlimits(config["rlimits"])]
     if config.get("bwrap"):
         layers.append("bwrap")
+    if config.get("pids_cgroup"):
+        layers.append("pids_cgroup")
     if config.get("landlock"):
         layers += confine.apply_landlock(config["read_paths"], [config["workdir"]])
     if config.get("seccomp_bpf"):

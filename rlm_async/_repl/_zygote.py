@@ -39,6 +39,7 @@ import anyio
 
 from .._errors import WorkerError
 from .._sandbox._layers import WorkerPlan, bwrap_argv, nproc_limit, read_only_roots, worker_env
+from .._sandbox._pids import OVERHEAD_TASKS, PidsCgroup, pids_parent
 
 __all__ = ["WorkerProcess", "new_spool", "remove_tree", "start_worker", "uses_zygote"]
 
@@ -76,8 +77,9 @@ class WorkerProcess(Protocol):
 
 # -- spawned ---------------------------------------------------------------------------------------------
 class _Spawned:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, pids: PidsCgroup | None) -> None:
         self._proc = proc
+        self._pids = pids
 
     @property
     def host_pid(self) -> int:
@@ -93,6 +95,8 @@ class _Spawned:
 
     async def wait(self) -> None:
         await self._proc.wait()
+        if self._pids is not None:
+            await anyio.to_thread.run_sync(self._pids.close)
 
     async def settle(self) -> None:
         """The exit status is known once :meth:`wait` returns."""
@@ -104,20 +108,39 @@ async def spawn_worker(plan: WorkerPlan, config: dict[str, Any], spool: Path, ch
     argv = [sys.executable, "-I", "-B", str(WORKER_FILE)]
     if plan.bwrap:
         argv = [*bwrap_argv(plan.bwrap, [str(workdir)], chdir=str(workdir)), "--", *argv]
-    config = {**config, "rlimits": {**config["rlimits"], "nproc": nproc_limit(plan)}}
-    with open(spool / "stderr.log", "wb") as stderr:  # noqa: ASYNC230 - a local file, handed to the child
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            json.dumps({**config, "fd": channel.fileno()}),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            pass_fds=[channel.fileno()],
-            env=worker_env(str(workdir)),
-            cwd=workdir,
-            start_new_session=True,
-        )
-    return _Spawned(proc)
+    pids = new_pids_cgroup(plan)
+    config = {**config, "rlimits": {**config["rlimits"], "nproc": nproc_limit(plan)}, "pids_cgroup": bool(pids)}
+    argv = [*argv, json.dumps({**config, "fd": channel.fileno()})]
+    try:
+        with open(spool / "stderr.log", "wb") as stderr:  # noqa: ASYNC230 - a local file, handed to the child
+            proc = await asyncio.create_subprocess_exec(
+                *(pids.wrap(argv) if pids else argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                pass_fds=[channel.fileno()],
+                env=worker_env(str(workdir)),
+                cwd=workdir,
+                start_new_session=True,
+            )
+    except BaseException:
+        if pids is not None:
+            pids.close()
+        raise
+    return _Spawned(proc, pids)
+
+
+def new_pids_cgroup(plan: WorkerPlan) -> PidsCgroup | None:
+    """A pids cgroup of ``plan.sandbox.processes`` tasks (plus bwrap's and the zygote's) where the engine runs
+    as root and may make one (:mod:`rlm_async._sandbox._pids`), else None: RLIMIT_NPROC then applies, or
+    ``rlm-async doctor`` says why nothing does."""
+    parent, _why = pids_parent()
+    if parent is None:
+        return None
+    try:
+        return PidsCgroup.create(parent, plan.sandbox.processes + OVERHEAD_TASKS)
+    except OSError:
+        return None
 
 
 # -- forked from a zygote --------------------------------------------------------------------------------
@@ -228,20 +251,30 @@ class Zygote:
             "seccomp_bpf": plan.seccomp_bpf.hex() if plan.seccomp_bpf is not None else None,
             "nproc": nproc_limit(plan),
         }
+        self._pids = new_pids_cgroup(plan)
+        config["pids_cgroup"] = bool(self._pids)  # every fork inherits the zygote's cgroup
         argv = [sys.executable, "-I", "-B", str(WORKER_FILE), json.dumps(config)]
         if plan.bwrap:
             argv = [*bwrap_argv(plan.bwrap, [str(self.spool)], chdir=str(self.spool)), "--", *argv]
-        with open(self.spool / "zygote.log", "wb") as log:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                pass_fds=[child.fileno()],
-                env=worker_env(str(self.spool)),
-                cwd=self.spool,
-                start_new_session=True,
-            )
+        try:
+            with open(self.spool / "zygote.log", "wb") as log:
+                self._proc = subprocess.Popen(
+                    self._pids.wrap(argv) if self._pids else argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    pass_fds=[child.fileno()],
+                    env=worker_env(str(self.spool)),
+                    cwd=self.spool,
+                    start_new_session=True,
+                )
+        except BaseException:
+            child.close()
+            self._control.close()
+            if self._pids is not None:
+                self._pids.close()
+            remove_tree(self.spool)
+            raise
         child.close()
         self._control.settimeout(plan.sandbox.start_timeout_s)
         try:
@@ -298,11 +331,13 @@ class Zygote:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
+        if self._pids is not None:
+            self._pids.close()  # the workers forked into it, and anything they left
         self._control.close()
         remove_tree(self.spool)
 
 
-_zygotes: dict[tuple[str, str | None, bool], Zygote] = {}
+_zygotes: dict[tuple[str, int, str | None, bool], Zygote] = {}
 _zygotes_lock = threading.Lock()
 _launcher: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -315,7 +350,7 @@ def _zygote_for(plan: WorkerPlan) -> Zygote:
     ends, so a zygote started from a pool thread would die when that thread retired.
     """
     global _launcher
-    key = (plan.sandbox.level, plan.bwrap, plan.landlock)
+    key = (plan.sandbox.level, plan.sandbox.processes, plan.bwrap, plan.landlock)  # processes: the zygote's own
     with _zygotes_lock:
         zygote = _zygotes.get(key)
         if zygote is None or not zygote.alive():

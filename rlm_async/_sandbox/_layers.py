@@ -12,6 +12,9 @@ The layers (docs/security.md says what each stops and what it does not):
                 abstract Unix sockets and signals scoped to the worker
 ``seccomp``     a syscall filter compiled by libseccomp (``pyseccomp``): no sockets, processes, execve,
                 ptrace, mount, bpf, keyctl or namespaces
+``pids``        a pids cgroup of ``Sandbox.processes`` tasks per zygote, when the engine runs as root and
+                may make one (:mod:`._pids`): the kernel does not apply RLIMIT_NPROC to root. Best effort,
+                at every level but "none"; ``rlm-async doctor`` says where it is missing
 ==============  ===========================================================================================
 
 Filesystem confinement comes from ``bwrap`` or ``landlock``; network confinement from ``bwrap``,
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._errors import ConfigError
+from ._pids import pids_parent
 
 __all__ = ["DENIED_SYSCALLS", "LayerSupport", "Sandbox", "WorkerPlan", "plan_for", "probe"]
 
@@ -85,9 +89,10 @@ class Sandbox:
         open_files: file descriptors open at once (RLIMIT_NOFILE). Default 256.
         processes: processes and threads that the workers of one sandbox layout may run together
             (RLIMIT_NPROC, set on the zygote they are forked from): counted inside bubblewrap's user
-            namespace, or on top of the user's current count without one; the kernel does not apply it to
-            root. (New processes are refused outright by the seccomp layer; this bounds threads.) Default
-            1024.
+            namespace, or on top of the user's current count without one. The kernel does not apply it to
+            root, so a root engine also puts each zygote in a pids cgroup with this limit (plus 3 for bwrap
+            and the zygote) where it may make one (:mod:`._pids`). (New processes are refused outright by
+            the seccomp layer; this bounds threads.) Default 1024.
         start_timeout_s: seconds a worker may take to start and confine itself. Default 30.
 
     Raises:
@@ -348,6 +353,9 @@ def describe(support: LayerSupport | None = None) -> dict[str, Any]:
         "landlock-scope (ABI 6)": landlock(6),
         "seccomp": (s.seccomp_bpf is not None, s.seccomp_why),
     }
+    if os.geteuid() == 0:  # RLIMIT_NPROC does not bind root: threads need a pids cgroup (_pids.py)
+        parent, why = pids_parent()
+        rows["pids cgroup (threads, as root)"] = (parent is not None, why)
     return {
         "layers": {name: {"available": ok, "why_not": why} for name, (ok, why) in rows.items()},
         "filesystem_confinement": s.filesystem,
