@@ -176,6 +176,19 @@ async def test_an_item_whose_call_ray_fails_runs_again_and_one_it_fails_every_ti
     assert rows["item-2"]["stop_reason"] == "error" and "OutOfMemoryError" in str(rows["item-2"]["error"])
 
 
+def test_an_item_a_transient_ray_error_failed_tries_another_worker_where_one_is_free():
+    """Regression: the retry went to the least-loaded worker, often the one whose call had just failed (memory
+    out, an object lost), which may be dying and would cost the item another try."""
+    from rlm_async.batch._ray import pick_worker
+
+    live = ["w0", "w1", "w2"]
+    assert pick_worker({"w0": 0, "w1": 2, "w2": 1}, live, 4, avoid=None) == "w0"
+    assert pick_worker({"w0": 0, "w1": 2, "w2": 1}, live, 4, avoid="w0") == "w2"  # busier, but not w0
+    assert pick_worker({"w0": 0, "w1": 4, "w2": 4}, live, 4, avoid="w0") == "w0"  # the only free slot
+    assert pick_worker({"w0": 4, "w1": 4, "w2": 4}, live, 4, avoid=None) is None
+    assert pick_worker({"w0": 0}, ["w0"], 4, avoid="w0") == "w0"  # the last worker left
+
+
 @pytest.mark.timeout(480)  # two starts of a cluster and two jobs, on a busy 2-core machine
 async def test_the_command_on_its_own_ray_cluster_stops_cleanly_on_sigint_and_the_rerun_finishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

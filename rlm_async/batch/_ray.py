@@ -10,7 +10,7 @@ import signal
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,17 +296,17 @@ async def run_ray(
             ).remote(name, coordinator, worker_spec, cap, rate_limits, max_calls, max_cost_usd, sizes)
         live = dict(handles)
         load = dict.fromkeys(handles, 0)
-        pending: deque[tuple[BatchItem, int]] = deque((item, 0) for item in todo)
+        pending: deque[tuple[BatchItem, int, str | None]] = deque((item, 0, None) for item in todo)
         exhausted = False
         while True:
             while pending and live and not exhausted:
-                name = min(live, key=lambda w: load[w])
-                if load[name] >= max_runs:
+                chosen = pick_worker(load, live, max_runs, avoid=pending[0][2])
+                if chosen is None:
                     break
-                item, tries = pending.popleft()
-                ref = live[name].run.remote(item, tries + 1)
-                inflight[asyncio.wrap_future(ref.future())] = (name, item, tries + 1, ref)
-                load[name] += 1
+                item, tries, _ = pending.popleft()
+                ref = live[chosen].run.remote(item, tries + 1)
+                inflight[asyncio.wrap_future(ref.future())] = (chosen, item, tries + 1, ref)
+                load[chosen] += 1
                 if on_start is not None and tries == 0:  # a retry is the same item still running
                     on_start(item.id)
             if not inflight:
@@ -325,13 +325,13 @@ async def run_ray(
                             ray.kill(handle)
                         coordinator.forget.remote(name)
                     if tries < max_item_attempts:
-                        pending.appendleft((item, tries))  # with no worker left: not run, for a rerun
+                        pending.appendleft((item, tries, None))  # with no worker left: not run, for a rerun
                         continue
                     why = f"the Ray worker died on each of {tries} tries: {type(exc).__name__}"
                     outcome = Outcome(ItemResult.failure(item.id, "worker_lost", why, attempts=tries), False, False)
                 except TRANSIENT_RAY_ERRORS as exc:  # the worker lives on: the item goes back in the queue
                     if tries < max_item_attempts:
-                        pending.appendleft((item, tries))
+                        pending.appendleft((item, tries, name))  # to another worker where there is one
                         continue
                     why = f"Ray failed the call on each of {tries} tries: {type(exc).__name__}: {exc}"
                     outcome = Outcome(ItemResult.failure(item.id, "error", why, attempts=tries), False, False)
@@ -364,6 +364,15 @@ async def run_ray(
         for future in inflight:
             future.cancel()
         await _shut_down(handles, coordinator, owns)
+
+
+def pick_worker(load: Mapping[str, int], live: Collection[str], max_runs: int, avoid: str | None) -> str | None:
+    """The least-loaded worker in ``live`` with a run slot free (``load`` < ``max_runs``), any but ``avoid``
+    while another has one: an item that a transient Ray error failed on ``avoid`` (a lost object, memory that
+    ran out, a crashed process) tries another worker, since that one may be dying. None when none is free."""
+    free = [name for name in live if load[name] < max_runs]
+    others = [name for name in free if name != avoid]
+    return min(others or free, key=lambda name: load[name], default=None)
 
 
 async def _shut_down(handles: dict[str, Any], coordinator: Any, owns: bool) -> None:
