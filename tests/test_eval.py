@@ -468,7 +468,7 @@ async def test_a_rerun_resumes_and_the_budget_stops_before_an_item(tmp_path):
 
 
 async def test_a_new_system_prompt_is_a_new_configuration(tmp_path, monkeypatch):
-    """rlm_async rows record their system prompt's fingerprint, so a resume cannot mix two prompts (prompt work
+    """rlm_async rows record their root system prompt's fingerprint, so a resume cannot mix two (prompt work
     at 32K once had to keep each prompt's rows apart by hand); rows written before it was recorded resume."""
     from rlm_async import _prompts
 

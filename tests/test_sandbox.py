@@ -247,6 +247,7 @@ async def test_a_small_stack_thread_bomb_stops_at_sandbox_processes(no_leaks):
     code = "import threading\nthreading.stack_size(32768)\nn = 0\ntry:\n    while n < 5_000:\n"
     code += "        threading.Thread(target=threading.Event().wait, daemon=True).start()\n        n += 1\n"
     code += "except (RuntimeError, MemoryError) as e:\n    print('stopped', n, type(e).__name__)"
+    await run_code("pass")  # the default zygote, whose socket assert_host_unaffected would count, starts here
     _, output = await run_code(code, sandbox=Sandbox(processes=200))
     assert output.startswith("stopped "), output
     assert 150 <= int(output.split()[1]) < 200, output  # the worker's own threads count too
@@ -274,6 +275,24 @@ def test_a_pids_cgroup_refuses_tasks_past_its_limit_and_close_kills_what_is_left
         proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         cgroup.close()
+
+
+def test_a_pids_cgroup_that_could_be_made_and_now_cannot_stops_the_worker_start(monkeypatch):
+    """Review finding: a failure to make the cgroup was swallowed, so the workers ran without the limit that
+    ``rlm-async doctor`` had reported. Once the engine could make one, it fails closed."""
+    from rlm_async._repl import _zygote
+
+    monkeypatch.setattr(_zygote, "pids_parent", lambda: (Path("/nonexistent/cgroup"), ""))
+    with pytest.raises(WorkerError, match="cannot make the workers' pids cgroup in /nonexistent/cgroup"):
+        _zygote.new_pids_cgroup(plan_for(Sandbox("process")))
+    monkeypatch.setattr(_zygote, "pids_parent", lambda: (None, "not needed"))
+    assert _zygote.new_pids_cgroup(plan_for(Sandbox("process"))) is None
+
+
+def test_mountinfo_paths_are_unescaped():
+    from rlm_async._sandbox._pids import _unescape
+
+    assert _unescape("/sys/fs/cgroup/my\\040pids") == "/sys/fs/cgroup/my pids"
 
 
 async def test_a_4_gib_allocation_is_refused(no_leaks):

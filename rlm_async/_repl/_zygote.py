@@ -39,7 +39,7 @@ import anyio
 
 from .._errors import WorkerError
 from .._sandbox._layers import WorkerPlan, bwrap_argv, nproc_limit, read_only_roots, worker_env
-from .._sandbox._pids import OVERHEAD_TASKS, PidsCgroup, pids_parent
+from .._sandbox._pids import PidsCgroup, pids_parent
 
 __all__ = ["WorkerProcess", "new_spool", "remove_tree", "start_worker", "uses_zygote"]
 
@@ -125,22 +125,27 @@ async def spawn_worker(plan: WorkerPlan, config: dict[str, Any], spool: Path, ch
             )
     except BaseException:
         if pids is not None:
-            pids.close()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(pids.close)
         raise
     return _Spawned(proc, pids)
 
 
 def new_pids_cgroup(plan: WorkerPlan) -> PidsCgroup | None:
-    """A pids cgroup of ``plan.sandbox.processes`` tasks (plus bwrap's and the zygote's) where the engine runs
-    as root and may make one (:mod:`rlm_async._sandbox._pids`), else None: RLIMIT_NPROC then applies, or
-    ``rlm-async doctor`` says why nothing does."""
+    """A pids cgroup of ``plan.sandbox.processes`` tasks, plus the zygote and bwrap's two processes, where the
+    engine runs as root and may make one (:mod:`rlm_async._sandbox._pids`); else None: RLIMIT_NPROC then
+    applies, or ``rlm-async doctor`` says why nothing does.
+
+    Raises:
+        WorkerError: the engine could make one when it first tried, and now cannot (fails closed).
+    """
     parent, _why = pids_parent()
     if parent is None:
         return None
     try:
-        return PidsCgroup.create(parent, plan.sandbox.processes + OVERHEAD_TASKS)
-    except OSError:
-        return None
+        return PidsCgroup.create(parent, plan.sandbox.processes + 1 + (2 if plan.bwrap else 0))
+    except OSError as exc:
+        raise WorkerError(f"cannot make the workers' pids cgroup in {parent}: {exc}") from None
 
 
 # -- forked from a zygote --------------------------------------------------------------------------------
@@ -251,12 +256,13 @@ class Zygote:
             "seccomp_bpf": plan.seccomp_bpf.hex() if plan.seccomp_bpf is not None else None,
             "nproc": nproc_limit(plan),
         }
-        self._pids = new_pids_cgroup(plan)
-        config["pids_cgroup"] = bool(self._pids)  # every fork inherits the zygote's cgroup
-        argv = [sys.executable, "-I", "-B", str(WORKER_FILE), json.dumps(config)]
-        if plan.bwrap:
-            argv = [*bwrap_argv(plan.bwrap, [str(self.spool)], chdir=str(self.spool)), "--", *argv]
+        self._pids: PidsCgroup | None = None
         try:
+            self._pids = new_pids_cgroup(plan)
+            config["pids_cgroup"] = bool(self._pids)  # every fork inherits the zygote's cgroup
+            argv = [sys.executable, "-I", "-B", str(WORKER_FILE), json.dumps(config)]
+            if plan.bwrap:
+                argv = [*bwrap_argv(plan.bwrap, [str(self.spool)], chdir=str(self.spool)), "--", *argv]
             with open(self.spool / "zygote.log", "wb") as log:
                 self._proc = subprocess.Popen(
                     self._pids.wrap(argv) if self._pids else argv,

@@ -12,9 +12,10 @@ The layers (docs/security.md says what each stops and what it does not):
                 abstract Unix sockets and signals scoped to the worker
 ``seccomp``     a syscall filter compiled by libseccomp (``pyseccomp``): no sockets, processes, execve,
                 ptrace, mount, bpf, keyctl or namespaces
-``pids``        a pids cgroup of ``Sandbox.processes`` tasks per zygote, when the engine runs as root and
-                may make one (:mod:`._pids`): the kernel does not apply RLIMIT_NPROC to root. Best effort,
-                at every level but "none"; ``rlm-async doctor`` says where it is missing
+``pids_cgroup`` a pids cgroup of ``Sandbox.processes`` tasks per zygote, when the engine runs as root and
+                may make one (:mod:`._pids`): the kernel does not apply RLIMIT_NPROC to root. Where the
+                machine allows it, at every level but "none" (model code can leave it only at "process",
+                where a root worker is not confined anyway); ``rlm-async doctor`` says where it is missing
 ==============  ===========================================================================================
 
 Filesystem confinement comes from ``bwrap`` or ``landlock``; network confinement from ``bwrap``,
@@ -90,8 +91,8 @@ class Sandbox:
         processes: processes and threads that the workers of one sandbox layout may run together
             (RLIMIT_NPROC, set on the zygote they are forked from): counted inside bubblewrap's user
             namespace, or on top of the user's current count without one. The kernel does not apply it to
-            root, so a root engine also puts each zygote in a pids cgroup with this limit (plus 3 for bwrap
-            and the zygote) where it may make one (:mod:`._pids`). (New processes are refused outright by
+            root, so a root engine also puts each zygote in a pids cgroup with this limit (plus the zygote
+            and bwrap's two processes) where it may make one (:mod:`._pids`). (New processes are refused outright by
             the seccomp layer; this bounds threads.) Default 1024.
         start_timeout_s: seconds a worker may take to start and confine itself. Default 30.
 
