@@ -634,11 +634,18 @@ def serving(
     key: str = "0.5b", *, cache: Path | None = None, keep: bool = False, **kwargs: Any
 ) -> Iterator[LocalServer]:
     """A server for the ``with`` block: reused if one is running (and then left running), else started and,
-    unless ``keep``, stopped at the end. ``kwargs`` go to :func:`start_server`."""
+    unless ``keep``, stopped at the end. ``kwargs`` go to :func:`start_server`.
+
+    A server the block will stop is also tied to this process (``tie_to_parent``, unless ``kwargs`` say
+    otherwise): killed by SIGTERM or SIGKILL, the process skips the block's end, and the server would have
+    lived on (and been reused) with nobody to stop it. Enter the block from a thread that outlives it: Linux
+    sends the parent-death signal when the starting *thread* ends.
+    """
     existing = find_server(key, cache)
     if existing is not None:
         yield existing
         return
+    kwargs.setdefault("tie_to_parent", not keep)
     server = start_server(key, cache=cache, **kwargs)
     try:
         yield server

@@ -187,6 +187,27 @@ def spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[dict[st
     return calls
 
 
+def test_a_server_that_serving_will_stop_dies_with_the_process(monkeypatch):
+    """Regression: ``rlm-async eval --local`` killed by SIGTERM left its llama-server running (started in a
+    session of its own, stopped only at the block's end), and the next run reused it. A server the block
+    will stop is now tied to the process (PR_SET_PDEATHSIG); one it keeps (``--keep-server``) is not."""
+    monkeypatch.setattr(local, "find_server", lambda key, cache=None: None)
+    monkeypatch.setattr(local, "stop_server", lambda key, cache=None: True)
+    started: list[dict[str, Any]] = []
+
+    def start_server(key: str, **kwargs: Any) -> local.LocalServer:
+        started.append(kwargs)
+        return local.LocalServer(pid=os.getpid(), port=9, model=local.MODELS[key], parallel=1)
+
+    monkeypatch.setattr(local, "start_server", start_server)
+    for keep in (False, True):
+        with local.serving("0.5b", keep=keep):
+            pass
+    with local.serving("0.5b", tie_to_parent=False):
+        pass
+    assert [kwargs["tie_to_parent"] for kwargs in started] == [True, False, False]
+
+
 def test_run_local_queues_in_the_engine_not_at_the_server(monkeypatch, tmp_path, capsys):
     """With ``--local`` a fan-out of 8 sub-calls keeps to the server's 2 slots (past them, a request would
     wait in llama-server's queue with its attempt clock running), and the engine gets the server's retry
