@@ -603,3 +603,33 @@ async def test_the_plain_engine_stops_at_the_item_timeout():
     outcome = await _Plain(FakeClient(never), cfg, None).run(item, None, None)  # type: ignore[arg-type]
     assert (outcome.answer, outcome.stop_reason, outcome.extra) == ("", "timeout", {"truncated": False})
     assert "90 s" in (outcome.error or "") and anyio.current_time() - started == pytest.approx(90.0, abs=1.0)
+
+
+def test_the_report_tables_only_the_items_every_input_holds(tmp_path, capsys):
+    """docs/eval.md's tables came from a script outside the repo; ``python -m rlm_async.eval.report`` makes them
+    from the raw rows, on the items every labelled input shares."""
+    from rlm_async.eval import report
+
+    def row(i: int, engine: str, score: float, wall: float, turns: int | None) -> dict[str, Any]:
+        return {
+            "id": f"s_niah/8192/s0/{i}", "task": "s_niah", "engine": engine, "model": "m", "length_tokens": 8192,
+            "score": score, "answer": "x" if score else "", "wall_s": wall, "calls": 2, "turns": turns,
+            "usage": {"prompt_tokens": 100, "completion_tokens": 10}, "stop_reason": "answer", "error": None,
+        }  # fmt: skip
+
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    new.write_text("".join(json.dumps(row(i, "rlm_async", 1.0, 10.0 * (i + 1), 3)) + "\n" for i in range(3)))
+    old_rows = [row(i, engine, 0.0, 5.0, None) for i in range(5) for engine in ("rlm_async", "official")]
+    old.write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    argv = [f"this prompt={new}", f"earlier prompt={old}@rlm_async", f"{old}@official"]
+    assert report.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| task | length | engine | n | score | 95% CI |") and len(lines) == 5
+    assert lines[2] == (
+        "| s_niah | 8,192 | this prompt | 3 | 1.00 | [1.00, 1.00] | 3/3 | answer 3 | 3.0 / 2.0 | 100 / 10 | 20 |"
+    )
+    assert lines[3].startswith("| s_niah | 8,192 | earlier prompt | 3 | 0.00 | [0.00, 0.00] | 0/3 | answer 3 | - / 2.0")
+    assert lines[4].startswith("| s_niah | 8,192 | official | 3 |")  # items 3 and 4 are not in new.jsonl
+    assert report.main([f"both engines={old}"]) == 2  # one label, each item twice
+    assert "twice" in capsys.readouterr().err
+    assert report.Source.parse("a=b=c.jsonl@plain") == report.Source(Path("c.jsonl"), "a=b", "plain")
