@@ -607,29 +607,46 @@ async def test_the_plain_engine_stops_at_the_item_timeout():
 
 def test_the_report_tables_only_the_items_every_input_holds(tmp_path, capsys):
     """docs/eval.md's tables came from a script outside the repo; ``python -m rlm_async.eval.report`` makes them
-    from the raw rows, on the items every labelled input shares."""
-    from rlm_async.eval import report
+    from the raw rows, on the items every input shares for each task and length."""
+    from rlm_async.eval import bootstrap_ci, report
 
-    def row(i: int, engine: str, score: float, wall: float, turns: int | None) -> dict[str, Any]:
+    def row(task: str, i: int, engine: str, score: float, wall: float, turns: int | None) -> dict[str, Any]:
         return {
-            "id": f"s_niah/8192/s0/{i}", "task": "s_niah", "engine": engine, "model": "m", "length_tokens": 8192,
+            "id": f"{task}/8192/s0/{i}", "task": task, "engine": engine, "model": "m", "length_tokens": 8192,
             "score": score, "answer": "x" if score else "", "wall_s": wall, "calls": 2, "turns": turns,
             "usage": {"prompt_tokens": 100, "completion_tokens": 10}, "stop_reason": "answer", "error": None,
         }  # fmt: skip
 
-    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
-    new.write_text("".join(json.dumps(row(i, "rlm_async", 1.0, 10.0 * (i + 1), 3)) + "\n" for i in range(3)))
-    old_rows = [row(i, engine, 0.0, 5.0, None) for i in range(5) for engine in ("rlm_async", "official")]
-    old.write_text("".join(json.dumps(r) + "\n" for r in old_rows))
-    argv = [f"this prompt={new}", f"earlier prompt={old}@rlm_async", f"{old}@official"]
-    assert report.main(argv) == 0
+    def write(path: Path, rows: list[dict[str, Any]]) -> Path:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    scores = [1.0, 0.0, 1.0, 1.0]
+    new = write(tmp_path / "new.jsonl", [row("s_niah", i, "rlm_async", scores[i], 10.0 * (i + 1), 3) for i in range(4)])
+    old = write(
+        tmp_path / "old.jsonl",
+        [row(task, i, engine, 0.0, 5.0, None) for task in ("s_niah", "oolong") for i in range(6)
+         for engine in ("rlm_async", "official")],
+    )  # fmt: skip
+    assert report.main([f"this prompt={new}", f"earlier prompt={old}@rlm_async", f"{old}@official"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| task | length | engine | n | score | 95% CI |") and len(lines) == 5
+    assert lines[0].startswith("| task | length | engine | n | score | 95% CI |")
+    assert len(lines) == 5, "oolong is not in new.jsonl, so it has no row; items 4 and 5 are in old.jsonl only"
+    low, high = bootstrap_ci(scores, seed=0)
     assert lines[2] == (
-        "| s_niah | 8,192 | this prompt | 3 | 1.00 | [1.00, 1.00] | 3/3 | answer 3 | 3.0 / 2.0 | 100 / 10 | 20 |"
+        f"| s_niah | 8,192 | this prompt | 4 | 0.75 | [{low:.2f}, {high:.2f}] | 3/4 | answer 4 | 3.0 / 2.0 "
+        "| 100 / 10 | 25 |"  # the interpolated median of 10, 20, 30 and 40 s
     )
-    assert lines[3].startswith("| s_niah | 8,192 | earlier prompt | 3 | 0.00 | [0.00, 0.00] | 0/3 | answer 3 | - / 2.0")
-    assert lines[4].startswith("| s_niah | 8,192 | official | 3 |")  # items 3 and 4 are not in new.jsonl
+    assert lines[3].startswith("| s_niah | 8,192 | earlier prompt | 4 | 0.00 | [0.00, 0.00] | 0/4 | answer 4 | - / 2.0")
+    assert lines[4].startswith("| s_niah | 8,192 | official | 4 |")
     assert report.main([f"both engines={old}"]) == 2  # one label, each item twice
     assert "twice" in capsys.readouterr().err
+    for wrong in (f"{tmp_path / 'missing.jsonl'}", f"{old}@offical"):  # regression: left out, exit 0
+        assert report.main([str(new), wrong]) == 2
+        assert "has no rows" in capsys.readouterr().err
+    two_models = write(
+        tmp_path / "models.jsonl", [{**row("s_niah", 0, "plain", 1.0, 1.0, None), "model": m} for m in "ab"]
+    )
+    assert report.main([str(two_models)]) == 0
+    assert "| plain (a) |" in capsys.readouterr().out
     assert report.Source.parse("a=b=c.jsonl@plain") == report.Source(Path("c.jsonl"), "a=b", "plain")

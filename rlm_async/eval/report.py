@@ -3,9 +3,9 @@
 ``python -m rlm_async.eval.report [LABEL=]RESULTS[@ENGINE] ...`` reads each file (optionally only one
 engine's rows, under a label of your choosing, e.g. ``"rlm_async (one-block example)=out15/results.jsonl"``),
 keeps, for each task and length, the item ids that every input holds, and prints one table. Inputs that
-name no label are labelled by engine. Scores and intervals are those of ``rlm-async eval`` (the mean, and a
-seeded 95% percentile bootstrap, :func:`rlm_async.eval.bootstrap_ci`), so a table can be recomputed from the
-raw rows.
+name no label are labelled by engine; a path holds no ``=`` or ``@``. Scores and intervals are those of
+``rlm-async eval`` (the mean, and a seeded 95% percentile bootstrap, :func:`rlm_async.eval.bootstrap_ci`, over
+the rows in file order; p50 is interpolated), so a table can be recomputed from the raw rows.
 """
 
 from __future__ import annotations
@@ -51,32 +51,56 @@ class Source:
 
 
 def shared_rows(sources: Sequence[Source]) -> list[dict[str, Any]]:
-    """Every source's rows, kept only for the item ids that every (label, task, length) group holds among
-    the groups of that task and length. Raises ValueError when two sources give one label the same item."""
-    rows = [row for source in sources for row in source.rows()]
-    ids: dict[tuple[str, int], dict[str, set[str]]] = {}
-    for row in rows:
-        per_label = ids.setdefault((row["task"], int(row["length_tokens"])), {})
-        seen = per_label.setdefault(row["engine"], set())
-        if row["id"] in seen:
-            raise ValueError(f"{row['engine']!r} has item {row['id']} twice: give the sources distinct labels")
-        seen.add(row["id"])
-    common = {key: set.intersection(*per_label.values()) for key, per_label in ids.items()}
-    return [row for row in rows if row["id"] in common[(row["task"], int(row["length_tokens"]))]]
+    """Every source's rows, kept only for the item ids that every source holds for the row's task and length.
+    A group is a (label, model): one file may hold an engine on two models. A task and length that some
+    source lacks is left out.
+
+    Raises:
+        ValueError: a source has no rows (a wrong path or engine), or one group holds an item twice.
+        OSError: a file cannot be read.
+        KeyError: a row lacks ``id``, ``task`` or ``length_tokens``.
+    """
+    per_source = []
+    for source in sources:
+        rows = source.rows()
+        if not rows:
+            what = f" for engine {source.engine!r}" if source.engine else ""
+            raise ValueError(f"{source.path} has no rows{what}")
+        per_source.append(rows)
+    held: list[dict[tuple[str, int], set[str]]] = []
+    for rows in per_source:
+        ids: dict[tuple[str, int], set[str]] = {}
+        seen: set[tuple[str, str, str]] = set()
+        for row in rows:
+            group = (str(row["engine"]), str(row["model"]), str(row["id"]))
+            if group in seen:
+                raise ValueError(f"{row['engine']!r} on {row['model']} has item {row['id']} twice")
+            seen.add(group)
+            ids.setdefault((str(row["task"]), int(row["length_tokens"])), set()).add(str(row["id"]))
+        held.append(ids)
+    keys = set.intersection(*(set(ids) for ids in held))
+    common = {key: set.intersection(*(ids[key] for ids in held)) for key in keys}
+    return [
+        row for rows in per_source for row in rows
+        if str(row["id"]) in common.get((str(row["task"]), int(row["length_tokens"])), set())
+    ]  # fmt: skip
 
 
 def markdown_table(groups: Sequence[GroupSummary], order: Mapping[str, int] | None = None) -> str:
-    """The groups as a Markdown table, by task, length, then ``order`` of the engine labels (else by name)."""
+    """The groups as a Markdown table, by task, length, then ``order`` of the engine labels (else by name); the
+    engine cell names the model too when the groups hold more than one."""
     order = order or {}
+    several_models = len({g.model for g in groups}) > 1  # then each row names its model
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for g in sorted(groups, key=lambda g: (g.task, g.length_tokens, order.get(g.engine, len(order)), g.engine)):
         turns = f"{g.turns / g.turns_n:.1f}" if g.turns is not None and g.turns_n else "-"
         if g.turns_n and g.turns_n < g.n:
             turns += f" ({g.turns_n} items)"
+        label = f"{g.engine} ({g.model})" if several_models else g.engine
         stops = ", ".join(f"{reason} {count}" for reason, count in g.stop_reasons.items())
         cells = (
-            g.task, f"{g.length_tokens:,}", g.engine, str(g.n), f"{g.score:.2f}", f"[{g.ci_low:.2f}, {g.ci_high:.2f}]",
-            f"{g.non_empty}/{g.n}", stops, f"{turns} / {g.calls / g.n:.1f}",
+            g.task, f"{g.length_tokens:,}", label.replace("|", "\\|"), str(g.n), f"{g.score:.2f}",
+            f"[{g.ci_low:.2f}, {g.ci_high:.2f}]", f"{g.non_empty}/{g.n}", stops, f"{turns} / {g.calls / g.n:.1f}",
             f"{g.prompt_tokens / g.n:,.0f} / {g.completion_tokens / g.n:,.0f}", f"{g.p50_s:.0f}",
         )  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -84,7 +108,8 @@ def markdown_table(groups: Sequence[GroupSummary], order: Mapping[str, int] | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command. Exit codes: 0 printed, 2 bad arguments or unreadable files."""
+    """The command. Exit codes: 0 printed; 2 an input with no rows (a wrong path or engine), unreadable or
+    malformed rows, or no shared item. Bad arguments exit 2 through argparse's ``SystemExit``."""
     parser = argparse.ArgumentParser(prog="python -m rlm_async.eval.report", description=__doc__.split("\n")[0])
     parser.add_argument("sources", nargs="+", metavar="[LABEL=]RESULTS[@ENGINE]")
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (rlm-async eval's: 0)")
@@ -92,14 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = [Source.parse(spec) for spec in args.sources]
     try:
         rows = shared_rows(sources)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"report: {exc}", file=sys.stderr)
+        if not rows:
+            raise ValueError("no item is in every input")
+        table = markdown_table(summarise(rows, seed=args.seed), {s.label: i for i, s in enumerate(sources) if s.label})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"report: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    if not rows:
-        print("report: no item is in every input", file=sys.stderr)
-        return 2
-    order = {s.label: i for i, s in enumerate(sources) if s.label}
-    print(markdown_table(summarise(rows, seed=args.seed), order))
+    print(table)
     return 0
 
 
