@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -548,9 +549,10 @@ def start_server(
             slots 8,192 tokens, room for a few turns of an agent (16,384 overflowed at 14 turns); the 0.5B
             model's KV cache is about 12 KB a token, so 400 MB.
         threads: CPU threads (``-t``).
-        tie_to_parent: the server gets SIGTERM when this process dies (for tests: a server they start stops
-            itself even if the test run is killed). Otherwise it outlives this process until
-            :func:`stop_server`, so later runs reuse it.
+        tie_to_parent: the server gets SIGTERM when the thread that starts it ends (Linux's parent-death
+            signal follows the thread), so call it from a thread that lives as long as the server should:
+            the main thread, for a server that must not outlive the process even if it is killed.
+            Otherwise it outlives this process until :func:`stop_server`, so later runs reuse it.
         ready_timeout_s: seconds to wait for ``/health`` (loading the model takes a few).
         build: as in :func:`setup`.
 
@@ -580,7 +582,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=not tie_to_parent,
-            preexec_fn=_die_with_parent if tie_to_parent else None,
+            preexec_fn=_parent_death_signal() if tie_to_parent else None,
         )
     _started[process.pid] = process
     server = LocalServer(process.pid, port, model, parallel, api_key, context_tokens)
@@ -637,15 +639,16 @@ def serving(
     unless ``keep``, stopped at the end. ``kwargs`` go to :func:`start_server`.
 
     A server the block will stop is also tied to this process (``tie_to_parent``, unless ``kwargs`` say
-    otherwise): killed by SIGTERM or SIGKILL, the process skips the block's end, and the server would have
-    lived on (and been reused) with nobody to stop it. Enter the block from a thread that outlives it: Linux
-    sends the parent-death signal when the starting *thread* ends.
+    otherwise) when the block is entered on the main thread: killed by SIGTERM or SIGKILL, the process skips
+    the block's end, and the server would have lived on (and been reused) with nobody to stop it. From
+    another thread it is not tied, since Linux sends the parent-death signal when the starting *thread*
+    ends (a pool thread retires while the block still runs).
     """
     existing = find_server(key, cache)
     if existing is not None:
         yield existing
         return
-    kwargs.setdefault("tie_to_parent", not keep)
+    kwargs.setdefault("tie_to_parent", not keep and threading.current_thread() is threading.main_thread())
     server = start_server(key, cache=cache, **kwargs)
     try:
         yield server
@@ -654,12 +657,24 @@ def serving(
             stop_server(key, cache)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+def _parent_death_signal() -> Callable[[], None]:
+    """A ``preexec_fn`` that asks Linux for SIGTERM when the parent (thread) dies (``prctl(PR_SET_PDEATHSIG)``),
+    and exits if the parent died before it asked. Everything is looked up here, in the parent: the child
+    between fork and exec only calls ``prctl``. Where libc's ``prctl`` cannot be found it does nothing."""
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    parent = os.getpid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return lambda: None
+
+    def in_child() -> None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request: no signal will come
+            os._exit(1)
+
+    return in_child
 
 
 def _last_line(path: Path) -> str:

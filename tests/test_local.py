@@ -9,8 +9,13 @@ import hashlib
 import json
 import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,7 +210,37 @@ def test_a_server_that_serving_will_stop_dies_with_the_process(monkeypatch):
             pass
     with local.serving("0.5b", tie_to_parent=False):
         pass
-    assert [kwargs["tie_to_parent"] for kwargs in started] == [True, False, False]
+    on_a_thread = threading.Thread(target=lambda: local.serving("0.5b").__enter__())  # the signal follows threads
+    on_a_thread.start()
+    on_a_thread.join()
+    assert [kwargs["tie_to_parent"] for kwargs in started] == [True, False, False, False]
+
+
+def test_a_tied_process_gets_sigterm_when_its_parent_is_killed():
+    """The parent-death signal itself: a helper starts ``sleep`` tied to it, and is SIGKILLed."""
+    helper = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; from rlm_async import local\n"
+         "p = subprocess.Popen(['sleep', '600'], preexec_fn=local._parent_death_signal())\n"
+         "print(p.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert helper.stdout is not None
+    child = int(helper.stdout.readline())
+    helper.kill()
+    helper.wait()
+    helper.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # reparented, so not ours to wait for: gone, or a zombie
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the tied process outlived its parent by 10 s")
 
 
 def test_run_local_queues_in_the_engine_not_at_the_server(monkeypatch, tmp_path, capsys):
