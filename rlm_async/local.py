@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -482,6 +483,20 @@ def _state_file(cache: Path, key: str) -> Path:
     return cache / f"llama-{key}.json"
 
 
+def _serves(pid: int, port: int) -> bool:
+    """Whether ``pid`` is still a running llama-server on ``port``, not a pid the system has given to another
+    process since (or a zombie). True where ``/proc`` cannot say."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True
+    listens = any(a == b"--port" and b == str(port).encode() for a, b in itertools.pairwise(argv))
+    return state != "Z" and listens and Path(os.fsdecode(argv[0])).name == "llama-server"
+
+
 def _alive(pid: int) -> bool:
     if (process := _started.get(pid)) is not None:
         return process.poll() is None
@@ -612,19 +627,20 @@ def stop_server(key: str = "0.5b", cache: Path | None = None, grace_s: float = 1
     cache = cache or cache_dir()
     state_file = _state_file(cache, key)
     try:
-        pid = int(json.loads(state_file.read_text())["pid"])
-    except (OSError, ValueError, KeyError):
+        state = json.loads(state_file.read_text())
+        pid, port = int(state["pid"]), int(state["port"])
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     state_file.unlink(missing_ok=True)
-    if not _alive(pid):
+    if not _alive(pid) or not _serves(pid, port):  # a state file outlives a server killed with its parent
         if (process := _started.pop(pid, None)) is not None:
             process.wait()
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while _alive(pid) and _serves(pid, port) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if _alive(pid) and _serves(pid, port):
         os.kill(pid, signal.SIGKILL)
     if (process := _started.pop(pid, None)) is not None:
         process.wait()

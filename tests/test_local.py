@@ -216,6 +216,20 @@ def test_a_server_that_serving_will_stop_dies_with_the_process(monkeypatch):
     assert [kwargs["tie_to_parent"] for kwargs in started] == [True, False, False, False]
 
 
+def test_stop_server_leaves_alone_a_process_that_took_a_dead_servers_pid(tmp_path):
+    """Review finding: a state file left by a server that died with its parent named a pid that another
+    process can get; ``stop_server`` then sent it SIGTERM and SIGKILL."""
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        state = {"pid": other.pid, "port": 8123, "parallel": 4, "api_key": "k"}
+        (tmp_path / "llama-0.5b.json").write_text(json.dumps(state))
+        assert local.stop_server("0.5b", tmp_path, grace_s=0.1) is False
+        assert other.poll() is None and not (tmp_path / "llama-0.5b.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_tied_process_gets_sigterm_when_its_parent_is_killed():
     """The parent-death signal itself: a helper starts ``sleep`` tied to it, and is SIGKILLed."""
     helper = subprocess.Popen(
