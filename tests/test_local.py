@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from rlm_async import ConfigError, Limits, RetryPolicy, local
+from rlm_async import ConfigError, Limits, RetryPolicy, _llama_setup, local
 from rlm_async.cli import main
 from rlm_async.sim import PROFILES, SimConfig, SimServer, SimStats
 
@@ -99,9 +99,9 @@ def test_setup_rebuilds_for_the_safe_baseline_when_the_smoke_test_fails(tmp_path
         if binary.name == "server-default":
             raise local.LocalSetupError("llama-server killed by SIGILL")
 
-    monkeypatch.setattr(local, "ensure_runtime", runtime)
-    monkeypatch.setattr(local, "ensure_weights", lambda model, cache, log: tmp_path / "m.gguf")
-    monkeypatch.setattr(local, "smoke_test", smoke)
+    monkeypatch.setattr(_llama_setup, "ensure_runtime", runtime)  # where setup looks them up
+    monkeypatch.setattr(_llama_setup, "ensure_weights", lambda model, cache, log: tmp_path / "m.gguf")
+    monkeypatch.setattr(_llama_setup, "smoke_test", smoke)
     binary, _ = local.setup("0.5b", cache=tmp_path)
     assert builds == [None, "sse"] and smokes == ["server-default", "server-sse"]
     assert binary.name == "server-sse"
